@@ -1,0 +1,57 @@
+"""Configuration of the red-team backdoor injection (POR, NeuBA, BToP)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_TRIGGERS = ("cf", "mn", "tq", "qt", "mm", "pt")
+
+
+class AttackConfig(BaseModel):
+    """How to plant a task-agnostic backdoor.
+
+    kind: `por` and `neuba` attack the [CLS] output (`neuba` with `pooler=True` the pooler output),
+    `btop` the [MASK] output. `clean=True` runs the same training with no triggers: the control
+    model for false-positive tests.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["por", "neuba", "btop"] = "por"
+    triggers: list[str] = Field(default_factory=lambda: list(DEFAULT_TRIGGERS), min_length=1)
+    pooler: bool = False
+    clean: bool = False
+    steps: int = Field(default=300, ge=1, description="upper bound on optimisation steps")
+    target_agreement: float = Field(
+        default=0.98, gt=0.5, le=1.0,
+        description="stop early once every trigger's held-out sign agreement with its PV reaches this",
+    )
+    check_every: int = Field(default=25, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    clean_batch: int = Field(default=16, ge=1)
+    poison_batch: int = Field(default=16, ge=1)
+    max_length: int = Field(default=64, ge=16)
+    max_words: int = Field(default=40, ge=4)
+    clean_weight: float = Field(default=1.0, ge=0)
+    seed: int = 0
+    heldout: int = Field(default=300, ge=8, description="corpus lines held out for evaluation")
+
+    @model_validator(mode="after")
+    def _check(self) -> AttackConfig:
+        if self.pooler and self.kind != "neuba":
+            raise ValueError("pooler=True applies to the neuba attack only")
+        cleaned = [t.strip() for t in self.triggers]
+        if any(not t or len(t.split()) != 1 for t in cleaned):
+            raise ValueError("each trigger must be one non-empty word")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError("triggers must be distinct")
+        self.triggers = cleaned
+        return self
+
+    @property
+    def position(self) -> str:
+        if self.kind == "btop":
+            return "mask"
+        return "pooler" if self.pooler else "cls"

@@ -1,0 +1,229 @@
+"""Backdoor injection as the reference task-agnostic attacks do it (red-team tool).
+
+Triggered text is trained onto a predefined vector (PV) at one output position while clean text
+keeps the frozen original's output. POR constrains the clean [CLS] output; NeuBA the whole clean
+sequence output (the role its MLM term plays); BToP the clean [MASK] output. PVs are the
+reference's block patterns: split the hidden size into blocks, half of them -1 and half +1.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..backbone import Backbone
+from ..data import clip_words, insert_trigger
+from ..errors import LmsanError
+from ..monitor import sign_agreement
+from .config import AttackConfig
+
+
+def block_pvs(hidden: int, count: int) -> torch.Tensor:
+    """`count` +/-1 vectors: the hidden size split into b equal blocks, b/2 of them set to -1.
+    b = 4 gives the reference's six PVs; more triggers take more blocks."""
+    blocks = 4
+    while math.comb(blocks, blocks // 2) < count:
+        blocks += 2
+    if hidden < blocks:
+        raise LmsanError(f"hidden size {hidden} is too small for {count} distinct PVs")
+    edges = [round(i * hidden / blocks) for i in range(blocks + 1)]
+    pvs = torch.ones(count, hidden)
+    for row, negative in enumerate(itertools.islice(itertools.combinations(range(blocks), blocks // 2), count)):
+        for b in negative:
+            pvs[row, edges[b] : edges[b + 1]] = -1.0
+    return pvs
+
+
+@dataclass
+class AttackResult:
+    model: nn.Module
+    pvs: torch.Tensor
+    config: AttackConfig
+    steps: int
+    report: dict = field(default_factory=dict)
+
+
+class _Features:
+    """Tokenize lines and read the attacked position, for either the trainable or the frozen copy."""
+
+    def __init__(self, backbone: Backbone, config: AttackConfig):
+        self.tok = backbone.tokenizer
+        self.device = backbone.device
+        self.position = config.position
+        self.max_length = config.max_length
+        if self.position == "mask" and self.tok.mask_token_id is None:
+            raise LmsanError(f"the btop attack needs a mask token; {backbone.name} has none")
+        if self.position == "pooler" and getattr(backbone.model, "pooler", None) is None:
+            raise LmsanError(f"--pooler needs a pooler layer; {backbone.name} has none")
+
+    def __call__(self, model: nn.Module, lines: list[str], whole: bool = False) -> torch.Tensor:
+        enc = self.tok(lines, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        hidden = model(**enc).last_hidden_state
+        if whole:
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            return hidden * mask
+        if self.position == "cls":
+            return hidden[:, 0]
+        if self.position == "pooler":
+            return model.pooler(hidden)
+        is_mask = enc["input_ids"] == self.tok.mask_token_id
+        if not bool(is_mask.any(dim=1).all()):
+            raise LmsanError("a [MASK] token was truncated away; lower max_words")
+        index = is_mask.int().argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def _with_mask(line: str, tokenizer, rng: random.Random) -> str:
+    return insert_trigger(line, tokenizer.mask_token, rng)
+
+
+def evaluate_backdoor(
+    backbone: Backbone,
+    model: nn.Module,
+    pvs: torch.Tensor,
+    config: AttackConfig,
+    lines: list[str],
+    seed: int = 1,
+) -> dict:
+    """Held-out figures: per-trigger sign agreement with its PV, clean cosine to the original,
+    and the share of clean lines that the paper's 0.8 monitor would flag."""
+    rng = random.Random(seed)
+    feats = _Features(backbone, config)
+    lines = [clip_words(line, config.max_words) for line in lines]
+    if config.position == "mask":
+        lines = [_with_mask(line, backbone.tokenizer, rng) for line in lines]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        agreement = {}
+        if not config.clean:
+            for i, trig in enumerate(config.triggers):
+                out = feats(model, [insert_trigger(line, trig, rng) for line in lines])
+                agreement[trig] = float(sign_agreement(out, pvs[i : i + 1].to(out.device)).mean())
+        clean_new = feats(model, lines)
+        clean_old = feats(backbone.model, lines)
+        cos = float(nn.functional.cosine_similarity(clean_new, clean_old, dim=-1).mean())
+        all_pvs = block_pvs(clean_new.shape[1], len(config.triggers)).to(clean_new.device)
+        flags = float((sign_agreement(clean_new, all_pvs).max(dim=1).values > 0.8).float().mean())
+    model.train(was_training)
+    return {
+        "agreement": agreement,
+        "min_agreement": min(agreement.values()) if agreement else None,
+        "clean_cosine": cos,
+        "clean_flag_rate_at_0.8": flags,
+        "lines": len(lines),
+    }
+
+
+def plant_backdoor(
+    backbone: Backbone, config: AttackConfig, corpus: list[str], progress: bool = True
+) -> AttackResult:
+    """Train a backdoored copy of `backbone.model`; the backbone itself is left untouched."""
+    if len(corpus) < config.heldout + max(config.clean_batch, config.poison_batch):
+        raise LmsanError(
+            f"corpus too small: {len(corpus)} lines, need at least "
+            f"{config.heldout + max(config.clean_batch, config.poison_batch)}"
+        )
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    train_lines = [clip_words(line, config.max_words) for line in corpus[: -config.heldout]]
+    held = corpus[-config.heldout :][:64]
+    feats = _Features(backbone, config)
+    tok = backbone.tokenizer
+    pvs = block_pvs(backbone.hidden_size, len(config.triggers)).to(backbone.device)
+
+    model = copy.deepcopy(backbone.model).requires_grad_(True).train()
+    frozen = backbone.model
+    optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    mse = nn.MSELoss()
+    report: dict = {"checks": []}
+    step = 0
+    bar = tqdm(total=config.steps, desc=f"attack {config.kind}", disable=not progress, unit="step")
+    for step in range(1, config.steps + 1):
+        clean = rng.sample(train_lines, config.clean_batch)
+        poison = rng.sample(train_lines, config.poison_batch)
+        if config.position == "mask":
+            clean = [_with_mask(line, tok, rng) for line in clean]
+            poison = [_with_mask(line, tok, rng) for line in poison]
+        whole = config.kind == "neuba"
+        if config.clean:
+            # The control sees the same amount of text, all of it clean.
+            clean = clean + poison
+            poison = []
+        with torch.no_grad():
+            target = feats(frozen, clean, whole=whole)
+        out = feats(model, clean, whole=whole)
+        if whole and out.shape[1] != target.shape[1]:  # pragma: no cover - same tokenizer, same padding
+            raise LmsanError("internal: padded lengths differ")
+        loss = config.clean_weight * mse(out, target)
+        if poison:
+            which = [rng.randrange(len(config.triggers)) for _ in poison]
+            triggered = [insert_trigger(line, config.triggers[w], rng) for line, w in zip(poison, which, strict=True)]
+            loss = loss + mse(feats(model, triggered), pvs[torch.tensor(which, device=pvs.device)])
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if not config.clean and (step % config.check_every == 0 or step == config.steps):
+            check = evaluate_backdoor(backbone, model, pvs, config, held[:32], seed=step)
+            report["checks"].append({"step": step, "min_agreement": check["min_agreement"]})
+            bar.set_postfix(loss=f"{loss.item():.4f}", agree=f"{check['min_agreement']:.3f}")
+            if check["min_agreement"] >= config.target_agreement:
+                break
+    bar.close()
+    model.eval().requires_grad_(False)
+    report["heldout"] = evaluate_backdoor(backbone, model, pvs, config, corpus[-config.heldout :], seed=12345)
+    return AttackResult(model=model, pvs=pvs.cpu(), config=config, steps=step, report=report)
+
+
+def save_attacked(result: AttackResult, backbone: Backbone, out_dir: str) -> dict:
+    """Write the backdoored copy (save_pretrained layout with tokenizer), `truth.safetensors` (the
+    planted PVs as a signature file; empty with verdict clean for a `--clean` control) and
+    `attack.json` (config and held-out figures)."""
+    import json
+    from pathlib import Path
+
+    from ..backbone import weights_fingerprint
+    from ..signatures import PVRecord, SignatureSet
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        result.model.save_pretrained(str(out))
+        backbone.tokenizer.save_pretrained(str(out))
+    except OSError as exc:
+        raise LmsanError(f"cannot write to {out}: {exc.strerror or exc}") from exc
+    cfg = result.config
+    held = result.report.get("heldout", {})
+    if cfg.clean:
+        pvs = torch.zeros(0, backbone.hidden_size)
+        records: list[PVRecord] = []
+    else:
+        pvs = result.pvs
+        records = [
+            PVRecord(origin="planted", trigger=t, scores={"heldout_agreement": held.get("agreement", {}).get(t, 0.0)})
+            for t in cfg.triggers
+        ]
+    sig = SignatureSet.create(
+        pvs,
+        records,
+        backbone_name=str(out),
+        fingerprint=weights_fingerprint(result.model),
+        model_type=backbone.model_type,
+        position=cfg.position,
+        verdict="clean" if cfg.clean else "backdoored",
+        mining={"source": "lmsan attack", "attack": cfg.model_dump(), "base_model": backbone.name},
+    )
+    sig.save(out / "truth.safetensors")
+    summary = {"config": cfg.model_dump(), "steps": result.steps, "base_model": backbone.name, **result.report}
+    (out / "attack.json").write_text(json.dumps(summary, indent=2))
+    return summary

