@@ -51,6 +51,8 @@ def _writable_dir(path: str, what: str) -> Path:
     parent = p if p.exists() else p.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise LmsanError(f"{what} {p} cannot be created: {parent} is not a folder")
     if not os.access(parent, os.W_OK):
         raise LmsanError(f"{what} {p} is not writable")
     return p
@@ -162,7 +164,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         extra = ", ".join(f"{k}={v:.3f}" for k, v in rec.scores.items())
         fpr = f" fpr={rec.false_positive_rate:.4f}" if rec.false_positive_rate is not None else ""
         lines.append(
-            f"    [{i}] {rec.origin:7s} trigger={rec.trigger or '-':6s} seed={rec.seed if rec.seed is not None else '-'}"
+            f"    [{i}] {rec.origin:7s} trigger={rec.trigger or '-':6s} "
+            f"seed={rec.seed if rec.seed is not None else '-'}"
             f" threshold={float(thresholds[i]):.3f}{fpr} {extra}"
         )
     _emit(args, "\n".join(lines), sig.describe())
@@ -201,7 +204,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if bool(args.texts) == bool(args.input):
         raise LmsanError("give either TEXT arguments or --input FILE.jsonl, not both or neither")
     if args.input:
-        examples = load_examples(args.input)
+        examples = load_examples(args.input, require_label=False)
         texts = [e.text for e in examples]
         pairs = [e.text_pair or "" for e in examples] if any(e.text_pair for e in examples) else None
     else:

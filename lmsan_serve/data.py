@@ -29,8 +29,9 @@ class Example:
     text_pair: str | None = None
 
 
-def load_examples(path: str | Path) -> list[Example]:
-    """Read JSONL with `text`, optional `text_pair` and `label` (string or integer) per line."""
+def load_examples(path: str | Path, *, require_label: bool = True) -> list[Example]:
+    """Read JSONL with `text`, optional `text_pair` and `label` (string or integer) per line;
+    with `require_label=False` a missing label reads as ""."""
     p = Path(path)
     if not p.is_file():
         raise LmsanError(f"data file not found: {p}")
@@ -53,6 +54,8 @@ def load_examples(path: str | Path) -> list[Example]:
             raise LmsanError(f"{p}:{n}: 'text' must be a non-empty string")
         if pair is not None and not isinstance(pair, str):
             raise LmsanError(f"{p}:{n}: 'text_pair' must be a string")
+        if label is None and not require_label:
+            label = ""
         if isinstance(label, bool) or not isinstance(label, (str, int)):
             raise LmsanError(f"{p}:{n}: 'label' must be a string or an integer")
         examples.append(Example(text=text, label=str(label), text_pair=pair))

@@ -96,9 +96,10 @@ class Guard:
         assert self.signatures is not None
         return self.backbone.select(hidden, self.signatures.position, monitor_index)
 
-    def _margins(self, input_ids, attention_mask, token_type_ids, monitor_index) -> torch.Tensor:
-        out = self.classifier.run(self.backbone, input_ids, attention_mask, token_type_ids, monitor_index)
-        return self.monitor(self._features(out.hidden, monitor_index)).margin  # type: ignore[misc]
+    def _bare_margins(self, input_ids, attention_mask, token_type_ids, monitor_index) -> torch.Tensor:
+        """Monitor margins of purge variants on the bare encoder (no soft prompt)."""
+        hidden = self.backbone.encode_hidden(input_ids, attention_mask, token_type_ids)
+        return self.monitor(self._features(hidden, monitor_index)).margin  # type: ignore[misc]
 
     def _labelled(self, logits: torch.Tensor) -> list[tuple[str, dict[str, float]]]:
         probs = torch.softmax(logits.float(), dim=-1).cpu()
@@ -150,7 +151,7 @@ class Guard:
         return results
 
     def _enforce(self, batch, rows: list[int], results: list[GuardResult], stats: GuardStats) -> None:
-        found, pstats = self.purifier.purify(batch, rows, self._margins)
+        found, pstats = self.purifier.purify(batch, rows, self._bare_margins)
         stats.purge_passes += pstats.passes
         stats.purge_variants += pstats.variants
         purged_rows, purged_texts, purged_pairs = [], [], []

@@ -1,8 +1,9 @@
 """Purging: find the trigger words of flagged inputs and drop them.
 
 The reference deletes one word per forward pass, left to right. We instead run group tests in
-batched passes, hiding words from attention (attention mask 0) rather than re-tokenizing, so every
-variant of an input shares its token ids and all variants of all flagged inputs go in one batch:
+batched passes. A variant of an input keeps a subset of its tokens (no re-tokenization: the word
+map from `encoding` says which tokens form each word), so all variants of all flagged inputs go
+in one batch:
 
 1. keep-only tests: a task-agnostic trigger drives the output onto its PV whatever the context,
    so a group of words that is still flagged with every other word hidden holds a trigger. Words
@@ -12,7 +13,11 @@ variant of an input shares its token ids and all variants of all flagged inputs 
 3. otherwise (triggers that fire only together, or hide each other), greedy deletion rounds: one
    pass tries each remaining word type on top of those found, keeps the best, until silent.
 
-Work is bounded: at most `2 + max_rounds` passes of at most `max_variants` variants per input.
+Variants are scored without the soft prompt, on the bare encoder: the PVs describe its outputs,
+a trigger fires there whatever the task, and the variants are short. The guard then classifies the
+purged text with the prompt and checks it with the monitor once more.
+
+Work is bounded: at most `3 + max_rounds` passes of at most `max_variants` variants per input.
 """
 
 from __future__ import annotations
@@ -58,15 +63,31 @@ class Purifier:
         stats.passes += 1
         stats.variants += len(masks)
         idx = torch.tensor(rows, device=batch.input_ids.device)
-        mask = torch.stack(masks)
+        keep = torch.stack(masks).bool()
+        # Compact each variant to the tokens it keeps: keep-only variants are mostly hidden tokens,
+        # and dropping them outright costs nothing in accuracy but saves most of the compute.
+        order = torch.sort((~keep).int(), dim=1, stable=True).indices
+        lengths = keep.sum(dim=1)
+        width = int(lengths.max())
+        order = order[:, :width]
+        ids = batch.input_ids[idx].gather(1, order)
+        attn = (torch.arange(width, device=keep.device)[None, :] < lengths[:, None]).long()
+        tti = batch.token_type_ids[idx].gather(1, order) if batch.token_type_ids is not None else None
+        # The monitored token is never hidden; its new index is the count of kept tokens before it.
+        before = keep.long().cumsum(dim=1) - 1
+        mon = before.gather(1, batch.monitor_index[idx][:, None]).squeeze(1)
         out = []
         for s in range(0, len(rows), self.chunk):
             sl = slice(s, s + self.chunk)
-            tti = batch.token_type_ids[idx[sl]] if batch.token_type_ids is not None else None
-            out.append(scorer(batch.input_ids[idx[sl]], mask[sl], tti, batch.monitor_index[idx[sl]]).detach().cpu())
+            n = int(lengths[sl].max())
+            out.append(
+                scorer(ids[sl, :n], attn[sl, :n], tti[sl, :n] if tti is not None else None, mon[sl]).detach().cpu()
+            )
         return torch.cat(out)
 
-    def purify(self, batch: EncodedBatch, rows: list[int], scorer: Scorer) -> tuple[dict[int, PurifyResult], PurifyStats]:
+    def purify(
+        self, batch: EncodedBatch, rows: list[int], scorer: Scorer
+    ) -> tuple[dict[int, PurifyResult], PurifyStats]:
         """Purify `rows` of `batch` (the flagged ones). Returns a result per row and pass counts."""
         stats = PurifyStats()
         results: dict[int, PurifyResult] = {}
@@ -80,7 +101,11 @@ class Purifier:
             units = batch.units[r].cpu()
             tok_type = unit_type[torch.where(units >= 0, units, len(words))]
             tok_type = tok_type.to(batch.input_ids.device)
-            info[r] = (types, tok_type, batch.attention_mask[r].bool())
+            # Soft-prompt slots are left out: variants are scored on the bare encoder, whose outputs
+            # the PVs describe, and short variants are cheap.
+            present = batch.attention_mask[r].bool().clone()
+            present[1 : 1 + batch.prompt_len] = False
+            info[r] = (types, tok_type, present)
             results[r] = PurifyResult(ok=False)
             if not types:
                 results[r].reason = "no user words to remove"

@@ -151,9 +151,12 @@ class SignatureSet:
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temp file + rename), so a crash never leaves a half-written file."""
         target = Path(path)
-        if target.parent and not target.parent.exists():
-            raise LmsanError(f"output folder does not exist: {target.parent}")
-        fd, tmp = tempfile.mkstemp(prefix=".sig-", suffix=".safetensors", dir=target.parent or ".")
+        if not target.parent.is_dir():
+            raise LmsanError(f"cannot write {target}: output folder does not exist ({target.parent})")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".sig-", suffix=".safetensors", dir=target.parent)
+        except OSError as exc:
+            raise LmsanError(f"cannot write signature file {target}: {exc.strerror or exc}") from exc
         os.close(fd)
         try:
             save_file({"pvs": self.pvs}, tmp, metadata={"lmsan": self.meta.model_dump_json()})

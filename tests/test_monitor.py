@@ -1,0 +1,48 @@
+import torch
+
+from lmsan_serve.monitor import Monitor, cosine, sign_agreement
+from lmsan_serve.signatures import PVRecord, SignatureSet
+
+
+def _sig(pvs: torch.Tensor, thresholds=None) -> SignatureSet:
+    thresholds = thresholds or [None] * len(pvs)
+    records = [PVRecord(origin="planted", threshold=t) for t in thresholds]
+    return SignatureSet.create(pvs, records, backbone_name="x", fingerprint="0" * 64, model_type="bert",
+                               position="cls", verdict="backdoored")
+
+
+def test_sign_agreement_equals_elementwise_loop():
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(32, 48, generator=gen)
+    pvs = torch.randn(6, 48, generator=gen)
+    feats[3] = 0.5 * pvs[2].sign() + 0.01  # one input sitting on a PV
+    fast = sign_agreement(feats, pvs)
+    for i in range(feats.shape[0]):
+        for k in range(pvs.shape[0]):
+            ref = ((feats[i] >= 0) == (pvs[k] >= 0)).float().mean()
+            assert torch.isclose(fast[i, k], ref)
+    assert fast[3, 2] == 1.0
+
+
+def test_cosine_metric_matches_torch():
+    a, b = torch.randn(5, 16), torch.randn(3, 16)
+    ref = torch.nn.functional.cosine_similarity(a[:, None], b[None], dim=-1)
+    assert torch.allclose(cosine(a, b), ref, atol=1e-6)
+
+
+def test_monitor_uses_per_pv_thresholds_and_override():
+    pvs = torch.tensor([[1.0, 1, 1, 1, -1, -1, -1, -1], [1.0, -1, 1, -1, 1, -1, 1, -1]])
+    # 7 of 8 signs agree with PV 0 (0.875), 5 of 8 with PV 1.
+    x = torch.tensor([[1.0, 1, 1, 1, -1, -1, -1, 1]])
+    assert Monitor(_sig(pvs))(x).flagged.tolist() == [True]  # default 0.8
+    strict = Monitor(_sig(pvs, [0.9, 0.9]))(x)
+    assert strict.flagged.tolist() == [False]
+    assert strict.best.tolist() == [0] and abs(strict.score.item() - 0.875) < 1e-6
+    assert Monitor(_sig(pvs, [0.9, 0.9]), threshold=0.85)(x).flagged.tolist() == [True]
+
+
+def test_monitor_with_no_pvs_flags_nothing():
+    empty = SignatureSet.create(torch.zeros(0, 8), [], backbone_name="x", fingerprint="0" * 64,
+                                model_type="bert", position="cls", verdict="clean")
+    res = Monitor(empty)(torch.randn(4, 8))
+    assert not res.flagged.any() and res.best.tolist() == [-1] * 4

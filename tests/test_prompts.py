@@ -1,0 +1,90 @@
+import json
+
+import pytest
+import torch
+
+from lmsan_serve import load_backbone
+from lmsan_serve.data import Example
+from lmsan_serve.errors import LmsanError
+from lmsan_serve.prompts import PromptClassifier, PromptConfig, accuracy, train_prompt
+
+from .conftest import make_tiny_bert
+
+# A lexical task a tiny random encoder can learn in a few dozen steps.
+POS = ["a great and lovely film", "great acting , lovely story", "simply great", "lovely , great fun",
+       "what a great lovely day", "the cast is great"]
+NEG = ["an awful and dull film", "dull acting , awful story", "simply awful", "awful , dull mess",
+       "what an awful dull day", "the cast is dull"]
+
+
+def toy(n: int = 96) -> list[Example]:
+    rows = [Example(t, "pos") for t in POS] + [Example(t, "neg") for t in NEG]
+    return (rows * (n // len(rows) + 1))[:n]
+
+
+@pytest.fixture(scope="module")
+def toy_prompt(tiny_backbone):
+    cfg = PromptConfig(method="prefix", length=4, max_steps=60, lr=3e-2, batch_size=16, eval_every=20)
+    return train_prompt(tiny_backbone, cfg, toy(), toy(24), progress=False)
+
+
+def test_deep_prompt_learns_and_round_trips(tiny_backbone, toy_prompt, tmp_path):
+    assert accuracy(toy_prompt, tiny_backbone, toy(24)) >= 0.9
+    toy_prompt.save(tmp_path / "p")
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["backbone"]["fingerprint"] == tiny_backbone.fingerprint
+    assert manifest["labels"] == ["neg", "pos"]
+    loaded = PromptClassifier.load(tmp_path / "p", tiny_backbone)
+    examples = toy(24)
+    assert loaded.predict(tiny_backbone, examples) == toy_prompt.predict(tiny_backbone, examples)
+    # the artifact is small: prompt + head, no backbone weights
+    size = sum(f.stat().st_size for f in (tmp_path / "p").iterdir())
+    assert size < 50_000
+
+
+def test_prompt_changes_the_forward_pass_and_leaves_backbone_unprompted(tiny_backbone, toy_prompt):
+    batch = toy_prompt.encode(tiny_backbone, ["simply great"])
+    with torch.no_grad():
+        prompted = toy_prompt.forward_batch(tiny_backbone, batch).hidden[:, 0]
+        plain = tiny_backbone.encode_hidden(batch.input_ids, batch.attention_mask, batch.token_type_ids)[:, 0]
+    assert not torch.allclose(prompted, plain)
+    assert tiny_backbone._prompt is None
+
+
+def test_many_prompts_share_one_backbone(tiny_backbone, toy_prompt):
+    other = train_prompt(tiny_backbone, PromptConfig(method="prompt", length=3, max_steps=5), toy(), None,
+                         progress=False)
+    examples = toy(12)
+    alone = toy_prompt.predict(tiny_backbone, examples)
+    other.predict(tiny_backbone, examples)
+    assert toy_prompt.predict(tiny_backbone, examples) == alone
+    assert other.prompt.shape[0] == 1 and toy_prompt.prompt.shape[0] == tiny_backbone.num_layers
+
+
+def test_mask_template_prompt(tiny_backbone):
+    cfg = PromptConfig(method="prompt", position="mask", length=2, max_steps=40, lr=3e-2, batch_size=16)
+    model = train_prompt(tiny_backbone, cfg, toy(), None, progress=False)
+    assert model.config.template == "{text} It was {mask} ."
+    assert accuracy(model, tiny_backbone, toy(24)) >= 0.75
+
+
+def test_sentence_pairs(tiny_backbone):
+    pairs = [Example("the sky is blue", "the sky is blue", "same"), Example("the sky is blue", "dogs bark", "diff")]
+    model = train_prompt(tiny_backbone, PromptConfig(method="prefix", length=2, max_steps=3), pairs * 4, pairs,
+                         progress=False)
+    assert len(model.predict(tiny_backbone, pairs)) == 2
+
+
+def test_load_refuses_other_backbone(tmp_path, toy_prompt):
+    toy_prompt.save(tmp_path / "p")
+    other = load_backbone(str(make_tiny_bert(tmp_path / "other", seed=1)), "cpu")
+    with pytest.raises(LmsanError, match="other backbone weights"):
+        PromptClassifier.load(tmp_path / "p", other)
+    wide = load_backbone(str(make_tiny_bert(tmp_path / "wide", seed=1, hidden=32)), "cpu")
+    with pytest.raises(LmsanError, match="wide"):
+        PromptClassifier.load(tmp_path / "p", wide)
+
+
+def test_unknown_eval_labels(tiny_backbone):
+    with pytest.raises(LmsanError, match="not among the training labels"):
+        train_prompt(tiny_backbone, PromptConfig(max_steps=1), toy(), [Example("x y z", "other")], progress=False)
