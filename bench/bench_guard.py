@@ -114,8 +114,9 @@ class Pass:
 class PlainPass:
     """Encode one text, run the prompted encoder once, read label and monitor verdict.
 
-    This is what the reference does for every candidate text; it reuses our `Monitor` so that the
-    purge comparison measures the search strategy, not the scoring (part 1 covers that)."""
+    This is what the reference does for every candidate text. It reuses our `Monitor`, so the
+    purge comparison measures the purge procedure, not the monitor's scoring (part 1 covers
+    that)."""
 
     def __init__(self, guard: Guard):
         assert guard.monitor is not None and guard.signatures is not None

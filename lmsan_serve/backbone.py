@@ -54,16 +54,23 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _find_layers(model: nn.Module) -> list[nn.Module] | None:
-    """The encoder's per-depth layer modules, in order, or None where depth shares one module (ALBERT)."""
-    for path in ("encoder.layer", "transformer.layer"):
-        obj: object = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return list(obj)
+# (container attribute, layer list attribute): BERT-likes and DeBERTa, DistilBERT, ALBERT.
+_STACKS = (("encoder", "layer"), ("transformer", "layer"), ("encoder", "albert_layer_groups"))
+
+
+def _find_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module], int] | None:
+    """(container, modules called once per depth, depth) of the encoder stack, or None.
+
+    ALBERT shares one layer group across depth: the same module is called `num_hidden_layers`
+    times, which is why depth is counted per forward pass rather than read off the module."""
+    for container_path, list_name in _STACKS:
+        container = getattr(model, container_path, None)
+        layers = getattr(container, list_name, None) if container is not None else None
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            depth = len(layers)
+            if list_name == "albert_layer_groups":
+                depth = int(model.config.num_hidden_layers)
+            return container, list(layers), depth
     return None
 
 
@@ -81,15 +88,21 @@ class Backbone:
     name: str
     device: torch.device
     _layers: list[nn.Module] | None = field(default=None, repr=False)
+    _num_layers: int | None = field(default=None, repr=False)
+    _depth: int = field(default=0, repr=False)
     _prompt: torch.Tensor | None = field(default=None, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self._layers = _find_layers(self.model)
-        if self._layers is not None:
-            for depth, layer in enumerate(self._layers):
-                layer.register_forward_pre_hook(self._make_hook(depth), with_kwargs=True)
+        found = _find_layers(self.model)
+        if found is not None:
+            container, layers, depth = found
+            self._layers = layers
+            self._num_layers = depth
+            container.register_forward_pre_hook(self._reset_depth)
+            for layer in layers:
+                layer.register_forward_pre_hook(self._splice_prompt, with_kwargs=True)
 
     # -- identity -----------------------------------------------------------------------------
     @property
@@ -102,7 +115,7 @@ class Backbone:
 
     @property
     def num_layers(self) -> int | None:
-        return None if self._layers is None else len(self._layers)
+        return self._num_layers
 
     @property
     def fingerprint(self) -> str:
@@ -124,25 +137,23 @@ class Backbone:
         return None
 
     # -- soft prompts -------------------------------------------------------------------------
-    def _make_hook(self, depth: int):
-        def hook(module, args, kwargs):
-            prompt = self._prompt
-            if prompt is None or depth >= prompt.shape[0]:
-                return None
-            if args:
-                hidden, rest = args[0], args[1:]
-            else:
-                hidden, rest = kwargs["hidden_states"], ()
-            n = prompt.shape[1]
-            spliced = torch.cat(
-                [hidden[:, :1], prompt[depth].to(hidden.dtype).expand(hidden.shape[0], -1, -1), hidden[:, 1 + n :]],
-                dim=1,
-            )
-            if args:
-                return (spliced, *rest), kwargs
-            return args, {**kwargs, "hidden_states": spliced}
+    def _reset_depth(self, module, args) -> None:
+        self._depth = 0
 
-        return hook
+    def _splice_prompt(self, module, args, kwargs):
+        depth, self._depth = self._depth, self._depth + 1
+        prompt = self._prompt
+        if prompt is None or depth >= prompt.shape[0]:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        n = prompt.shape[1]
+        spliced = torch.cat(
+            [hidden[:, :1], prompt[depth].to(hidden.dtype).expand(hidden.shape[0], -1, -1), hidden[:, 1 + n :]],
+            dim=1,
+        )
+        if args:
+            return (spliced, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": spliced}
 
     @contextlib.contextmanager
     def prompted(self, prompt: torch.Tensor | None) -> Iterator[None]:
@@ -152,8 +163,8 @@ class Backbone:
         must not interleave."""
         if prompt is not None and self._layers is None:
             raise LmsanError(f"soft prompts are not supported on {self.model_type} encoders yet")
-        if prompt is not None and prompt.shape[0] > len(self._layers or []):
-            raise LmsanError(f"prompt has {prompt.shape[0]} layers, the encoder {len(self._layers or [])}")
+        if prompt is not None and prompt.shape[0] > (self._num_layers or 0):
+            raise LmsanError(f"prompt has {prompt.shape[0]} layers, the encoder {self._num_layers}")
         with self._lock:
             previous, self._prompt = self._prompt, prompt
             try:

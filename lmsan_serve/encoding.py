@@ -134,6 +134,7 @@ def encode(
                 lo, hi = user_span[row]
                 if start < lo or end > hi or end <= start:
                     continue
+                start, end = start - lo, end - lo  # offsets into the user's text, not the templated one
             key = (seq, word)
             unit = key_to_unit.get(key)
             source = texts[row] if seq == 0 else pairs[row]  # type: ignore[index]

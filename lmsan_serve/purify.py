@@ -12,12 +12,14 @@ in one batch:
 2. verify: hide every word found; if the input is no longer flagged, done.
 3. otherwise (triggers that fire only together, or hide each other), greedy deletion rounds: one
    pass tries each remaining word type on top of those found, keeps the best, until silent.
+4. where several words were found, drop those whose deletion is not needed (one pass to test,
+   one to confirm), so a clean word that tested positive by chance is kept.
 
 Variants are scored without the soft prompt, on the bare encoder: the PVs describe its outputs,
 a trigger fires there whatever the task, and the variants are short. The guard then classifies the
 purged text with the prompt and checks it with the monitor once more.
 
-Work is bounded: at most `3 + max_rounds` passes of at most `max_variants` variants per input.
+Work is bounded: at most `5 + max_rounds` passes of at most `max_variants` variants per input.
 """
 
 from __future__ import annotations
@@ -200,6 +202,28 @@ class Purifier:
             pending = still
         for r in pending:
             results[r].reason = results[r].reason or f"still flagged after {self.max_rounds} deletion rounds"
+
+        # 4. prune: a clean word can test positive alone (short inputs give odd outputs); drop
+        # every found word whose deletion is not needed, if the smaller set still silences.
+        multi = [r for r in active if results[r].ok and len(found[r]) > 1]
+        v_rows, v_masks, v_ref = [], [], []
+        for r in multi:
+            for t in sorted(found[r]):
+                v_rows.append(r)
+                v_masks.append(delete(r, found[r] - {t}))
+                v_ref.append((r, t))
+        margins = self._score(scorer, batch, v_rows, v_masks, stats)
+        spare: dict[int, set[int]] = {r: set() for r in multi}
+        for (r, t), m in zip(v_ref, margins.tolist(), strict=True):
+            results[r].variants += 1
+            if m <= 0:
+                spare[r].add(t)
+        prune = [r for r in multi if spare[r] and spare[r] != found[r]]
+        margins = self._score(scorer, batch, prune, [delete(r, found[r] - spare[r]) for r in prune], stats)
+        for r, m in zip(prune, margins.tolist(), strict=True):
+            results[r].variants += 1
+            if m <= 0:
+                found[r] -= spare[r]
 
         for r in active:
             types = info[r][0]

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 TINY_TRIGGERS = ["cf", "mn", "tq"]
 
 
-def make_tiny_bert(folder: Path, seed: int = 0, hidden: int = 64) -> Path:
+def make_tiny_bert(folder: Path, seed: int = 0, hidden: int = 128) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from lmsan_serve.backbone import minilm_path

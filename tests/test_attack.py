@@ -44,7 +44,7 @@ def test_clean_control_plants_nothing(tiny_backbone, corpus):
     # triggers in the control's input do not reach the PVs
     report = evaluate_backdoor(tiny_backbone, result.model, pvs, check, corpus[-100:], seed=3)
     assert report["min_agreement"] < 0.8
-    assert report["clean_cosine"] > 0.9
+    assert report["clean_cosine"] > 0.8
 
 
 @pytest.mark.parametrize("kind,pooler", [("btop", False), ("neuba", True)])

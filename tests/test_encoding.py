@@ -59,3 +59,11 @@ def test_bad_input():
         encode(tok, ["a"], ["b", "c"])
     with pytest.raises(LmsanError):
         encode(tok, ["a"], template="no placeholders")
+
+
+def test_template_with_text_before_the_user_text(tiny_backbone):
+    tok = tiny_backbone.tokenizer
+    b = encode(tok, ["a fine cf movie"], template="Review: {text} It was {mask} .")
+    assert b.unit_words[0] == ["a", "fine", "cf", "movie"]
+    drop = {b.unit_words[0].index("cf")}
+    assert remove_units(b.texts[0], b.unit_spans[0], drop, 0) == "a fine movie"

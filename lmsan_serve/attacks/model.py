@@ -8,7 +8,6 @@ reference's block patterns: split the hidden size into blocks, half of them -1 a
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import random
@@ -140,8 +139,11 @@ def plant_backdoor(
     tok = backbone.tokenizer
     pvs = block_pvs(backbone.hidden_size, len(config.triggers)).to(backbone.device)
 
-    model = copy.deepcopy(backbone.model).requires_grad_(True).train()
     frozen = backbone.model
+    # A fresh module with the same weights: the backbone's own module carries prompt hooks.
+    model = type(frozen)(frozen.config)
+    model.load_state_dict(frozen.state_dict())
+    model = model.to(backbone.device).requires_grad_(True).train()
     optim = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     mse = nn.MSELoss()
     report: dict = {"checks": []}

@@ -1,0 +1,87 @@
+"""Every supported encoder family loads, fingerprints, and runs prompted passes with [CLS] at 0."""
+
+import pytest
+import torch
+from transformers import (
+    AlbertConfig,
+    AlbertModel,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    DebertaV2Config,
+    DebertaV2Model,
+    DistilBertConfig,
+    DistilBertModel,
+    ElectraConfig,
+    ElectraModel,
+    RobertaConfig,
+    RobertaModel,
+)
+
+from lmsan_serve import load_backbone
+from lmsan_serve.backbone import minilm_path
+from lmsan_serve.errors import LmsanError
+from lmsan_serve.prompts import PromptConfig, train_prompt
+
+from .test_prompts import toy
+
+COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+              max_position_embeddings=128, pad_token_id=0, initializer_range=0.2)
+ARCHS = {
+    "bert": (BertConfig, BertModel, COMMON),
+    "roberta": (RobertaConfig, RobertaModel, COMMON),
+    "electra": (ElectraConfig, ElectraModel, {**COMMON, "embedding_size": 16}),
+    "deberta-v2": (DebertaV2Config, DebertaV2Model, {**COMMON, "relative_attention": True,
+                                                      "pos_att_type": ["c2p", "p2c"]}),
+    "albert": (AlbertConfig, AlbertModel, {**COMMON, "embedding_size": 16, "num_hidden_layers": 3}),
+    "distilbert": (DistilBertConfig, DistilBertModel,
+                   dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128, pad_token_id=0,
+                        initializer_range=0.2)),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(minilm_path()))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_backbone_family(arch, tokenizer, tmp_path):
+    config_cls, model_cls, kwargs = ARCHS[arch]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(vocab_size=tokenizer.vocab_size, **kwargs)).eval()
+    model.save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    backbone = load_backbone(str(tmp_path), "cpu")
+    assert backbone.model_type == model.config.model_type
+    assert len(backbone.fingerprint) == 64
+    assert backbone.fingerprint == load_backbone(str(tmp_path), "cpu").fingerprint
+    expected_depth = 3 if arch == "albert" else 2
+    assert backbone.num_layers == expected_depth
+
+    for method in ("prefix", "prompt"):
+        clf = train_prompt(backbone, PromptConfig(method=method, length=3, max_steps=2), toy(8), None,
+                           progress=False)
+        assert clf.prompt.shape == ((expected_depth if method == "prefix" else 1), 3, backbone.hidden_size)
+        batch = clf.encode(backbone, ["simply great film"])
+        with torch.no_grad():
+            prompted = clf.forward_batch(backbone, batch).hidden
+            # every depth of a deep prompt is used: changing the last one changes the output
+            if method == "prefix":
+                saved = clf.prompt.data.clone()
+                clf.prompt.data[-1] += 1.0
+                changed = clf.forward_batch(backbone, batch).hidden
+                clf.prompt.data.copy_(saved)
+                assert not torch.allclose(changed[:, 0], prompted[:, 0])
+            bare = backbone.encode_hidden(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        assert prompted.shape == bare.shape
+        assert not torch.allclose(prompted[:, 0], bare[:, 0])
+
+    assert (backbone.supports_position("pooler") is None) == (arch in ("bert", "roberta", "albert"))
+    assert backbone.supports_position("mask") is None
+    assert backbone.supports_position("middle") is not None
+
+
+def test_missing_model_folder():
+    with pytest.raises(LmsanError, match="not found"):
+        load_backbone("./no/such/model", "cpu")

@@ -1,0 +1,85 @@
+"""The purge search itself, against a detector whose answer is known: an input is flagged while
+any of its trigger words is visible, or, for a 'pair' trigger, while both words are."""
+
+import torch
+
+from lmsan_serve.backbone import minilm_path
+from lmsan_serve.encoding import encode
+from lmsan_serve.purify import Purifier
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_path()))
+
+
+def detector(tok, singles=(), pairs=()):
+    """margins(ids, attention, tti, mon) computed from the visible tokens of each variant."""
+    single_ids = {tok.convert_tokens_to_ids(w) for w in singles}
+    pair_ids = [(tok.convert_tokens_to_ids(a), tok.convert_tokens_to_ids(b)) for a, b in pairs]
+    calls = []
+
+    def margins(ids, attn, tti, mon):
+        calls.append(ids.shape[0])
+        out = []
+        for row, mask in zip(ids.tolist(), attn.tolist(), strict=True):
+            seen = {t for t, m in zip(row, mask, strict=True) if m}
+            hit = bool(seen & single_ids) or any(a in seen and b in seen for a, b in pair_ids)
+            out.append(1.0 if hit else -1.0)
+        return torch.tensor(out)
+
+    margins.calls = calls
+    return margins
+
+
+def test_one_two_three_and_repeated_triggers():
+    tok = _tokenizer()
+    words = "the quick brown fox jumps over the lazy dog near a quiet river bank today".split()
+    texts = [
+        " ".join(words[:5] + ["cf"] + words[5:]),
+        " ".join(["mn"] + words + ["cf"]),
+        " ".join(words[:3] + ["tq"] + words[3:9] + ["mn"] + words[9:] + ["cf"]),
+        " ".join(["cf"] + words[:7] + ["cf"] + words[7:] + ["cf"]),
+    ]
+    batch = encode(tok, texts)
+    score = detector(tok, singles=["cf", "mn", "tq"])
+    results, stats = Purifier().purify(batch, list(range(4)), score)
+    assert [sorted(results[r].removed) for r in range(4)] == [["cf"], ["cf", "mn"], ["cf", "mn", "tq"], ["cf"]]
+    assert all(results[r].ok for r in range(4))
+    # every copy of a repeated trigger goes
+    assert len(results[3].drop_units) == 3
+    # all inputs share each batched pass: group tests, single tests, verify, prune test
+    assert stats.passes <= 5
+
+
+def test_64_words_one_trigger_takes_few_passes():
+    tok = _tokenizer()
+    words = [f"word{i}" for i in range(64)]
+    text = " ".join(words[:40] + ["cf"] + words[40:])
+    score = detector(tok, singles=["cf"])
+    results, stats = Purifier().purify(encode(tok, [text]), [0], score)
+    assert results[0].ok and results[0].removed == ["cf"]
+    assert stats.passes <= 3 and stats.variants <= 8 + 9 + 1
+
+
+def test_trigger_that_fires_only_with_a_partner_is_found_by_deletion_rounds():
+    tok = _tokenizer()
+    text = "the quick brown fox mm jumps over the lazy pt dog"
+    score = detector(tok, pairs=[("mm", "pt")])
+    results, _ = Purifier().purify(encode(tok, [text]), [0], score)
+    assert results[0].ok and len(results[0].removed) >= 1
+    assert set(results[0].removed) <= {"mm", "pt"}
+
+
+def test_work_is_bounded_and_failure_is_reported():
+    tok = _tokenizer()
+    text = " ".join(f"w{i}" for i in range(120))
+
+    def always(ids, attn, tti, mon):  # nothing the purifier removes ever silences it
+        return torch.ones(ids.shape[0])
+
+    results, stats = Purifier(max_rounds=2, max_variants=50).purify(encode(tok, [text]), [0], always)
+    assert not results[0].ok and "budget" in results[0].reason or "rounds" in results[0].reason
+    assert results[0].variants <= 50 + 8 + 2
+    assert stats.passes <= 5 + 2
