@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_prompt)
 
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "accuracy and attack success with the guard off and on. Artifacts are cached in --out.")
     p.add_argument("--out", default="lmsan-out/demo", help="output folder (default lmsan-out/demo)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--eval-size", type=int, default=872, help="SST-2 dev sentences to evaluate (default all 872)")
+    p.add_argument("--eval-size", type=int, default=400, help="SST-2 dev sentences to evaluate (default 400 of 872)")
     _common(p, model=False)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -23,13 +23,14 @@ from .signatures import SignatureSet
 
 DEMO_ATTACK = AttackConfig(kind="por")
 DEMO_PROMPT = PromptConfig(method="prefix", epochs=1.0, eval_every=60)
+VALIDATION = 500  # last SST-2 training rows, held out to pick the best prompt checkpoint
 
 
 def run_demo(
     out: str,
     *,
     device: str = "auto",
-    eval_size: int = 872,
+    eval_size: int = 400,
     progress: bool = True,
     say: Callable[[str], None] = print,
 ) -> dict:
@@ -66,14 +67,17 @@ def run_demo(
     if (prompt_dir / "manifest.json").is_file():
         try:
             classifier = PromptClassifier.load(prompt_dir, backbone)
+            if classifier.config != DEMO_PROMPT:
+                raise LmsanError("made with other settings")
             say(f"[2/3] SST-2 prompt: reusing {prompt_dir}")
         except LmsanError as exc:
+            classifier = None
             say(f"[2/3] cached prompt unusable ({exc}); training again")
     if classifier is None:
         say("[2/3] prompt-tuning SST-2 on the frozen backdoored encoder ...")
         train = load_examples(shipped("sst2/train.jsonl"))
-        dev = load_examples(shipped("sst2/dev.jsonl"))
-        classifier = train_prompt(backbone, DEMO_PROMPT, train, dev[:300], progress=progress)
+        classifier = train_prompt(backbone, DEMO_PROMPT, train[:-VALIDATION], train[-VALIDATION:],
+                                  progress=progress)
         classifier.save(prompt_dir)
     timings["prompt_s"] = round(time.time() - started, 1)
 

@@ -23,7 +23,7 @@ class PromptConfig(BaseModel):
     epochs: float = Field(default=2.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=32, ge=1)
-    lr: float = Field(default=5e-3, gt=0)
+    lr: float = Field(default=1e-2, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     dropout: float = Field(default=0.1, ge=0, lt=1)
     max_length: int = Field(default=128, ge=16, le=512)
