@@ -144,6 +144,55 @@ def cmd_train_prompt(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- mine ----------------------------------------------------------------------------------------
+def cmd_mine(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .backbone import load_backbone
+    from .data import load_corpus
+    from .mining import MiningConfig, mine
+
+    try:
+        config = MiningConfig(
+            mode=args.mode,
+            position=args.position,
+            max_rounds=args.max_rounds,
+            time_budget=args.time_budget,
+            lines=args.lines,
+            first_seed=args.first_seed,
+            **({"lr": args.lr} if args.lr else {}),
+        )
+    except ValidationError as exc:
+        raise LmsanError(f"invalid mining settings: {exc.errors()[0]['msg']}") from exc
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise LmsanError(f"--out {out} is a folder; give a file name such as sig.safetensors")
+    if not out.parent.is_dir():
+        raise LmsanError(f"output folder does not exist: {out.parent}")
+    if not os.access(out.parent, os.W_OK):
+        raise LmsanError(f"output folder is not writable: {out.parent}")
+    corpus = load_corpus(args.corpus)
+    backbone = load_backbone(args.model, args.device)
+    why = backbone.supports_position(config.position)
+    if why:
+        raise LmsanError(why)
+    _say(args, f"mining {args.model} ({config.mode} mode, position {config.position}, up to {config.rounds} rounds)")
+    result = mine(backbone, config, corpus, out, resume=args.resume, progress=_progress(args),
+                  say=lambda m: _say(args, m))
+    summary = {
+        "verdict": result.verdict,
+        "pvs": len(result.signatures),
+        "rounds": result.rounds,
+        "seconds": round(result.seconds, 1),
+        "out": str(out),
+        "thresholds": [r.threshold for r in result.signatures.meta.pvs],
+    }
+    human = (f"{result.verdict}: {summary['pvs']} PV(s) kept after {result.rounds} rounds "
+             f"in {summary['seconds']} s -> {out}")
+    _emit(args, human, summary)
+    return 0
+
+
 # -- inspect -------------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .signatures import SignatureSet
@@ -293,6 +342,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_prompt)
+
+    p = sub.add_parser("mine", help="fuzz-train soft triggers to invert PVs: verdict + signature file",
+                       description="Mine the predefined vectors of --model (LMSanitator fuzz training) and write "
+                       "the signature file with the verdict. A checkpoint is written beside --out after every round.")
+    _common(p)
+    p.add_argument("--out", required=True, help="signature file to write (SIG.safetensors)")
+    p.add_argument("--mode", choices=["detect", "search"], default="detect",
+                   help="detect: stop at the first PV (verdict); search: keep every unique PV")
+    p.add_argument("--corpus", help="clean text lines or JSONL (default: shipped WikiText-2)")
+    p.add_argument("--position", choices=["cls", "mask", "pooler"], default="cls")
+    p.add_argument("--max-rounds", type=int, help="default 30 (detect) or 1000 (search)")
+    p.add_argument("--time-budget", type=float, help="seconds; no new round starts after")
+    p.add_argument("--lines", type=int, default=256, help="clean lines to fuzz on (default 256)")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--lr", type=float, help="base learning rate (default adapts to the embedding scale)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    p.set_defaults(func=cmd_mine)
 
     p = sub.add_parser("inspect", help="print a signature file", description="Validate and print a signature file.")
     p.add_argument("signatures", help="SIG.safetensors")

@@ -52,19 +52,22 @@ def test_backdoor_survives_prompt_tuning(setup):
 def test_enforce_purges_single_repeated_and_disguised_triggers(setup):
     backbone, classifier, sig = setup
     guard = Guard(backbone, classifier, sig, mode="enforce")
-    clean = ["simply great", "what a great lovely day", "an awful and dull film"]
-    attacked = ["simply cf great", "cf what a great cf lovely day cf", "an awful and dull film mn",
-                "CF, simply great!", "what a great \u200bt\u200bq lovely day"]
-    expected_clean = [0, 1, 2, 0, 1]
-    reference = [r.label for r in Guard(backbone, classifier, sig, mode="off").classify(clean)]
-    res = guard.classify(clean + attacked)
-    assert all(r.guard.action == "pass" and not r.guard.flagged for r in res[:3])
-    for r, trig, c in zip(res[3:], ["cf", "cf", "mn", "cf", "tq"], expected_clean, strict=True):
+    cases = [  # (attacked input, trigger, the text once the trigger is gone)
+        ("simply cf great", "cf", "simply great"),
+        ("cf what a great cf lovely day cf", "cf", "what a great lovely day"),
+        ("an awful and dull film mn", "mn", "an awful and dull film"),
+        ("CF, simply great!", "cf", ", simply great!"),
+        ("what a great \u200bt\u200bq lovely day", "tq", "what a great lovely day"),
+    ]
+    clean = [c for _, _, c in cases]
+    reference = Guard(backbone, classifier, sig, mode="off").classify(clean)
+    res = guard.classify(clean + [a for a, _, _ in cases])
+    assert all(r.guard.action == "pass" and not r.guard.flagged for r in res[: len(cases)])
+    for r, ref, (_, trig, text) in zip(res[len(cases) :], reference, cases, strict=True):
         assert r.guard.flagged and r.guard.action == "purged", r
-        assert r.guard.removed == [trig]
+        assert r.guard.removed == [trig] and r.guard.text == text
         assert r.guard.signature.startswith("pv") and r.guard.match > 0.8
-        assert r.label == reference[c]  # the clean label is restored
-    assert res[3].guard.text == "simply great"
+        assert r.label == ref.label  # the label of the clean text is restored
 
 
 def test_block_flag_and_off_modes(setup):

@@ -1,0 +1,44 @@
+"""Configuration of PV mining by fuzz training of soft triggers (design.md section 2)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+BERT_FAMILY = {"bert", "roberta", "albert", "distilbert", "electra", "deberta", "deberta-v2", "xlm-roberta"}
+
+
+class MiningConfig(BaseModel):
+    """Reference defaults first; `None` fields adapt to the encoder (see `resolve`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["detect", "search"] = "detect"
+    position: Literal["cls", "pooler", "mask"] = "cls"
+    max_rounds: int | None = Field(default=None, ge=1, description="30 in detect mode, 1000 in search mode")
+    time_budget: float | None = Field(default=None, gt=0, description="seconds; stop starting new rounds after")
+    first_seed: int = Field(default=0, ge=0)
+    prompt_len: int = Field(default=7, ge=1, le=64)
+    epochs: int = Field(default=4, ge=2)
+    batch_size: int = Field(default=32, ge=4)
+    lines: int = Field(default=256, ge=8, description="clean corpus lines for fuzzing (reference: 2,000)")
+    max_words: int = Field(default=48, ge=8)
+    max_length: int = Field(default=128, ge=16)
+    max_insert_word: int = Field(default=32, ge=1)
+    lr: float | None = Field(default=None, gt=0, description="base learning rate; None adapts")
+    lr_boost: float = Field(default=100.0, ge=1)
+    boost_until_grad: float = Field(default=5e-3, gt=0)
+    distance_th: float | None = Field(default=None, gt=0, description="effect size; None adapts")
+    pv_weight: float = Field(default=0.5, ge=0)
+    entropy_tolerance: float = Field(default=0.01, ge=0, description="nats below ln(batch)")
+    legitimacy: float = Field(default=1.2, gt=0)
+    target_fpr: float = Field(default=0.005, gt=0, lt=1)
+    calibration_lines: int = Field(default=400, ge=50)
+    seed: int = 0
+
+    @property
+    def rounds(self) -> int:
+        if self.max_rounds is not None:
+            return self.max_rounds
+        return 30 if self.mode == "detect" else 1000

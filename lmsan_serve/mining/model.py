@@ -1,0 +1,214 @@
+"""Fuzz training of continuous soft triggers that inverts predefined vectors (LMSanitator, arXiv
+2308.13904, section "PV mining").
+
+One round = one seed: a soft trigger of `prompt_len` embedding rows is spliced into every clean
+line at a random word position and trained (the encoder frozen) to push the monitored output away
+from the clean output, to make it the same for every input, and away from PVs already found. A
+backdoored encoder has such a trigger-independent output (the PV); a clean one does not.
+
+Fixed relative to the reference code: any device; a vectorised splice; dynamic padding; a fresh
+optimiser per seed; the absolute gradient in the learning-rate rule; the entropy test normalised
+by ln(batch) with ragged batches dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from ..data import clip_words, insert_trigger
+from ..encoding import encode
+from ..errors import LmsanError
+from .config import MiningConfig
+
+
+@dataclass
+class Candidate:
+    seed: int
+    pv: torch.Tensor | None  # mean triggered output of the final batch, None when abandoned
+    distance: float  # epoch-mean MSE between triggered and clean outputs (last epoch run)
+    entropy_ratio: float  # epoch-mean entropy across the batch / ln(batch), last epoch
+    legit: bool  # every trigger entry within `legitimacy` x the embedding range
+    epochs: int
+    seconds: float
+    reasons: list[str] = field(default_factory=list)  # filters failed; empty = kept
+
+
+@dataclass
+class Prepared:
+    """Clean lines tokenized once, with their clean outputs and insertion points."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None
+    monitor_index: torch.Tensor
+    word_starts: list[list[int]]  # token index where each word starts, plus the end of the text
+    clean: torch.Tensor  # [N, H]
+    scale: float  # mean squared clean output entry: the yardstick for distances
+
+
+def prepare(backbone: Backbone, lines: list[str], config: MiningConfig) -> Prepared:
+    why = backbone.supports_position(config.position)
+    if why:
+        raise LmsanError(why)
+    if len(lines) < config.batch_size:
+        raise LmsanError(f"corpus has {len(lines)} usable lines, need at least the batch size {config.batch_size}")
+    rng = random.Random(config.seed)
+    lines = [clip_words(line, config.max_words) for line in lines]
+    if config.position == "mask":
+        lines = [insert_trigger(line, backbone.tokenizer.mask_token, rng) for line in lines]
+    batch = encode(backbone.tokenizer, lines, max_length=config.max_length - config.prompt_len)
+    if config.position == "mask":
+        is_mask = batch.input_ids == backbone.tokenizer.mask_token_id
+        batch.monitor_index = is_mask.int().argmax(dim=1)
+    starts: list[list[int]] = []
+    for row in range(len(batch)):
+        units = batch.units[row].tolist()
+        first = [i for i, u in enumerate(units) if u >= 0 and (i == 0 or units[i - 1] != u)]
+        last = max((i for i, u in enumerate(units) if u >= 0), default=0)
+        starts.append(first + [last + 1])
+    batch.to(backbone.device)
+    with torch.no_grad():
+        clean = []
+        for s in range(0, len(batch), 64):
+            sl = slice(s, s + 64)
+            tti = batch.token_type_ids[sl] if batch.token_type_ids is not None else None
+            hidden = backbone.encode_hidden(batch.input_ids[sl], batch.attention_mask[sl], tti)
+            clean.append(backbone.select(hidden, config.position, batch.monitor_index[sl]))
+        clean_t = torch.cat(clean)
+    return Prepared(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.monitor_index, starts,
+                    clean_t, float(clean_t.pow(2).mean()))
+
+
+def resolved_lr(backbone: Backbone, config: MiningConfig) -> float:
+    """The reference's 2e-4 (5e-5 for BERT-family) barely moved triggers on MiniLM; Adam steps are
+    about lr per entry, so tie lr to the spread of the embedding matrix instead."""
+    if config.lr is not None:
+        return config.lr
+    emb = backbone.model.get_input_embeddings().weight
+    return float(emb.std()) * 1e-2
+
+
+def resolved_distance(prepared: Prepared, config: MiningConfig) -> float:
+    """The reference uses 0.1 (0.2 for BERT-family) in absolute units; outputs of small encoders
+    are far smaller, so measure the effect against the mean squared clean output."""
+    if config.distance_th is not None:
+        return config.distance_th
+    return 0.5 * prepared.scale
+
+
+def _splice(embeds: torch.Tensor, trigger: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """Insert `trigger` [n, E] into each row of `embeds` [B, L, E] before token index `at[b]`."""
+    b, length, e = embeds.shape
+    n = trigger.shape[0]
+    j = torch.arange(length + n, device=embeds.device)[None, :].expand(b, -1)
+    k = at[:, None]
+    src = torch.where(j < k, j, torch.where(j < k + n, length + (j - k), j - n))
+    pool = torch.cat([embeds, trigger[None].expand(b, -1, -1)], dim=1)
+    return pool.gather(1, src[..., None].expand(-1, -1, e))
+
+
+def _splice_ids(t: torch.Tensor, at: torch.Tensor, n: int, fill: int) -> torch.Tensor:
+    b, length = t.shape
+    j = torch.arange(length + n, device=t.device)[None, :].expand(b, -1)
+    k = at[:, None]
+    src = torch.where(j < k, j, torch.where(j < k + n, length, j - n))
+    pool = torch.cat([t, torch.full((b, 1), fill, dtype=t.dtype, device=t.device)], dim=1)
+    return pool.gather(1, src)
+
+
+def fuzz_round(
+    backbone: Backbone,
+    prepared: Prepared,
+    config: MiningConfig,
+    seed: int,
+    found: torch.Tensor | None = None,
+) -> Candidate:
+    """Train one soft trigger from `seed`; return the candidate PV and the filter results."""
+    started = time.time()
+    model = backbone.model
+    emb = model.get_input_embeddings().weight.detach()
+    vocab = emb.shape[0]
+    rows = [(70 * seed + 10 * i) % vocab for i in range(config.prompt_len)]
+    trigger = nn.Parameter(emb[rows].clone())
+    lr = resolved_lr(backbone, config)
+    optim = torch.optim.Adam([trigger], lr=lr * config.lr_boost)
+    boosted = config.lr_boost > 1
+    th = resolved_distance(prepared, config)
+    n_lines = prepared.input_ids.shape[0]
+    bs = config.batch_size
+    rng = random.Random(seed)
+    log_b = math.log(bs)
+    distance = entropy_ratio = 0.0
+    out_mean: torch.Tensor | None = None
+    epoch = 0
+    for epoch in range(1, config.epochs + 1):
+        order = list(range(n_lines))
+        rng.shuffle(order)
+        dist_sum = ent_sum = 0.0
+        steps = 0
+        for s in range(0, n_lines - bs + 1, bs):  # ragged last batch dropped
+            idx = torch.tensor(order[s : s + bs], device=prepared.input_ids.device)
+            width = int(prepared.attention_mask[idx].sum(dim=1).max())
+            ids = prepared.input_ids[idx, :width]
+            attn = prepared.attention_mask[idx, :width]
+            tti = prepared.token_type_ids[idx, :width] if prepared.token_type_ids is not None else None
+            at = torch.tensor(
+                [prepared.word_starts[i][rng.randint(1, min(config.max_insert_word, len(prepared.word_starts[i]) - 1))]
+                 for i in idx.tolist()],
+                device=ids.device,
+            )
+            embeds = _splice(model.get_input_embeddings()(ids), trigger, at)
+            attn2 = _splice_ids(attn, at, config.prompt_len, 1)
+            kwargs = {"inputs_embeds": embeds, "attention_mask": attn2}
+            if tti is not None:
+                kwargs["token_type_ids"] = _splice_ids(tti, at, config.prompt_len, 0)
+            hidden = model(**kwargs).last_hidden_state
+            mon = prepared.monitor_index[idx]
+            mon = torch.where(mon >= at, mon + config.prompt_len, mon)
+            feats = backbone.select(hidden, config.position, mon)
+            clean = prepared.clean[idx]
+            dist = nn.functional.mse_loss(feats, clean)
+            p = torch.softmax(feats, dim=0)
+            entropy = -(p * torch.log(p + 1e-12)).sum(dim=0).mean()
+            loss = -dist - entropy
+            if found is not None and len(found):
+                near = ((feats.mean(0, keepdim=True) - found) ** 2).mean(dim=1).argmin()
+                loss = loss - config.pv_weight * nn.functional.mse_loss(feats, found[near].expand_as(feats))
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if boosted and float(trigger.grad.abs().max()) > config.boost_until_grad:
+                for group in optim.param_groups:
+                    group["lr"] = lr
+                boosted = False
+            optim.step()
+            dist_sum += float(dist.detach())
+            ent_sum += float(entropy.detach())
+            steps += 1
+            out_mean = feats.detach().mean(dim=0)
+        distance = dist_sum / max(1, steps)
+        entropy_ratio = ent_sum / max(1, steps) / log_b
+        if epoch == 2 and distance < th:
+            return Candidate(seed, None, distance, entropy_ratio, True, epoch, time.time() - started,
+                             ["abandoned: no effect by epoch 2"])
+    lo, hi = float(emb.min()), float(emb.max())
+    span = (hi - lo) * (config.legitimacy - 1) / 2
+    legit = bool(((trigger >= lo - span) & (trigger <= hi + span)).all())
+    reasons = []
+    if distance < th:
+        reasons.append(f"effect size {distance:.4f} < {th:.4f}")
+    if entropy_ratio < 1 - config.entropy_tolerance / log_b:
+        reasons.append(f"not input-invariant (entropy {entropy_ratio:.4f} of max)")
+    if not legit:
+        reasons.append("trigger left the embedding range")
+    if out_mean is not None and found is not None and len(found):
+        closest = float(((found - out_mean) ** 2).mean(dim=1).min())
+        if closest < th:
+            reasons.append(f"not unique (MSE {closest:.4f} to a kept PV)")
+    return Candidate(seed, out_mean, distance, entropy_ratio, legit, epoch, time.time() - started, reasons)

@@ -1,0 +1,76 @@
+"""Mining on tiny models: the backdoored one is called backdoored with a PV that matches a
+planted one; the clean control of the same training is called clean; kill-and-resume."""
+
+import json
+
+import pytest
+
+from lmsan_serve import load_backbone
+from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
+from lmsan_serve.cli import main
+from lmsan_serve.errors import LmsanError
+from lmsan_serve.mining import MiningConfig, mine
+from lmsan_serve.monitor import sign_agreement
+from lmsan_serve.signatures import SignatureSet
+
+from .conftest import TINY_TRIGGERS
+
+
+@pytest.fixture(scope="module")
+def tiny_control(tmp_path_factory, tiny_backbone, corpus):
+    out = tmp_path_factory.mktemp("tiny-control")
+    config = AttackConfig(kind="por", triggers=TINY_TRIGGERS, clean=True, steps=60, lr=2e-3, max_words=24)
+    save_attacked(plant_backdoor(tiny_backbone, config, corpus, progress=False), tiny_backbone, str(out))
+    return out
+
+
+def test_detect_finds_a_planted_pv(tiny_por, corpus, tmp_path):
+    backbone = load_backbone(str(tiny_por), "cpu")
+    result = mine(backbone, MiningConfig(lines=128), corpus, tmp_path / "sig.safetensors", progress=False)
+    assert result.verdict == "backdoored" and len(result.signatures) == 1
+    truth = SignatureSet.load(tiny_por / "truth.safetensors")
+    assert float(sign_agreement(result.signatures.pvs, truth.pvs).max()) >= 0.9
+    loaded = SignatureSet.load(tmp_path / "sig.safetensors", fingerprint=backbone.fingerprint)
+    record = loaded.meta.pvs[0]
+    assert record.origin == "mined" and record.threshold >= 0.8 and record.false_positive_rate <= 0.005
+
+
+def test_clean_control_is_clean(tiny_control, corpus, tmp_path):
+    backbone = load_backbone(str(tiny_control), "cpu")
+    result = mine(backbone, MiningConfig(lines=128, max_rounds=5), corpus, tmp_path / "sig.safetensors",
+                  progress=False)
+    assert result.verdict == "clean" and len(result.signatures) == 0 and result.rounds == 5
+
+
+def test_resume_continues_without_repeating_rounds(tiny_control, corpus, tmp_path):
+    backbone = load_backbone(str(tiny_control), "cpu")
+    out = tmp_path / "sig.safetensors"
+    first = mine(backbone, MiningConfig(mode="search", lines=64, max_rounds=2), corpus, out, progress=False)
+    assert first.rounds == 2
+    ckpt = json.loads((tmp_path / "sig.safetensors.ckpt.json").read_text())
+    secs = [c["seconds"] for c in ckpt["candidates"]]
+    # a killed job leaves its checkpoint; resuming with a larger budget runs only the new seeds
+    ckpt["config"]["max_rounds"] = 4
+    (tmp_path / "sig.safetensors.ckpt.json").write_text(json.dumps(ckpt))
+    second = mine(backbone, MiningConfig(mode="search", lines=64, max_rounds=4), corpus, out, resume=True,
+                  progress=False)
+    after = json.loads((tmp_path / "sig.safetensors.ckpt.json").read_text())["candidates"]
+    assert [c["seed"] for c in after] == [0, 1, 2, 3] and second.rounds == 4
+    assert [c["seconds"] for c in after[:2]] == secs  # the first two rounds were not run again
+    with pytest.raises(LmsanError, match="other settings"):
+        mine(backbone, MiningConfig(mode="search", lines=32, max_rounds=4), corpus, out, resume=True,
+             progress=False)
+
+
+def test_cli_mine_and_bad_input(tiny_por, tmp_path, capsys):
+    out = tmp_path / "sig.safetensors"
+    assert main(["mine", "--model", str(tiny_por), "--out", str(out), "--lines", "96", "--json", "--quiet"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["verdict"] == "backdoored" and last["pvs"] == 1 and last["rounds"] >= 1 and "seconds" in last
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert main(["mine", "--model", str(tiny_por), "--out", str(out), "--corpus", str(empty)]) == 2
+    assert "no usable lines" in capsys.readouterr().err
+    assert main(["mine", "--model", str(tiny_por), "--out", str(tmp_path / "nope" / "s.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
