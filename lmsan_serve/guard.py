@@ -98,7 +98,10 @@ class Guard:
 
     def _bare_margins(self, input_ids, attention_mask, token_type_ids, monitor_index) -> torch.Tensor:
         """Monitor margins of purge variants on the bare encoder (no soft prompt)."""
-        hidden = self.backbone.encode_hidden(input_ids, attention_mask, token_type_ids)
+        # prompted(None) takes the backbone's lock: the prompt hooks and their depth counter are
+        # shared by every pass, so a bare pass must not interleave with a prompted one.
+        with self.backbone.prompted(None):
+            hidden = self.backbone.encode_hidden(input_ids, attention_mask, token_type_ids)
         return self.monitor(self._features(hidden, monitor_index)).margin  # type: ignore[misc]
 
     def _labelled(self, logits: torch.Tensor) -> list[tuple[str, dict[str, float]]]:

@@ -88,3 +88,16 @@ def test_load_refuses_other_backbone(tmp_path, toy_prompt):
 def test_unknown_eval_labels(tiny_backbone):
     with pytest.raises(LmsanError, match="not among the training labels"):
         train_prompt(tiny_backbone, PromptConfig(max_steps=1), toy(), [Example("x y z", "other")], progress=False)
+
+
+def test_prompts_on_one_backbone_are_thread_safe(tiny_backbone, toy_prompt):
+    from concurrent.futures import ThreadPoolExecutor
+
+    other = train_prompt(tiny_backbone, PromptConfig(method="prompt", length=3, max_steps=5), toy(), None,
+                         progress=False)
+    examples = toy(24)
+    expected = {id(m): m.predict(tiny_backbone, examples) for m in (toy_prompt, other)}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [(m, pool.submit(m.predict, tiny_backbone, examples)) for m in (toy_prompt, other) * 4]
+        for m, fut in futures:
+            assert fut.result() == expected[id(m)]
