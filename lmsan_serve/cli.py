@@ -44,6 +44,16 @@ def _progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "quiet", False)
 
 
+def _settings(model_cls, what: str, **values):
+    """Build a pydantic settings model from CLI flags; a bad value becomes a one-line error."""
+    from pydantic import ValidationError
+
+    try:
+        return model_cls(**values)
+    except ValidationError as exc:
+        raise LmsanError(f"invalid {what} settings: {exc.errors()[0]['msg']}") from exc
+
+
 def _writable_dir(path: str, what: str) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -60,25 +70,22 @@ def _writable_dir(path: str, what: str) -> Path:
 
 # -- attack --------------------------------------------------------------------------------------
 def cmd_attack(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from .attacks import DEFAULT_TRIGGERS, AttackConfig, plant_backdoor, save_attacked
     from .backbone import load_backbone
     from .data import load_corpus
 
-    try:
-        config = AttackConfig(
-            kind=args.kind,
-            triggers=args.triggers.split(",") if args.triggers else list(DEFAULT_TRIGGERS),
-            pooler=args.pooler,
-            clean=args.clean,
-            steps=args.steps,
-            lr=args.lr,
-            seed=args.seed,
-            **({"target_agreement": args.target_agreement} if args.target_agreement else {}),
-        )
-    except ValidationError as exc:
-        raise LmsanError(f"invalid attack settings: {exc.errors()[0]['msg']}") from exc
+    config = _settings(
+        AttackConfig,
+        "attack",
+        kind=args.kind,
+        triggers=args.triggers.split(",") if args.triggers else list(DEFAULT_TRIGGERS),
+        pooler=args.pooler,
+        clean=args.clean,
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+        **({"target_agreement": args.target_agreement} if args.target_agreement else {}),
+    )
     out = _writable_dir(args.out, "output folder")
     corpus = load_corpus(args.corpus)
     backbone = load_backbone(args.model, args.device)
@@ -106,26 +113,23 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 # -- train-prompt --------------------------------------------------------------------------------
 def cmd_train_prompt(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from .backbone import load_backbone
     from .data import load_examples
     from .prompts import PromptConfig, train_prompt
 
-    try:
-        config = PromptConfig(
-            method=args.method,
-            length=args.length,
-            position=args.position,
-            template=args.template,
-            epochs=args.epochs,
-            max_steps=args.max_steps,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
-    except ValidationError as exc:
-        raise LmsanError(f"invalid prompt settings: {exc.errors()[0]['msg']}") from exc
+    config = _settings(
+        PromptConfig,
+        "prompt",
+        method=args.method,
+        length=args.length,
+        position=args.position,
+        template=args.template,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     out = _writable_dir(args.out, "output folder")
     train = load_examples(args.train)
     dev = load_examples(args.eval) if args.eval else None
@@ -146,24 +150,21 @@ def cmd_train_prompt(args: argparse.Namespace) -> int:
 
 # -- mine ----------------------------------------------------------------------------------------
 def cmd_mine(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from .backbone import load_backbone
     from .data import load_corpus
     from .mining import MiningConfig, mine
 
-    try:
-        config = MiningConfig(
-            mode=args.mode,
-            position=args.position,
-            max_rounds=args.max_rounds,
-            time_budget=args.time_budget,
-            lines=args.lines,
-            first_seed=args.first_seed,
-            **({"lr": args.lr} if args.lr else {}),
-        )
-    except ValidationError as exc:
-        raise LmsanError(f"invalid mining settings: {exc.errors()[0]['msg']}") from exc
+    config = _settings(
+        MiningConfig,
+        "mining",
+        mode=args.mode,
+        position=args.position,
+        max_rounds=args.max_rounds,
+        time_budget=args.time_budget,
+        lines=args.lines,
+        first_seed=args.first_seed,
+        **({"lr": args.lr} if args.lr else {}),
+    )
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise LmsanError(f"--out {out} is a folder; give a file name such as sig.safetensors")
@@ -248,14 +249,14 @@ def _load_guard(args: argparse.Namespace):
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from .data import load_examples
+    from .data import load_examples, text_pairs
 
     if bool(args.texts) == bool(args.input):
         raise LmsanError("give either TEXT arguments or --input FILE.jsonl, not both or neither")
     if args.input:
         examples = load_examples(args.input, require_label=False)
         texts = [e.text for e in examples]
-        pairs = [e.text_pair or "" for e in examples] if any(e.text_pair for e in examples) else None
+        pairs = text_pairs(examples)
     else:
         if any(not t.strip() for t in args.texts):
             raise LmsanError("empty input text")

@@ -29,6 +29,11 @@ class Example:
     text_pair: str | None = None
 
 
+def text_pairs(examples: list[Example]) -> list[str] | None:
+    """The second texts of a batch, or None when no example has one (single-text task)."""
+    return [e.text_pair or "" for e in examples] if any(e.text_pair for e in examples) else None
+
+
 def load_examples(path: str | Path, *, require_label: bool = True) -> list[Example]:
     """Read JSONL with `text`, optional `text_pair` and `label` (string or integer) per line;
     with `require_label=False` a missing label reads as ""."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from .data import Example, insert_trigger
+from .data import Example, insert_trigger, text_pairs
 from .guard import Guard, GuardResult, GuardStats
 
 
@@ -25,7 +25,7 @@ def _run(guard: Guard, examples: list[Example], batch_size: int, desc: str, prog
     out: list[GuardResult] = []
     for i in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress, unit="batch"):
         chunk = examples[i : i + batch_size]
-        pairs = [e.text_pair or "" for e in chunk] if any(e.text_pair for e in chunk) else None
+        pairs = text_pairs(chunk)
         out.extend(guard.classify([e.text for e in chunk], pairs, stats=stats))
     return out
 

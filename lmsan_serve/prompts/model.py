@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..backbone import Backbone
-from ..data import Example
+from ..data import Example, text_pairs
 from ..encoding import EncodedBatch, encode
 from ..errors import LmsanError
 from .config import PromptConfig
@@ -120,7 +120,7 @@ class PromptClassifier(nn.Module):
         preds: list[int] = []
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
-            pairs = [e.text_pair or "" for e in chunk] if any(e.text_pair for e in chunk) else None
+            pairs = text_pairs(chunk)
             batch = self.encode(backbone, [e.text for e in chunk], pairs)
             preds.extend(self.forward_batch(backbone, batch).logits.argmax(-1).tolist())
         return preds
@@ -237,7 +237,7 @@ def train_prompt(
             order.extend(fresh)
         idx, order = order[: config.batch_size], order[config.batch_size :]
         chunk = [train[i] for i in idx]
-        pairs = [e.text_pair or "" for e in chunk] if any(e.text_pair for e in chunk) else None
+        pairs = text_pairs(chunk)
         model.train()
         batch = model.encode(backbone, [e.text for e in chunk], pairs)
         out = model.forward_batch(backbone, batch)
