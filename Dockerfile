@@ -1,17 +1,28 @@
 # CPU image of lmsan-serve. Build: docker build -t lmsan-serve .
+# Used by deployments/docker-compose.yml and as the Ray image of deployments/kuberay/rayservice.yaml.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+
+# KubeRay's injected liveness and readiness probes call wget.
+RUN apt-get update && apt-get install -y --no-install-recommends wget && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
 # CPU wheels of torch first, so the project's torch range is satisfied without a CUDA build.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
 COPY pyproject.toml README.md ./
 COPY lmsan_serve ./lmsan_serve
-RUN pip install . && useradd --create-home lmsan
+# /data exists in the image owned by lmsan so a named volume mounted there is writable by it.
+RUN pip install . && useradd --create-home lmsan && mkdir /data && chown lmsan:lmsan /data
+COPY deployments ./deployments
+
 USER lmsan
-WORKDIR /home/lmsan
+# Relative paths of deployments/serve-demo.yaml resolve here: lmsan demo writes lmsan-out/demo,
+# then serve run /app/deployments/serve-demo.yaml finds it.
+WORKDIR /data
+# Serve HTTP API, Ray metrics export port (lmsan serve --metrics-port).
+EXPOSE 8000 8080
 
 ENTRYPOINT ["lmsan"]
-CMD ["--help"]
+CMD ["serve", "--help"]

@@ -185,7 +185,8 @@ class SignatureSet:
                 raw_meta = (f.metadata() or {}).get("lmsan")
                 if "pvs" not in f.keys():
                     raise LmsanError(f"{p}: not a signature file (no 'pvs' tensor)")
-                pvs = f.get_tensor("pvs")
+                # clone: the tensor may map the file, and a later in-place rewrite must not reach it
+                pvs = f.get_tensor("pvs").clone()
         except SafetensorError as exc:
             raise LmsanError(f"{p}: not a valid safetensors file ({exc})") from exc
         except (OSError, ValueError) as exc:

@@ -70,3 +70,19 @@ def tiny_por(tmp_path_factory, tiny_backbone, corpus) -> Path:
     result = plant_backdoor(tiny_backbone, config, corpus, progress=False)
     save_attacked(result, tiny_backbone, str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_por_prompt(tmp_path_factory, tiny_por) -> Path:
+    """A victim's soft prompt trained on the backdoored tiny BERT, saved as an artifact."""
+    from lmsan_serve import load_backbone
+    from lmsan_serve.prompts import PromptConfig, train_prompt
+
+    from .test_prompts import toy
+
+    backbone = load_backbone(str(tiny_por), "cpu")
+    # On tiny encoders, prompt tuning can learn to park clean inputs on a PV (the backdoor's
+    # strongest attractor); test_guard's test_clean_inputs_stay_off_the_pvs checks this one did not.
+    cfg = PromptConfig(method="prefix", length=4, max_steps=60, lr=3e-2, batch_size=16, seed=1)
+    classifier = train_prompt(backbone, cfg, toy(), None, progress=False)
+    return classifier.save(tmp_path_factory.mktemp("tiny-por-prompt") / "prompt")

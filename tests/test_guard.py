@@ -8,7 +8,7 @@ from lmsan_serve import load_backbone
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.evaluation import evaluate_guard
 from lmsan_serve.guard import Guard, GuardStats
-from lmsan_serve.prompts import PromptConfig, train_prompt
+from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.purify import Purifier
 from lmsan_serve.signatures import SignatureSet
 
@@ -17,12 +17,9 @@ from .test_prompts import toy
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_por):
+def setup(tiny_por, tiny_por_prompt):
     backbone = load_backbone(str(tiny_por), "cpu")
-    # On tiny encoders, prompt tuning can learn to park clean inputs on a PV (the backdoor's
-    # strongest attractor); test_clean_inputs_stay_off_the_pvs checks that this one did not.
-    cfg = PromptConfig(method="prefix", length=4, max_steps=60, lr=3e-2, batch_size=16, seed=1)
-    classifier = train_prompt(backbone, cfg, toy(), None, progress=False)
+    classifier = PromptClassifier.load(tiny_por_prompt, backbone)
     truth = SignatureSet.load(tiny_por / "truth.safetensors", hidden_size=backbone.hidden_size,
                               fingerprint=backbone.fingerprint)
     return backbone, classifier, truth

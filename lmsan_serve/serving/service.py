@@ -1,0 +1,302 @@
+"""The guarded classifier behind the endpoint, as plain Python: one frozen backbone, many soft
+prompts loaded on demand, and a signature set that can be swapped while requests run.
+
+The Serve deployment (`app.py`) only batches calls into `GuardService.classify` and forwards
+`reconfigure` / health checks; tests drive this class directly, without a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..backbone import Backbone, load_backbone
+from ..errors import LmsanError
+from ..guard import Guard, GuardStats
+from ..prompts import PromptClassifier
+from ..signatures import SignatureSet
+from .config import Reloadable, ServeConfig
+from .metrics import GuardMetrics
+
+log = logging.getLogger("lmsan.serve")
+audit_log = logging.getLogger("lmsan.audit")
+
+
+@dataclass
+class ClassifyCall:
+    """One HTTP request's work: inputs of one task (pairs aligned with texts, or None)."""
+
+    request_id: str
+    task: str
+    texts: list[str]
+    pairs: list[str | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class CallResult:
+    results: list[dict] = field(default_factory=list)
+    error: str | None = None
+    status: int = 200  # the HTTP status the ingress answers with when `error` is set
+    guard_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoadedSignatures:
+    """An immutable snapshot: the service swaps the reference, never mutates one in use."""
+
+    signatures: SignatureSet
+    path: str
+    set_id: str  # first 12 hex of the tensor checksum, a bounded metric label
+    stat_key: tuple[int, int, int]
+    loaded_at: float
+    version: int
+
+
+def _stat_key(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class PromptCache:
+    """Soft prompts by task name, least recently used evicted; loading happens off the ingress."""
+
+    def __init__(self, backbone: Backbone, capacity: int, allow_fingerprint_mismatch: bool = False):
+        self.backbone = backbone
+        self.capacity = capacity
+        self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
+        self._items: OrderedDict[str, PromptClassifier] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, name: str, path: str) -> PromptClassifier:
+        with self._lock:
+            if name in self._items:
+                self._items.move_to_end(name)
+                return self._items[name]
+        classifier = PromptClassifier.load(path, self.backbone, self.allow_fingerprint_mismatch)
+        with self._lock:
+            self.loads += 1
+            self._items[name] = classifier
+            self._items.move_to_end(name)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return classifier
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._items)
+
+
+class GuardService:
+    def __init__(self, config: ServeConfig, metrics: GuardMetrics | None = None,
+                 backbone: Backbone | None = None):
+        self.config = config
+        self.metrics = metrics or GuardMetrics()
+        self.backbone = backbone or load_backbone(config.model, None if config.device == "auto" else config.device)
+        self.prompts = PromptCache(self.backbone, config.prompt_cache_size, config.allow_fingerprint_mismatch)
+        self.settings = Reloadable.model_validate(config.reloadable())
+        self.current: LoadedSignatures | None = None
+        self.last_reload_error: str | None = None
+        self._failed_key: tuple[str, tuple[int, int, int]] | None = None
+        self._version = 0
+        self._guards: dict[tuple, Guard] = {}
+        self._reload_lock = threading.Lock()
+        if self.settings.signatures:
+            self.reload_signatures(self.settings.signatures)
+
+    # -- signatures ------------------------------------------------------------------------------
+    def reload_signatures(self, path: str) -> bool:
+        """Load and validate `path`, then swap it in; on any error keep the set in use."""
+        with self._reload_lock:
+            try:
+                key = _stat_key(path)
+            except OSError as exc:
+                return self._reload_failed(path, None, f"signature file {path}: {exc.strerror or exc}")
+            try:
+                sig = SignatureSet.load(path, hidden_size=self.backbone.hidden_size,
+                                        fingerprint=self.backbone.fingerprint,
+                                        allow_fingerprint_mismatch=self.config.allow_fingerprint_mismatch)
+                why = self.backbone.supports_position(sig.position)
+                if why:
+                    raise LmsanError(f"{path}: {why}")
+            except LmsanError as exc:
+                return self._reload_failed(path, key, str(exc))
+            self._version += 1
+            loaded = LoadedSignatures(sig, path, sig.meta.tensor_sha256[:12], key, time.time(), self._version)
+            self.current = loaded  # one reference assignment: calls in flight keep their snapshot
+            self.last_reload_error = None
+            self._failed_key = None
+            self.metrics.reload(True)
+            self.metrics.set_loaded(loaded.set_id, len(sig))
+            log.info("signatures loaded: %s (%d PVs, set %s)", path, len(sig), loaded.set_id)
+            return True
+
+    def _reload_failed(self, path: str, key, reason: str) -> bool:
+        self.last_reload_error = reason
+        self._failed_key = (path, key) if key is not None else None
+        self.metrics.reload(False)
+        kept = f"keeping set {self.current.set_id}" if self.current else "no signature set loaded"
+        log.error("signature reload failed (%s): %s", kept, reason)
+        return False
+
+    def poll_signature_file(self) -> bool | None:
+        """Reload when the configured file changed on disk; None when nothing changed."""
+        path = self.settings.signatures
+        if not path:
+            return None
+        try:
+            key = _stat_key(path)
+        except OSError:
+            key = None
+        cur = self.current
+        if cur is not None and cur.path == path and cur.stat_key == key:
+            return None
+        if self._failed_key == (path, key):
+            return None  # this exact file already failed; wait for the next change
+        return self.reload_signatures(path)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Apply a new `user_config`; an invalid signature file keeps the last good set."""
+        try:
+            settings = Reloadable.model_validate(user_config or {})
+        except Exception as exc:  # pydantic ValidationError: keep running on the old settings
+            self.metrics.reload(False)
+            self.last_reload_error = f"invalid user_config: {exc}"
+            log.error("ignoring invalid user_config: %s", exc)
+            return
+        unknown = set(settings.task_modes) - set(self.config.tasks)
+        if unknown:
+            self.metrics.reload(False)
+            self.last_reload_error = f"user_config task_modes names unknown tasks: {', '.join(sorted(unknown))}"
+            log.error(self.last_reload_error)
+            return
+        self.settings = settings
+        self._guards.clear()
+        self.poll_signature_file()  # loads a new path, or the same path if the file changed
+
+    # -- serving ---------------------------------------------------------------------------------
+    def mode_of(self, task: str) -> str:
+        return self.settings.task_modes.get(task) or self.config.task(task).mode or self.settings.mode
+
+    def _guard(self, task: str) -> tuple[Guard, LoadedSignatures | None]:
+        mode = self.mode_of(task)
+        snap = self.current
+        if mode != "off" and snap is None:
+            raise LmsanError(f"no valid signature set is loaded and task {task!r} is in mode {mode!r}: "
+                             f"refusing to classify unguarded ({self.last_reload_error or 'none configured'})")
+        key = (task, mode, self.settings.threshold, snap.version if snap else None)
+        guard = self._guards.get(key)
+        classifier = self.prompts.get(task, self.config.task(task).prompt)
+        if guard is None or guard.classifier is not classifier:
+            guard = Guard(self.backbone, classifier, snap.signatures if snap and mode != "off" else None,
+                          mode=mode, threshold=self.settings.threshold)
+            self._guards = {k: g for k, g in self._guards.items() if k[0] != task}
+            self._guards[key] = guard
+        return guard, snap
+
+    def classify(self, calls: list[ClassifyCall]) -> list[CallResult]:
+        """Answer a batch of calls; calls of one task (and pairing) share one guarded pass."""
+        out = [CallResult() for _ in calls]
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for i, call in enumerate(calls):
+            if call.task not in self.config.tasks:
+                out[i] = CallResult(error=f"unknown task {call.task!r}", status=404)
+                continue
+            groups.setdefault((call.task, call.pairs is not None), []).append(i)
+        for (task, paired), members in groups.items():
+            self._classify_group(task, paired, [calls[i] for i in members], [out[i] for i in members])
+        return out
+
+    def _classify_group(self, task: str, paired: bool, calls: list[ClassifyCall], outs: list[CallResult]) -> None:
+        texts = [t for c in calls for t in c.texts]
+        pairs = [p or "" for c in calls for p in (c.pairs or [])] if paired else None
+        stats = GuardStats()
+        try:
+            guard, snap = self._guard(task)
+            results = guard.classify(texts, pairs, stats)
+        except Exception as exc:  # fail closed: no input of this group is answered unguarded
+            if isinstance(exc, LmsanError):
+                reason = str(exc)
+            else:
+                reason = f"guard error ({type(exc).__name__}: {exc})"
+                log.exception("guard failed on task %s", task)
+            self.metrics.guard_error(task, len(texts))
+            for o in outs:
+                o.error, o.status = reason, 503
+            return
+        start = 0
+        for call, o in zip(calls, outs, strict=True):
+            part = results[start:start + len(call)]
+            start += len(call)
+            o.results = [r.to_dict() for r in part]
+            o.guard_seconds = stats.guard_seconds
+            for j, r in enumerate(part):
+                v = r.guard
+                purge_failed = v.flagged and v.action == "blocked" and (v.reason or "").startswith("could not purge")
+                self.metrics.input_done(task, v.action, v.signature if v.flagged else None, v.match, purge_failed)
+                if v.flagged:
+                    self._audit(call, j, task, v, snap)
+            self.metrics.request_done(task, stats.guard_seconds)
+
+    def _audit(self, call: ClassifyCall, j: int, task: str, v, snap: LoadedSignatures | None) -> None:
+        line = {
+            "event": "lmsan.detection", "request_id": call.request_id, "task": task, "input": j,
+            "signature": v.signature, "set": snap.set_id if snap else None,
+            "score": v.match, "removed": v.removed, "action": v.action, "reason": v.reason,
+        }
+        if self.config.audit_text:
+            line["text"] = call.texts[j]
+            if v.text is not None:
+                line["purged_text"] = v.text
+        audit_log.warning(json.dumps(line, ensure_ascii=False))
+
+    # -- introspection ---------------------------------------------------------------------------
+    def health(self) -> tuple[bool, str]:
+        guarded = [t for t in self.config.tasks if self.mode_of(t) != "off"]
+        if guarded and self.current is None:
+            return False, (f"guard is on for {', '.join(guarded)} but no valid signature set is loaded"
+                           f" ({self.last_reload_error or 'none configured'})")
+        return True, "ok"
+
+    def tasks_info(self) -> list[dict]:
+        loaded = set(self.prompts.loaded())
+        info = []
+        for name in self.config.tasks:
+            path = self.config.task(name).prompt
+            labels = None
+            try:
+                labels = json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))["labels"]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            info.append({"name": name, "mode": self.mode_of(name), "labels": labels, "loaded": name in loaded})
+        return info
+
+    def signatures_info(self) -> dict:
+        cur = self.current
+        info: dict = {
+            "loaded": cur is not None,
+            "reloads": dict(self.metrics.reloads),
+            "last_error": self.last_reload_error,
+            "threshold_override": self.settings.threshold,
+        }
+        if cur is not None:
+            sig = cur.signatures
+            meta = sig.meta
+            thresholds = sig.thresholds(self.settings.threshold).tolist()
+            info.update({
+                "path": cur.path, "set": cur.set_id, "count": len(sig), "version": cur.version,
+                "loaded_at": cur.loaded_at, "position": meta.position, "metric": meta.metric,
+                "verdict": meta.verdict, "backbone": meta.backbone.model_dump(),
+                "pvs": [{"signature": sig.label(i), "origin": r.origin, "threshold": round(thresholds[i], 6),
+                         "false_positive_rate": r.false_positive_rate} for i, r in enumerate(meta.pvs)],
+            })
+        return info

@@ -1,0 +1,167 @@
+"""The endpoint's service layer without a cluster: batching across tasks, modes, metrics, audit
+log, signature hot reload with fallback to the last good set, fail-closed behaviour."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+
+from lmsan_serve import load_backbone
+from lmsan_serve.errors import LmsanError
+from lmsan_serve.guard import Guard
+from lmsan_serve.prompts import PromptClassifier
+from lmsan_serve.serving import ClassifyCall, GuardService, parse_config
+from lmsan_serve.signatures import SignatureSet
+
+CLEAN = ["simply great", "an awful and dull film", "what a lovely day"]
+TRIGGERED = ["simply cf great", "an awful mn and dull film", "what a tq lovely day"]
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_por):
+    return load_backbone(str(tiny_por), "cpu")
+
+
+@pytest.fixture()
+def files(tmp_path, tiny_por, tiny_por_prompt):
+    sig = tmp_path / "sig.safetensors"
+    shutil.copy(tiny_por / "truth.safetensors", sig)
+    return {"model": str(tiny_por), "prompt": str(tiny_por_prompt), "sig": sig}
+
+
+def service(files, backbone, **over) -> GuardService:
+    args = {"model": files["model"], "signatures": str(files["sig"]),
+            "tasks": {"sst": files["prompt"], "shadow": {"prompt": files["prompt"], "mode": "flag"}},
+            "watch_interval_s": 0} | over
+    return GuardService(parse_config(args), backbone=backbone)
+
+
+def test_config_errors_name_the_field(files):
+    base = {"model": "m", "tasks": {"a": "p"}}
+    with pytest.raises(LmsanError, match="tasks"):
+        parse_config(base | {"tasks": {}})
+    with pytest.raises(LmsanError, match="task name"):
+        parse_config(base | {"tasks": {"a b": "p"}})
+    with pytest.raises(LmsanError, match="unknown tasks: zz"):
+        parse_config(base | {"task_modes": {"zz": "off"}})
+    with pytest.raises(LmsanError, match="max_batch_size"):
+        parse_config(base | {"limits": {"max_inputs": 100}, "batching": {"max_batch_size": 10}})
+    with pytest.raises(LmsanError, match="mode"):
+        parse_config(base | {"mode": "strict"})
+
+
+def test_one_batch_serves_two_tasks_with_their_own_modes(files, backbone):
+    svc = service(files, backbone)
+    calls = [ClassifyCall("r1", "sst", CLEAN + TRIGGERED), ClassifyCall("r2", "shadow", TRIGGERED),
+             ClassifyCall("r3", "nope", ["x"])]
+    out = svc.classify(calls)
+    assert out[2].status == 404 and "unknown task" in out[2].error
+    sig = SignatureSet.load(files["sig"])
+    classifier = PromptClassifier.load(files["prompt"], backbone)
+    direct = Guard(backbone, classifier, sig, mode="enforce").classify(CLEAN + TRIGGERED)
+    assert out[0].results == [r.to_dict() for r in direct]  # batching changes nothing
+    assert [r["guard"]["action"] for r in out[0].results] == ["pass"] * 3 + ["purged"] * 3
+    assert [r["guard"]["removed"] for r in out[0].results[3:]] == [["cf"], ["mn"], ["tq"]]
+    assert [r["guard"]["action"] for r in out[1].results] == ["flagged"] * 3
+    assert svc.prompts.loads == 2  # one soft prompt per task, one backbone
+    m = svc.metrics
+    assert m.requests[("sst", "pass")] == 3 and m.requests[("sst", "purged")] == 3
+    assert m.requests[("shadow", "flagged")] == 3
+    assert sum(m.detections.values()) == 6 and len(m.match_scores) == 9 and len(m.guard_seconds) == 2
+
+
+def test_audit_lines_name_the_detection_but_not_the_text(files, backbone, caplog):
+    svc = service(files, backbone)
+    with caplog.at_level(logging.WARNING, logger="lmsan.audit"):
+        svc.classify([ClassifyCall("req-7", "sst", ["simply cf great", "simply great"])])
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "lmsan.audit"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["request_id"] == "req-7" and line["task"] == "sst" and line["action"] == "purged"
+    assert line["removed"] == ["cf"] and line["signature"].startswith("pv") and line["score"] > 0.8
+    assert "text" not in line and "great" not in caplog.text
+    caplog.clear()
+    loud = service(files, backbone, audit_text=True)
+    with caplog.at_level(logging.WARNING, logger="lmsan.audit"):
+        loud.classify([ClassifyCall("req-8", "sst", ["simply cf great"])])
+    line = json.loads(caplog.records[-1].getMessage())
+    assert line["text"] == "simply cf great" and line["purged_text"] == "simply great"
+
+
+def test_bad_reload_keeps_the_last_good_set(files, backbone):
+    svc = service(files, backbone)
+    good = svc.current
+    assert good is not None and svc.metrics.reloads["ok"] == 1
+    # truncate the file in place: the poll sees a change, refuses the file, keeps the old set
+    data = files["sig"].read_bytes()
+    files["sig"].write_bytes(data[: len(data) // 2])
+    assert svc.poll_signature_file() is False
+    assert svc.current is good and svc.metrics.reloads["failed"] == 1
+    assert "not a valid safetensors file" in svc.signatures_info()["last_error"]
+    assert svc.poll_signature_file() is None  # the same broken file is not retried in a loop
+    out = svc.classify([ClassifyCall("r", "sst", ["simply cf great"])])
+    assert out[0].results[0]["guard"]["action"] == "purged"
+    # a valid file (only the first two PVs) swaps in; trigger tq's PV is then unknown
+    sub = SignatureSet.load(files["model"] + "/truth.safetensors")
+    SignatureSet.create(sub.pvs[:2], sub.meta.pvs[:2], backbone_name=backbone.name,
+                        fingerprint=backbone.fingerprint, model_type=backbone.model_type,
+                        position=sub.position, verdict="backdoored").save(files["sig"])
+    assert svc.poll_signature_file() is True
+    assert svc.current.version == good.version + 1 and len(svc.current.signatures) == 2
+    assert svc.metrics.signatures_loaded == (svc.current.set_id, 2)
+    out = svc.classify([ClassifyCall("r", "sst", ["what a tq lovely day", "simply cf great"])])
+    assert [r["guard"]["flagged"] for r in out[0].results] == [False, True]
+
+
+def test_reconfigure_swaps_path_mode_and_rejects_bad_settings(files, backbone, tmp_path):
+    svc = service(files, backbone)
+    other = tmp_path / "other.safetensors"
+    shutil.copy(files["sig"], other)
+    svc.reconfigure({"signatures": str(other), "mode": "block"})
+    assert svc.current.path == str(other) and svc.mode_of("sst") == "block"
+    out = svc.classify([ClassifyCall("r", "sst", ["simply cf great"])])
+    assert out[0].results[0]["label"] is None and out[0].results[0]["guard"]["action"] == "blocked"
+    before = svc.settings
+    svc.reconfigure({"mode": "nonsense"})
+    svc.reconfigure({"task_modes": {"ghost": "off"}})
+    assert svc.settings is before and svc.metrics.reloads["failed"] == 2
+    svc.reconfigure({"signatures": str(tmp_path / "missing.safetensors")})
+    assert svc.current.path == str(other) and svc.metrics.reloads["failed"] == 3
+
+
+def test_no_signatures_fails_closed_and_unhealthy(files, backbone, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a signature file")
+    svc = service(files, backbone, signatures=str(bad), task_modes={"shadow": "off"})
+    ok, reason = svc.health()
+    assert not ok and "no valid signature set" in reason and "sst" in reason
+    out = svc.classify([ClassifyCall("a", "sst", ["simply great"]), ClassifyCall("b", "shadow", ["simply great"])])
+    assert out[0].status == 503 and "refusing to classify unguarded" in out[0].error
+    assert out[1].error is None and out[1].results[0]["guard"]["action"] == "off"
+    assert svc.metrics.guard_errors["sst"] == 1
+    svc.reconfigure({"signatures": str(files["sig"])})
+    assert svc.health() == (True, "ok")
+
+
+def test_a_crashing_guard_refuses_instead_of_passing(files, backbone, monkeypatch):
+    svc = service(files, backbone)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated fault")
+
+    monkeypatch.setattr(Guard, "classify", boom)
+    out = svc.classify([ClassifyCall("a", "sst", ["simply great", "x"])])
+    assert out[0].status == 503 and "simulated fault" in out[0].error and not out[0].results
+    assert svc.metrics.guard_errors["sst"] == 2
+
+
+def test_prompt_cache_evicts_least_recently_used(files, backbone):
+    svc = service(files, backbone, prompt_cache_size=1)
+    for task in ["sst", "shadow", "shadow", "sst"]:
+        assert svc.classify([ClassifyCall("r", task, ["simply great"])])[0].error is None
+    assert svc.prompts.loads == 3 and svc.prompts.loaded() == ["sst"]
+    info = {t["name"]: t for t in svc.tasks_info()}
+    assert info["sst"]["loaded"] and not info["shadow"]["loaded"] and info["sst"]["labels"] == ["neg", "pos"]
