@@ -291,6 +291,71 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve ---------------------------------------------------------------------------------------
+def _task_flags(values: list[str]) -> dict[str, str]:
+    tasks: dict[str, str] = {}
+    for v in values:
+        name, sep, folder = v.partition("=")
+        if not sep or not name or not folder:
+            raise LmsanError(f"--task expects NAME=PROMPT_DIR, got {v!r}")
+        if name in tasks:
+            raise LmsanError(f"task {name!r} is given twice")
+        if not Path(folder).is_dir():
+            raise LmsanError(f"prompt folder not found for task {name!r}: {folder}")
+        tasks[name] = folder
+    return tasks
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .serving import parse_config
+    from .serving.run import start, stop
+    from .signatures import SignatureSet
+
+    if args.mode != "off" and not args.signatures:
+        raise LmsanError(f"--signatures is required in mode {args.mode!r}")
+    if args.signatures:
+        SignatureSet.load(args.signatures)  # fail fast on a bad file, before a cluster starts
+    values = {
+        "model": args.model, "tasks": _task_flags(args.task), "signatures": args.signatures, "mode": args.mode,
+        "threshold": args.threshold, "device": args.device, "watch_interval_s": args.watch_interval,
+        "limits": {"max_inputs": args.max_inputs, "max_chars": args.max_chars},
+        "batching": {"max_batch_size": max(args.max_batch_size, args.max_inputs),
+                     "batch_wait_timeout_s": args.batch_wait_ms / 1000},
+        "audit_text": args.audit_text, "allow_fingerprint_mismatch": args.allow_fingerprint_mismatch,
+    }
+    config = parse_config(values)
+    if args.replicas is not None and args.replicas < 1:
+        raise LmsanError("--replicas must be at least 1")
+    _say(args, f"starting the guarded endpoint ({len(config.tasks)} task(s), mode {config.mode}) ...")
+    endpoint = start(config, host=args.host, port=args.port, metrics_port=args.metrics_port,
+                     replicas=args.replicas, ray_address=args.ray_address, ready_timeout_s=args.ready_timeout)
+    task = next(iter(config.tasks))
+    info = {"url": endpoint.url, "metrics": endpoint.metrics_url, "docs": endpoint.url + "/docs",
+            "tasks": list(config.tasks)}
+    _emit(args, "\n".join([
+        f"serving on {endpoint.url}  (OpenAPI: {endpoint.url}/docs)",
+        f"metrics:   {endpoint.metrics_url or 'exported by the Ray cluster'}",
+        f"try:       curl -s {endpoint.url}/v1/classify -H 'content-type: application/json' "
+        f"-d '{{\"task\": \"{task}\", \"inputs\": [\"a gripping, funny film\"]}}'",
+        "Ctrl-C stops it.",
+    ]), info)
+    sys.stdout.flush()
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        while not done.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _say(args, "shutting down ...")
+        stop(endpoint)
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
@@ -378,6 +443,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-fingerprint-mismatch", action="store_true",
                    help="use signatures made for other weights (not recommended)")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("serve", help="run the guarded HTTP endpoint (Ray Serve) in the foreground",
+                       description="Serve one backbone with one or more soft prompts over HTTP, every request "
+                       "guarded by the signature file; Prometheus metrics on --metrics-port. The same app is "
+                       "in deployments/serve-demo.yaml for `serve run` / `serve deploy`.")
+    _common(p)
+    p.add_argument("--task", action="append", required=True, metavar="NAME=PROMPT_DIR",
+                   help="a task and its prompt folder (repeat for more tasks)")
+    p.add_argument("--signatures", help="signature file (SIG.safetensors); hot-reloaded when it changes")
+    p.add_argument("--mode", choices=["enforce", "flag", "block", "off"], default="enforce")
+    p.add_argument("--threshold", type=float, help="override every PV's threshold")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus export port of the local Ray")
+    p.add_argument("--replicas", type=int, help="classifier replicas (default 1)")
+    p.add_argument("--ray-address", help="deploy to a running Ray cluster instead of starting one")
+    p.add_argument("--max-inputs", type=int, default=32, help="inputs per request (default 32)")
+    p.add_argument("--max-chars", type=int, default=4000, help="characters per input (default 4000)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="inputs per backbone batch (default 64)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="batch gathering window (default 5 ms)")
+    p.add_argument("--watch-interval", type=float, default=5.0, help="seconds between signature file checks")
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the app to be healthy")
+    p.add_argument("--audit-text", action="store_true", help="include input text in audit log lines")
+    p.add_argument("--allow-fingerprint-mismatch", action="store_true",
+                   help="use signatures made for other weights (not recommended)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the main job on the embedded default: attack, prompt-tune, guard",
                        description="Backdoor minilm with POR, prompt-tune SST-2 on it, and measure clean "

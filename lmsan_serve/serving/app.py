@@ -7,7 +7,6 @@ batches calls from concurrent requests (`@serve.batch`, sizes counted in inputs)
 guard. All model and guard logic lives in `service.py`.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging
@@ -106,7 +105,7 @@ def _call_size(calls: list[ClassifyCall]) -> int:
 
 
 @serve.deployment(name="GuardedClassifier", health_check_period_s=5, health_check_timeout_s=30,
-                  max_ongoing_requests=64)
+                  max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class GuardedClassifier:
     """Owns the backbone and the guard; one per replica."""
 
@@ -168,7 +167,7 @@ class GuardedClassifier:
         return self.service.health()
 
 
-@serve.deployment(name="LmsanIngress", max_ongoing_requests=256)
+@serve.deployment(name="LmsanIngress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class LmsanIngress:
     def __init__(self, classifier: DeploymentHandle, config: dict[str, Any]):
@@ -220,11 +219,18 @@ class LmsanIngress:
         return {"status": "ok", "version": __version__}
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """Serve application builder: `args` follow `ServeConfig`; relative paths resolve against the
-    folder `serve run` / `lmsan serve` was started in."""
+def make_app(config: ServeConfig, replicas: int | None = None) -> serve.Application:
+    """The application for a validated config; relative paths resolve against the current folder."""
     base = os.getcwd()
-    config = parse_config(dict(args)).resolved(base)
+    config = config.resolved(base)
     data = config.model_dump() | {"base_dir": base}
-    classifier = GuardedClassifier.options(user_config=config.reloadable()).bind(data)
+    options: dict[str, Any] = {"user_config": config.reloadable()}
+    if replicas is not None:
+        options["num_replicas"] = replicas
+    classifier = GuardedClassifier.options(**options).bind(data)
     return LmsanIngress.bind(classifier, data)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve application builder (`import_path` of deployments/*.yaml): `args` follow `ServeConfig`."""
+    return make_app(parse_config(dict(args)))

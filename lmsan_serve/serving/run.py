@@ -1,0 +1,123 @@
+"""Start and stop the guarded endpoint on a local (or existing) Ray cluster: what `lmsan serve`,
+the demo and the live tests share."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from ..errors import LmsanError
+from .config import ServeConfig
+
+APP_NAME = "lmsan"
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Endpoint:
+    url: str
+    metrics_url: str | None
+    started_ray: bool
+
+    def get(self, path: str, timeout: float = 10.0) -> tuple[int, dict]:
+        return http_json("GET", self.url + path, None, timeout)
+
+    def post(self, path: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
+        return http_json("POST", self.url + path, body, timeout)
+
+
+def http_json(method: str, url: str, body: dict | None, timeout: float) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw or b"{}")
+        except ValueError:
+            return exc.code, {"reason": raw.decode(errors="replace")}
+
+
+def start(
+    config: ServeConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    metrics_port: int | None = 8080,
+    replicas: int | None = None,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    ready_timeout_s: float = 300.0,
+) -> Endpoint:
+    """Deploy the app and wait until /healthz answers 200. Starts a local Ray on loopback unless
+    `ray_address` names a running cluster (then `metrics_port` is that cluster's business)."""
+    import ray
+    from ray import serve
+
+    from .app import make_app
+
+    if not 0 < port < 65536:
+        raise LmsanError(f"port {port} is out of range")
+    if not port_free(host, port):
+        raise LmsanError(f"{host}:{port} is already in use (choose another --port)")
+    started = False
+    if not ray.is_initialized():
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False)
+        else:
+            if metrics_port is not None and not port_free("127.0.0.1", metrics_port):
+                raise LmsanError(f"metrics port {metrics_port} is already in use (choose another --metrics-port)")
+            kwargs = {"_metrics_export_port": metrics_port} if metrics_port is not None else {}
+            ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False,
+                     log_to_driver=False, **kwargs)
+            started = True
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(make_app(config, replicas), name=APP_NAME, route_prefix="/", blocking=False)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    endpoint = Endpoint(f"http://{shown}:{port}", None if metrics_port is None or ray_address else
+                        f"http://127.0.0.1:{metrics_port}/metrics", started)
+    deadline = time.monotonic() + ready_timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            status, body = endpoint.get("/healthz", timeout=5)
+            if status == 200:
+                return endpoint
+            last = body.get("reason", f"HTTP {status}")
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    stop(endpoint)
+    raise LmsanError(f"the endpoint did not become healthy within {ready_timeout_s:.0f} s: {last}")
+
+
+def stop(endpoint: Endpoint | None = None) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        if endpoint is None or endpoint.started_ray:
+            ray.shutdown()

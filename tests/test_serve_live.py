@@ -1,0 +1,263 @@
+"""The guarded endpoint, live: Ray on 127.0.0.1, the app on a loopback port, a tiny backdoored
+BERT with its victim prompt, and a real Prometheus scraping Ray's metrics export port.
+
+Tests run in file order and share one app; the last one checks that Prometheus counted exactly
+the detections the earlier tests caused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+import yaml
+
+from lmsan_serve import load_backbone
+from lmsan_serve.guard import Guard
+from lmsan_serve.prompts import PromptClassifier
+from lmsan_serve.signatures import SignatureSet
+
+from .deploy_files import ALERTS, prometheus_config_for, shipped_metric_names
+
+CLEAN = ["simply great", "an awful and dull film", "what a lovely day", "a boring waste of time"]
+TRIGGERED = ["simply cf great", "an awful mn and dull film", "what a tq lovely day", "cf a boring waste of time"]
+SENT = {"flagged": 0}  # flagged inputs answered so far, across the module
+
+
+def classify(endpoint, task: str, inputs: list, **kw) -> tuple[int, dict]:
+    status, body = endpoint.post("/v1/classify", {"task": task, "inputs": inputs}, **kw)
+    if status == 200:
+        SENT["flagged"] += sum(r["guard"]["flagged"] for r in body["results"])
+    return status, body
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_por, tiny_por_prompt):
+    from lmsan_serve.serving import parse_config
+    from lmsan_serve.serving.run import free_port, start, stop
+
+    work = tmp_path_factory.mktemp("serve")
+    sig = work / "sig.safetensors"
+    shutil.copy(tiny_por / "truth.safetensors", sig)
+    broken = work / "broken-prompt"
+    shutil.copytree(tiny_por_prompt, broken)
+    (broken / "manifest.json").write_text("{not json")
+    config = parse_config({
+        "model": str(tiny_por), "signatures": str(sig), "watch_interval_s": 0.5,
+        "tasks": {"sst": str(tiny_por_prompt), "shadow": {"prompt": str(tiny_por_prompt), "mode": "flag"},
+                  "strict": {"prompt": str(tiny_por_prompt), "mode": "block"}, "broken": str(broken)},
+        "limits": {"max_inputs": 16, "max_chars": 500}, "batching": {"max_batch_size": 32},
+    })
+    metrics_port = free_port()
+    endpoint = start(config, port=free_port(), metrics_port=metrics_port, num_cpus=2, ready_timeout_s=240)
+    backbone = load_backbone(str(tiny_por), "cpu")
+    local = Guard(backbone, PromptClassifier.load(tiny_por_prompt, backbone), SignatureSet.load(sig), mode="off")
+    yield {"endpoint": endpoint, "config": config, "sig": sig, "work": work, "metrics_port": metrics_port,
+           "clean_labels": [r.label for r in local.classify(CLEAN)], "truth": tiny_por / "truth.safetensors"}
+    stop(endpoint)
+
+
+def test_clean_requests_pass_with_their_labels(app):
+    status, body = classify(app["endpoint"], "sst", CLEAN)
+    assert status == 200 and body["task"] == "sst" and len(body["request_id"]) >= 16
+    assert [r["label"] for r in body["results"]] == app["clean_labels"]
+    assert all(r["guard"]["action"] == "pass" and not r["guard"]["flagged"] for r in body["results"])
+    assert all(0 <= r["guard"]["match"] < 0.8 for r in body["results"])
+
+
+def test_triggered_requests_are_purged_to_the_clean_label(app):
+    status, body = classify(app["endpoint"], "sst", TRIGGERED)
+    assert status == 200
+    for r, label, trig in zip(body["results"], app["clean_labels"], ["cf", "mn", "tq", "cf"], strict=True):
+        assert r["guard"]["flagged"] and r["guard"]["action"] == "purged", r
+        assert r["guard"]["removed"] == [trig] and r["guard"]["signature"].startswith("pv")
+        assert r["label"] == label
+    # nothing left once the trigger goes: a purge failure, blocked in enforce mode
+    status, body = classify(app["endpoint"], "sst", ["cf"])
+    assert body["results"][0]["guard"]["action"] == "blocked" and body["results"][0]["label"] is None
+    assert body["results"][0]["guard"]["reason"].startswith("could not purge")
+
+
+def test_block_and_flag_modes(app):
+    _, blocked = classify(app["endpoint"], "strict", [CLEAN[0], TRIGGERED[0]])
+    assert blocked["results"][0]["guard"]["action"] == "pass" and blocked["results"][0]["label"] is not None
+    assert blocked["results"][1]["guard"]["action"] == "blocked" and blocked["results"][1]["label"] is None
+    _, flagged = classify(app["endpoint"], "shadow", [TRIGGERED[1]])
+    r = flagged["results"][0]
+    assert r["guard"]["action"] == "flagged" and r["label"] is not None and r["guard"]["removed"] == []
+
+
+def test_request_id_is_echoed(app):
+    req = urllib.request.Request(app["endpoint"].url + "/v1/classify", method="POST",
+                                 data=json.dumps({"task": "sst", "inputs": ["simply great"]}).encode(),
+                                 headers={"content-type": "application/json", "x-request-id": "trace-42"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.headers["x-request-id"] == "trace-42" and json.loads(resp.read())["request_id"] == "trace-42"
+
+
+def raw(endpoint, method: str, path: str, data: bytes | None, ctype: str = "application/json") -> tuple[int, dict]:
+    req = urllib.request.Request(endpoint.url + path, data=data, method=method, headers={"content-type": ctype})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@pytest.mark.parametrize(("data", "ctype", "status", "reason"), [
+    (b"{not json", "application/json", 400, "not valid JSON"),
+    (b'{"task": "sst"}', "application/json", 422, "inputs"),
+    (b'{"task": "sst", "inputs": []}', "application/json", 422, "at least 1"),
+    (b'{"task": "sst", "inputs": [7]}', "application/json", 422, "inputs"),
+    (b'{"task": "sst", "inputs": ["ok"], "extra": 1}', "application/json", 422, "extra"),
+    (b'{"task": "sst", "inputs": ["  "]}', "application/json", 422, "empty"),
+    (b'{"task": "nope", "inputs": ["ok"]}', "application/json", 404, "unknown task"),
+    (json.dumps({"task": "sst", "inputs": ["ok"] * 17}).encode(), "application/json", 413, "at most 16"),
+    (json.dumps({"task": "sst", "inputs": ["x" * 501]}).encode(), "application/json", 413, "at most 500"),
+    (b"\xff\xfe\x00garbage", "application/json", 400, "JSON"),
+    (b"task=sst", "text/plain", 422, ""),
+])
+def test_bad_requests_get_a_4xx_reason(app, data, ctype, status, reason):
+    code, body = raw(app["endpoint"], "POST", "/v1/classify", data, ctype)
+    assert code == status and reason in body["reason"], body
+
+
+def test_read_endpoints_and_openapi(app):
+    ep = app["endpoint"]
+    status, tasks = ep.get("/v1/tasks")
+    modes = {t["name"]: t["mode"] for t in tasks["tasks"]}
+    assert status == 200 and modes == {"sst": "enforce", "shadow": "flag", "strict": "block", "broken": "enforce"}
+    status, sig = ep.get("/v1/signatures")
+    assert status == 200 and sig["loaded"] and sig["count"] == 3 and sig["position"] == "cls"
+    status, health = ep.get("/healthz")
+    assert status == 200 and health["status"] == "ok"
+    status, spec = ep.get("/openapi.json")
+    assert status == 200 and {"/v1/classify", "/v1/tasks", "/v1/signatures", "/healthz"} <= set(spec["paths"])
+
+
+def test_a_task_whose_prompt_cannot_load_is_refused_not_served_unguarded(app):
+    status, body = classify(app["endpoint"], "broken", ["simply great"])
+    assert status == 503 and "invalid manifest.json" in body["reason"]
+
+
+def test_signature_reload_mid_traffic_loses_no_request(app):
+    ep, sig = app["endpoint"], app["sig"]
+    before = ep.get("/v1/signatures")[1]
+    failures: list = []
+    answered = [0]
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            status, body = classify(ep, "sst", [CLEAN[0], TRIGGERED[0]])
+            answered[0] += 1
+            if status != 200 or body["results"][1]["guard"]["action"] != "purged":
+                failures.append((status, body))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        good = sig.read_bytes()
+        sig.write_bytes(good[: len(good) // 3])  # an invalid file: kept out, the last good set stays
+        wait_for(lambda: ep.get("/v1/signatures")[1]["reloads"].get("failed", 0) >= 1, "failed reload")
+        time.sleep(1.0)
+        tmp = app["work"] / "next.safetensors"
+        shutil.copy(app["truth"], tmp)
+        os.replace(tmp, sig)  # atomic replace with a valid file: swapped in
+        wait_for(lambda: ep.get("/v1/signatures")[1]["version"] > before["version"], "reload")
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    after = ep.get("/v1/signatures")[1]
+    assert answered[0] >= 8 and failures == []
+    assert after["loaded"] and after["reloads"]["failed"] >= 1 and after["reloads"]["ok"] >= 2
+
+
+def test_user_config_redeploy_reconfigures_in_place(app):
+    from ray import serve
+
+    from lmsan_serve.serving.app import make_app
+
+    ep = app["endpoint"]
+    other = app["work"] / "other.safetensors"
+    shutil.copy(app["truth"], other)
+    config = app["config"].model_copy(update={"signatures": str(other), "task_modes": {"sst": "flag"}})
+    serve.run(make_app(config), name="lmsan", route_prefix="/", blocking=False)
+    wait_for(lambda: ep.get("/v1/signatures")[1].get("path") == str(other), "user_config reload")
+    _, body = classify(ep, "sst", [TRIGGERED[2]])
+    assert body["results"][0]["guard"]["action"] == "flagged"
+    tasks = {t["name"]: t for t in ep.get("/v1/tasks")[1]["tasks"]}
+    assert tasks["sst"]["loaded"]  # same replica: its prompt cache survived the reconfigure
+
+
+def wait_for(check, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def prometheus_binary() -> str | None:
+    found = shutil.which("prometheus")
+    if found is None and os.environ.get("LMSAN_REQUIRE_PROMETHEUS") == "1":
+        pytest.fail("the prometheus binary is required here (apt-get install -y prometheus)")
+    return found
+
+
+def promql(base: str, query: str) -> list:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())["data"]["result"]
+
+
+def test_prometheus_scrapes_the_detections(app, tmp_path):
+    from lmsan_serve.serving.run import free_port
+
+    binary = prometheus_binary()
+    if binary is None:
+        pytest.skip("prometheus is not installed (CI installs the Debian package)")
+    port = free_port()
+    cfg = prometheus_config_for([f"127.0.0.1:{app['metrics_port']}"], ALERTS.parent)
+    for job in cfg["scrape_configs"]:
+        job["scrape_interval"] = "1s"
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    expected = SENT["flagged"]
+    assert expected >= 20  # the earlier tests sent triggered traffic
+    try:
+        def counted() -> bool:
+            try:
+                got = promql(base, "sum(ray_lmsan_detections_total)")
+            except OSError:
+                return False
+            return bool(got) and float(got[0]["value"][1]) == expected
+
+        wait_for(counted, f"Prometheus to count {expected} detections", timeout=90)
+        with urllib.request.urlopen(f"{base}/api/v1/label/__name__/values", timeout=10) as resp:
+            names = set(json.loads(resp.read())["data"])
+        missing = shipped_metric_names() - names
+        assert not missing, f"dashboard/alert metrics absent from the scrape: {sorted(missing)}"
+        purged = promql(base, 'sum(ray_lmsan_requests_total{task="sst",action="purged"})')
+        assert float(purged[0]["value"][1]) >= len(TRIGGERED)
+        rules = json.loads(urllib.request.urlopen(f"{base}/api/v1/rules", timeout=10).read())["data"]["groups"]
+        assert sum(len(g["rules"]) for g in rules) >= 4  # the shipped alert rules loaded
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
