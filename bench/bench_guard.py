@@ -79,27 +79,31 @@ def resolve_model(arg: str | None) -> Path:
     return out
 
 
-def resolve_prompt(arg: str | None, backbone: Backbone) -> PromptClassifier:
+def resolve_prompt_dir(arg: str | None, backbone: Backbone) -> Path:
     """--prompt, else the first cached SST-2 prompt trained on these exact weights, else train one."""
     if arg is not None:
-        return PromptClassifier.load(arg, backbone)
+        PromptClassifier.load(arg, backbone)  # refuse a prompt made for other weights now
+        return Path(arg)
     own = BENCH_DIR / f"prompt-sst2-{backbone.fingerprint[:12]}"
     for p in (DEMO_DIR / "prompt-sst2", BENCH_DIR / "prompt-sst2", own):
         if (p / "manifest.json").is_file():
             try:
-                classifier = PromptClassifier.load(p, backbone)
+                PromptClassifier.load(p, backbone)
             except LmsanError as exc:
                 say(f"skipping {p}: {exc}")
                 continue
             say(f"prompt: {p}")
-            return classifier
+            return p
     if backbone.name.rstrip("/").endswith(str(DEMO_DIR / "por")):
         say(f"note: {DEMO_DIR / 'prompt-sst2'} is missing; if `lmsan demo` is still running, wait for it")
     say(f"training an SST-2 prefix prompt (150 steps) -> {own} (several minutes on a 2-core CPU)")
     classifier = train_prompt(backbone, BENCH_PROMPT, load_examples(shipped("sst2/train.jsonl")),
                               load_examples(shipped("sst2/dev.jsonl"))[:300])
-    classifier.save(own)
-    return classifier
+    return classifier.save(own)
+
+
+def resolve_prompt(arg: str | None, backbone: Backbone) -> PromptClassifier:
+    return PromptClassifier.load(resolve_prompt_dir(arg, backbone), backbone)
 
 
 # -- one plain pass (classifier + monitor), shared by the reference paths ---------------------------

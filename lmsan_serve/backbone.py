@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -58,6 +59,22 @@ def weights_fingerprint(model: nn.Module) -> str:
 _STACKS = (("encoder", "layer"), ("transformer", "layer"), ("encoder", "albert_layer_groups"))
 
 
+_QK_NAMES = (("query", "key"), ("query_proj", "key_proj"), ("q_lin", "k_lin"))
+
+
+def _query_key(layer: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
+    """The attention query and key projections inside one encoder layer (BERT, RoBERTa, ELECTRA,
+    ALBERT, DeBERTa, DistilBERT naming), or None."""
+    found: dict[str, nn.Linear] = {}
+    for name, module in layer.named_modules():
+        if isinstance(module, nn.Linear):
+            found.setdefault(name.rsplit(".", 1)[-1], module)
+    for q, k in _QK_NAMES:
+        if q in found and k in found and found[q].out_features == found[k].out_features:
+            return found[q], found[k]
+    return None
+
+
 def _find_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module], int] | None:
     """(container, modules called once per depth, depth) of the encoder stack, or None.
 
@@ -93,6 +110,8 @@ class Backbone:
     _prompt: torch.Tensor | None = field(default=None, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
+    _capture: threading.local = field(default_factory=threading.local, repr=False)
+    _qk: tuple[nn.Linear, nn.Linear] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         found = _find_layers(self.model)
@@ -103,6 +122,7 @@ class Backbone:
             container.register_forward_pre_hook(self._reset_depth)
             for layer in layers:
                 layer.register_forward_pre_hook(self._splice_prompt, with_kwargs=True)
+            self._qk = _query_key(layers[-1])
 
     # -- identity -----------------------------------------------------------------------------
     @property
@@ -143,14 +163,18 @@ class Backbone:
     def _splice_prompt(self, module, args, kwargs):
         depth, self._depth = self._depth, self._depth + 1
         prompt = self._prompt
-        if prompt is None or depth >= prompt.shape[0]:
-            return None
         hidden = args[0] if args else kwargs["hidden_states"]
+        if prompt is None or depth >= prompt.shape[0]:
+            if depth == (self._num_layers or 0) - 1 and getattr(self._capture, "on", False):
+                self._capture.hidden = hidden
+            return None
         n = prompt.shape[1]
         spliced = torch.cat(
             [hidden[:, :1], prompt[depth].to(hidden.dtype).expand(hidden.shape[0], -1, -1), hidden[:, 1 + n :]],
             dim=1,
         )
+        if depth == (self._num_layers or 0) - 1 and getattr(self._capture, "on", False):
+            self._capture.hidden = spliced
         if args:
             return (spliced, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": spliced}
@@ -171,6 +195,37 @@ class Backbone:
                 yield
             finally:
                 self._prompt = previous
+
+    # -- attention of the monitored token, for ranking purge candidates ------------------------
+    @contextlib.contextmanager
+    def capturing_last_layer(self) -> Iterator[threading.local]:
+        """Keep the input of the last layer of passes run in this thread (`.hidden`, or None)."""
+        self._capture.on, self._capture.hidden = True, None
+        try:
+            yield self._capture
+        finally:
+            self._capture.on = False
+
+    def attention_row(self, layer_input: torch.Tensor, attention_mask: torch.Tensor,
+                      index: torch.Tensor) -> torch.Tensor | None:
+        """Last-layer attention of token `index` (per row) over all tokens, averaged over heads: [B, L].
+
+        Recomputed from the layer's query and key projections (one query per row, so a sliver of
+        a layer's cost) because fast attention kernels do not return weights. None where the layer
+        has no recognisable projections."""
+        if self._qk is None:
+            return None
+        query, key = self._qk
+        heads = int(getattr(self.model.config, "num_attention_heads", 1))
+        b, length, width = layer_input.shape
+        if width % heads:
+            return None
+        rows = torch.arange(b, device=layer_input.device)
+        q = query(layer_input[rows, index]).view(b, heads, 1, width // heads)
+        k = key(layer_input).view(b, length, heads, width // heads).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(width // heads)
+        scores = scores.masked_fill(attention_mask[:, None, :] == 0, float("-inf"))
+        return torch.softmax(scores.float(), dim=-1).mean(dim=1)
 
     # -- forward ------------------------------------------------------------------------------
     def encode_hidden(

@@ -120,7 +120,8 @@ class Guard:
         if not texts:
             return []
         batch = self.classifier.encode(self.backbone, list(texts), list(text_pairs) if text_pairs else None)
-        out = self.classifier.forward_batch(self.backbone, batch)
+        with self.backbone.capturing_last_layer() as captured:
+            out = self.classifier.forward_batch(self.backbone, batch)
         labelled = self._labelled(out.logits)
         stats.inputs += len(texts)
         if self.mode == "off" or self.monitor is None:
@@ -149,14 +150,45 @@ class Guard:
                 results.append(GuardResult(None, None, verdict))
         stats.flagged += len(flagged_rows)
         if self.mode == "enforce" and flagged_rows:
-            self._enforce(batch, flagged_rows, results, stats)
+            self._enforce(batch, flagged_rows, results, stats, self._saliency(batch, flagged_rows, captured.hidden))
         stats.guard_seconds += time.perf_counter() - started
         return results
 
-    def _enforce(self, batch, rows: list[int], results: list[GuardResult], stats: GuardStats) -> None:
-        found, pstats = self.purifier.purify(batch, rows, self._bare_margins)
+    def _saliency(self, batch, rows: list[int], layer_input: torch.Tensor | None) -> torch.Tensor | None:
+        """How much the monitored token attends to each token in the last layer, for flagged rows:
+        a trigger that drives that output draws its attention, so the purge tests those words first."""
+        if layer_input is None:
+            return None
+        assert self.signatures is not None
+        idx = torch.tensor(rows, device=layer_input.device)
+        index = batch.monitor_index[idx] if self.signatures.position == "mask" else torch.zeros_like(idx)
+        row_att = self.backbone.attention_row(layer_input[idx], batch.attention_mask[idx], index)
+        if row_att is None:
+            return None
+        full = torch.zeros(batch.input_ids.shape, dtype=row_att.dtype, device=row_att.device)
+        full[idx] = row_att
+        return full
+
+    def _enforce(self, batch, rows: list[int], results: list[GuardResult], stats: GuardStats,
+                 saliency: torch.Tensor | None = None) -> None:
+        # A single word found by the keep-only tests is checked by the classifying pass itself;
+        # only the inputs that stay flagged pay for the full search.
+        found = self._purge(batch, rows, stats, trust_single=True, saliency=saliency)
+        retry = self._classify_purged(batch, rows, found, results, stats)
+        if retry:
+            found = self._purge(batch, retry, stats, start_from={r: found[r] for r in retry})
+            self._classify_purged(batch, retry, found, results, stats)
+
+    def _purge(self, batch, rows: list[int], stats: GuardStats, **options) -> dict:
+        found, pstats = self.purifier.purify(batch, rows, self._bare_margins, **options)
         stats.purge_passes += pstats.passes
         stats.purge_variants += pstats.variants
+        return found
+
+    def _classify_purged(self, batch, rows: list[int], found: dict, results: list[GuardResult],
+                         stats: GuardStats) -> list[int]:
+        """Classify the purged texts for real (not the masked variants) and check them once more.
+        Returns the tentative rows that are still flagged."""
         purged_rows, purged_texts, purged_pairs = [], [], []
         for r in rows:
             res = found[r]
@@ -178,18 +210,22 @@ class Guard:
             purged_texts.append(text)
             purged_pairs.append(pair or "")
         if not purged_rows:
-            return
-        # Classify the purged text for real (not the masked variant) and check it once more.
+            return []
         pairs = purged_pairs if batch.text_pairs is not None else None
         again = self.classifier.encode(self.backbone, purged_texts, pairs)
         out = self.classifier.forward_batch(self.backbone, again)
         stats.purge_passes += 1
         mon = self.monitor(self._features(out.hidden, again.monitor_index))  # type: ignore[misc]
+        retry = []
         for j, (r, (lab, sc)) in enumerate(zip(purged_rows, self._labelled(out.logits), strict=True)):
             verdict = results[r].guard
             verdict.text = purged_texts[j] if pairs is None else f"{purged_texts[j]} [SEP] {purged_pairs[j]}"
             if bool(mon.flagged[j]):
+                if found[r].tentative:
+                    retry.append(r)
+                    continue
                 verdict.reason = "could not purge: the purged text is still flagged"
                 continue
             verdict.action = "purged"
             results[r] = GuardResult(lab, sc, verdict)
+        return retry

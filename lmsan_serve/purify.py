@@ -5,11 +5,16 @@ batched passes. A variant of an input keeps a subset of its tokens (no re-tokeni
 map from `encoding` says which tokens form each word), so all variants of all flagged inputs go
 in one batch:
 
+0. ranked candidates: the guard passes the monitored token's last-layer attention over the input;
+   a trigger that drives that output draws the attention, so the top few words are tested alone
+   first (one short pass). Where one fires, the group tests are skipped.
 1. keep-only tests: a task-agnostic trigger drives the output onto its PV whatever the context,
    so a group of words that is still flagged with every other word hidden holds a trigger. Words
    are grouped by their lower-cased form, so every copy of a repeated trigger goes together.
    Groups first (one pass), then each word of a flagged group alone (one pass).
-2. verify: hide every word found; if the input is no longer flagged, done.
+2. verify: hide every word found; if the input is no longer flagged, done. With `trust_single`,
+   a lone word found is returned unverified (`tentative`): the guard's classifying pass over the
+   purged text runs the monitor anyway, and sends the input back (`start_from`) if still flagged.
 3. otherwise (triggers that fire only together, or hide each other), greedy deletion rounds: one
    pass tries each remaining word type on top of those found, keeps the best, until silent.
 4. where several words were found, drop those whose deletion is not needed (one pass to test,
@@ -19,7 +24,9 @@ Variants are scored without the soft prompt, on the bare encoder: the PVs descri
 a trigger fires there whatever the task, and the variants are short. The guard then classifies the
 purged text with the prompt and checks it with the monitor once more.
 
-Work is bounded: at most `5 + max_rounds` passes of at most `max_variants` variants per input.
+Work is bounded: a call makes at most `6 + max_rounds` batched passes, and an input gets at most
+`ranked + groups + max_variants` variants, plus one verify per call and one per word found (the
+prune test), counted across a call and its follow-up.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ class PurifyResult:
     drop_units: set[int] = field(default_factory=set)  # unit indices (every copy) dropped
     reason: str = ""
     variants: int = 0
+    tentative: bool = False  # one word found and not yet verified: the caller's own pass verifies it
+    found_types: set[int] = field(default_factory=set)  # for a follow-up call (`start_from`)
+    grouped: bool = False  # the group tests (1a/1b) ran for this row
 
 
 @dataclass
@@ -52,8 +62,10 @@ class PurifyStats:
 
 
 class Purifier:
-    def __init__(self, groups: int = 8, max_rounds: int = 3, max_variants: int = 160, chunk: int = 128):
+    def __init__(self, groups: int = 8, max_rounds: int = 3, max_variants: int = 160, chunk: int = 128,
+                 ranked: int = 4):
         self.groups = groups
+        self.ranked = ranked
         self.max_rounds = max_rounds
         self.max_variants = max_variants
         self.chunk = chunk
@@ -88,9 +100,26 @@ class Purifier:
         return torch.cat(out)
 
     def purify(
-        self, batch: EncodedBatch, rows: list[int], scorer: Scorer
+        self,
+        batch: EncodedBatch,
+        rows: list[int],
+        scorer: Scorer,
+        trust_single: bool = False,
+        start_from: dict[int, PurifyResult] | None = None,
+        saliency: torch.Tensor | None = None,
     ) -> tuple[dict[int, PurifyResult], PurifyStats]:
-        """Purify `rows` of `batch` (the flagged ones). Returns a result per row and pass counts."""
+        """Purify `rows` of `batch` (the flagged ones). Returns a result per row and pass counts.
+
+        With `trust_single`, a row whose keep-only tests found exactly one word type comes back
+        `tentative`, unverified: the guard's classifying pass over the purged text checks it with
+        the monitor anyway, so a separate verify pass would repeat that work. Rows that fail that
+        check come back through `start_from` (their earlier results) for the full search, which
+        continues from the words found and within the same variant budget.
+
+        `saliency` ([B, L], e.g. the monitored token's attention over the input) ranks the words:
+        the top `ranked` word types of each row are tested alone first, in one short pass, and rows
+        where that finds a trigger skip the group tests. A poor ranking costs that one pass, never
+        correctness: every later step is unchanged."""
         stats = PurifyStats()
         results: dict[int, PurifyResult] = {}
         # Per row: token -> word-type index (-1 for tokens that are not user words).
@@ -126,45 +155,28 @@ class Purifier:
 
         active = [r for r in rows if info[r][0]]
         found: dict[int, set[int]] = {r: set() for r in rows}
-
-        # 1a. keep-only tests on groups of word types.
-        groups: dict[int, list[list[int]]] = {}
-        v_rows, v_masks, v_ref = [], [], []
-        for r in active:
-            n = len(info[r][0])
-            g = min(self.groups, n)
-            bounds = [round(i * n / g) for i in range(g + 1)]
-            groups[r] = [list(range(bounds[i], bounds[i + 1])) for i in range(g)]
-            for gi, members in enumerate(groups[r]):
-                v_rows.append(r)
-                v_masks.append(keep_only(r, set(members)))
-                v_ref.append((r, gi))
-        margins = self._score(scorer, batch, v_rows, v_masks, stats)
-        positive: dict[int, list[int]] = {r: [] for r in active}
-        for (r, gi), m in zip(v_ref, margins.tolist(), strict=True):
-            results[r].variants += 1
-            if m > 0:
-                positive[r].extend(groups[r][gi])
-
-        # 1b. keep-only tests on each word type of a flagged group.
-        v_rows, v_masks, v_ref = [], [], []
-        for r in active:
-            singles = positive[r][: self.max_variants]
-            if len(groups[r]) == len(info[r][0]):  # groups were single types already
-                found[r].update(singles)
-                continue
-            for t in singles:
-                v_rows.append(r)
-                v_masks.append(keep_only(r, {t}))
-                v_ref.append((r, t))
-        margins = self._score(scorer, batch, v_rows, v_masks, stats)
-        for (r, t), m in zip(v_ref, margins.tolist(), strict=True):
-            results[r].variants += 1
-            if m > 0:
-                found[r].add(t)
+        if start_from is not None:
+            for r in active:
+                if r in start_from:
+                    found[r] = set(start_from[r].found_types)
+                    results[r].variants = start_from[r].variants
+                    results[r].grouped = start_from[r].grouped
+            # a ranked test found one trigger but the text stayed flagged: look for the others
+            self._keep_only_tests(batch, [r for r in active if not results[r].grouped], info, found, results,
+                                  scorer, keep_only, stats)
+            pending = list(active)
+        else:
+            rest = active
+            if saliency is not None and self.ranked > 0:
+                rest = self._ranked_tests(active, info, found, results, saliency, batch, scorer, keep_only, stats)
+            self._keep_only_tests(batch, rest, info, found, results, scorer, keep_only, stats)
+            pending = list(active)
+            if trust_single:
+                for r in [r for r in pending if len(found[r]) == 1]:
+                    results[r].ok = results[r].tentative = True
+                    pending.remove(r)
 
         # 2-3. verify, then greedy deletion rounds where keep-only tests were not enough.
-        pending = list(active)
         for round_no in range(self.max_rounds + 1):
             if not pending:
                 break
@@ -205,7 +217,7 @@ class Purifier:
 
         # 4. prune: a clean word can test positive alone (short inputs give odd outputs); drop
         # every found word whose deletion is not needed, if the smaller set still silences.
-        multi = [r for r in active if results[r].ok and len(found[r]) > 1]
+        multi = [r for r in active if results[r].ok and not results[r].tentative and len(found[r]) > 1]
         v_rows, v_masks, v_ref = [], [], []
         for r in multi:
             for t in sorted(found[r]):
@@ -230,4 +242,65 @@ class Purifier:
             drop_words = {types[t] for t in found[r]}
             results[r].removed = sorted(drop_words)
             results[r].drop_units = {u for u, w in enumerate(batch.unit_words[r]) if w in drop_words}
+            results[r].found_types = set(found[r])
         return results, stats
+
+    def _ranked_tests(self, active, info, found, results, saliency, batch, scorer, keep_only, stats) -> list[int]:
+        """Step 0: the highest-ranked word types alone; returns the rows where none fired."""
+        v_rows, v_masks, v_ref = [], [], []
+        for r in active:
+            types, tok_type, attn = info[r]
+            sal = saliency[r].to(tok_type.device).float()
+            words = (tok_type >= 0) & attn
+            score = torch.full((len(types),), float("-inf"), device=tok_type.device)
+            score = score.scatter_reduce(0, tok_type[words], sal[words], reduce="amax")
+            for t in score.argsort(descending=True)[: self.ranked].tolist():
+                v_rows.append(r)
+                v_masks.append(keep_only(r, {t}))
+                v_ref.append((r, t))
+        margins = self._score(scorer, batch, v_rows, v_masks, stats)
+        for (r, t), m in zip(v_ref, margins.tolist(), strict=True):
+            results[r].variants += 1
+            if m > 0:
+                found[r].add(t)
+        return [r for r in active if not found[r]]
+
+    def _keep_only_tests(self, batch, active, info, found, results, scorer, keep_only, stats) -> None:
+        """Steps 1a and 1b."""
+        for r in active:
+            results[r].grouped = True
+        # 1a. keep-only tests on groups of word types.
+        groups: dict[int, list[list[int]]] = {}
+        v_rows, v_masks, v_ref = [], [], []
+        for r in active:
+            n = len(info[r][0])
+            g = min(self.groups, n)
+            bounds = [round(i * n / g) for i in range(g + 1)]
+            groups[r] = [list(range(bounds[i], bounds[i + 1])) for i in range(g)]
+            for gi, members in enumerate(groups[r]):
+                v_rows.append(r)
+                v_masks.append(keep_only(r, set(members)))
+                v_ref.append((r, gi))
+        margins = self._score(scorer, batch, v_rows, v_masks, stats)
+        positive: dict[int, list[int]] = {r: [] for r in active}
+        for (r, gi), m in zip(v_ref, margins.tolist(), strict=True):
+            results[r].variants += 1
+            if m > 0:
+                positive[r].extend(groups[r][gi])
+
+        # 1b. keep-only tests on each word type of a flagged group.
+        v_rows, v_masks, v_ref = [], [], []
+        for r in active:
+            singles = positive[r][: self.max_variants]
+            if len(groups[r]) == len(info[r][0]):  # groups were single types already
+                found[r].update(singles)
+                continue
+            for t in singles:
+                v_rows.append(r)
+                v_masks.append(keep_only(r, {t}))
+                v_ref.append((r, t))
+        margins = self._score(scorer, batch, v_rows, v_masks, stats)
+        for (r, t), m in zip(v_ref, margins.tolist(), strict=True):
+            results[r].variants += 1
+            if m > 0:
+                found[r].add(t)

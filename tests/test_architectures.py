@@ -77,6 +77,21 @@ def test_backbone_family(arch, tokenizer, tmp_path):
         assert prompted.shape == bare.shape
         assert not torch.allclose(prompted[:, 0], bare[:, 0])
 
+    # the purge's candidate ranking: the last layer's attention of [CLS], rebuilt from its projections
+    batch = clf.encode(backbone, ["simply great film", "a dull and boring waste of time"])
+    with torch.no_grad(), backbone.capturing_last_layer() as captured:
+        backbone.encode_hidden(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        row = backbone.attention_row(captured.hidden, batch.attention_mask, torch.zeros(2, dtype=torch.long))
+    assert row is not None and row.shape == batch.input_ids.shape
+    assert torch.allclose(row.sum(-1), torch.ones(2)) and (row[batch.attention_mask == 0] == 0).all()
+    if arch != "deberta-v2":  # DeBERTa adds relative-position terms that the ranking leaves out
+        eager = model_cls.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+        kwargs = {"token_type_ids": batch.token_type_ids} if batch.token_type_ids is not None else {}
+        with torch.no_grad():
+            att = eager(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_attentions=True,
+                        **kwargs).attentions[-1]
+        assert torch.allclose(row, att[:, :, 0, :].mean(1), atol=1e-5)
+
     assert (backbone.supports_position("pooler") is None) == (arch in ("bert", "roberta", "albert"))
     assert backbone.supports_position("mask") is None
     assert backbone.supports_position("middle") is not None

@@ -79,7 +79,50 @@ def test_work_is_bounded_and_failure_is_reported():
     def always(ids, attn, tti, mon):  # nothing the purifier removes ever silences it
         return torch.ones(ids.shape[0])
 
-    results, stats = Purifier(max_rounds=2, max_variants=50).purify(encode(tok, [text]), [0], always)
-    assert not results[0].ok and "budget" in results[0].reason or "rounds" in results[0].reason
-    assert results[0].variants <= 50 + 8 + 2
-    assert stats.passes <= 5 + 2
+    batch = encode(tok, [text])
+    results, stats = Purifier(max_rounds=2, max_variants=50).purify(batch, [0], always)
+    assert not results[0].ok and ("budget" in results[0].reason or "rounds" in results[0].reason)
+    assert results[0].variants <= 8 + 50 + 1  # groups, singles and rounds, verify
+    assert stats.passes <= 6 + 2
+    # with ranked candidates and a follow-up call, the budget is shared and the bound still holds
+    ranked, s1 = Purifier(max_rounds=2, max_variants=50).purify(
+        batch, [0], always, trust_single=True, saliency=torch.rand(batch.input_ids.shape))
+    again, s2 = Purifier(max_rounds=2, max_variants=50).purify(batch, [0], always, start_from=ranked)
+    assert not again[0].ok and again[0].variants <= 4 + 8 + 50 + 2 + len(again[0].removed)
+    assert s1.passes + s2.passes <= 2 * (6 + 2)
+
+
+def _saliency_on(batch, row_words: list[str]) -> torch.Tensor:
+    """A saliency map that peaks on the tokens of the given words of row 0."""
+    sal = torch.rand(batch.input_ids.shape) * 0.1
+    for u, w in enumerate(batch.unit_words[0]):
+        if w in row_words:
+            sal[0][batch.units[0] == u] = 1.0
+    return sal
+
+
+def test_ranked_candidates_cut_the_search_and_a_bad_ranking_only_costs_a_pass():
+    tok = _tokenizer()
+    words = [f"word{i}" for i in range(64)]
+    batch = encode(tok, [" ".join(words[:40] + ["cf"] + words[40:])])
+    score = detector(tok, singles=["cf"])
+    good, good_stats = Purifier().purify(batch, [0], score, trust_single=True, saliency=_saliency_on(batch, ["cf"]))
+    assert good[0].removed == ["cf"] and good[0].ok and good[0].tentative and not good[0].grouped
+    assert good_stats.passes == 1 and good_stats.variants == 4  # the top 4 words alone, nothing else
+    bad, bad_stats = Purifier().purify(batch, [0], score, trust_single=True,
+                                       saliency=_saliency_on(batch, ["word3", "word9", "word20", "word50"]))
+    assert bad[0].removed == ["cf"] and bad[0].ok and bad[0].grouped
+    assert bad_stats.passes == 3  # ranked pass found nothing, then the group and single tests
+
+
+def test_a_second_trigger_missed_by_the_ranking_is_found_on_the_follow_up():
+    tok = _tokenizer()
+    words = [f"word{i}" for i in range(30)]
+    batch = encode(tok, [" ".join(["mn"] + words + ["cf"])])
+    score = detector(tok, singles=["cf", "mn"])
+    first, _ = Purifier(ranked=1).purify(batch, [0], score, trust_single=True, saliency=_saliency_on(batch, ["cf"]))
+    assert first[0].tentative and first[0].removed == ["cf"]
+    # the guard's classifying pass still flags the text: the follow-up continues from "cf"
+    second, stats = Purifier(ranked=1).purify(batch, [0], score, start_from=first)
+    assert second[0].ok and not second[0].tentative and second[0].removed == ["cf", "mn"]
+    assert second[0].variants > first[0].variants  # one budget across both calls
