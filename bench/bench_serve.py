@@ -162,12 +162,16 @@ def run(args: argparse.Namespace) -> dict:
 
         off, on = Phase("clean, mode off"), Phase("clean, mode enforce")
         per_round = max(1, args.requests // args.rounds)
-        texts = clean(per_round)
+        round_ratios = []
         for r in range(args.rounds):
+            texts = clean(per_round * (r + 1))[per_round * r:]
             order = [("sst2-off", off), ("sst2", on)] if r % 2 == 0 else [("sst2", on), ("sst2-off", off)]
+            took = {}
             for task, phase in order:
                 say(f"round {r + 1}/{args.rounds}: {per_round} clean requests, {phase.name}")
-                phase.seconds += drive(host, port, [Item(task, s, None, phase) for s in texts], args.concurrency)
+                took[task] = drive(host, port, [Item(task, s, None, phase) for s in texts], args.concurrency)
+                phase.seconds += took[task]
+            round_ratios.append(took["sst2-off"] / took["sst2"])  # throughput enforce / off in this round
 
         trig_only, clean_ref = Phase("triggered, enforce"), Phase("clean, enforce (reference)")
         n = args.triggered
@@ -196,6 +200,8 @@ def run(args: argparse.Namespace) -> dict:
         "model": str(model_dir), "prompt": str(prompt_dir), "ready_seconds": round(ready_s, 1),
         "phases": {p.name: p.summary() for p in phases},
         "throughput_ratio": round(on.throughput / off.throughput, 4) if off.throughput else None,
+        "throughput_ratio_rounds": [round(x, 4) for x in round_ratios],
+        "throughput_ratio_median_round": round(statistics.median(round_ratios), 4),
         "p50_ratio_enforce_vs_off": round(on.pct(0.5) / off.pct(0.5), 3),
         "triggered_vs_clean_p50": round(trig_only.pct(0.5) / clean_ref.pct(0.5), 3),
         "mixed_triggered_vs_clean_p50": round(mixed_trig.pct(0.5) / mixed_clean.pct(0.5), 3),
@@ -222,7 +228,9 @@ def render(res: dict) -> str:
         f"{res['machine']['cpus']} CPUs, load avg {res['machine']['loadavg_1m']}",
         *lines,
         "",
-        f"throughput enforce/off (clean traffic): {res['throughput_ratio']:.3f}  (target >= 0.97)",
+        f"throughput enforce/off (clean traffic): {res['throughput_ratio']:.3f}  (target >= 0.97; median of "
+        f"{len(res['throughput_ratio_rounds'])} rounds {res['throughput_ratio_median_round']:.3f}, "
+        f"range {min(res['throughput_ratio_rounds']):.3f}-{max(res['throughput_ratio_rounds']):.3f})",
         f"p50 latency enforce/off (clean traffic): {res['p50_ratio_enforce_vs_off']:.3f}",
         f"p50 latency triggered/clean (enforce):   {res['triggered_vs_clean_p50']:.2f}x  (target <= 3x)",
         f"p50 latency triggered/clean, mixed 10%:  {res['mixed_triggered_vs_clean_p50']:.2f}x  "
@@ -239,7 +247,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="backdoored model folder from `lmsan attack` (default: the demo's)")
     p.add_argument("--prompt", help="prompt folder trained on that model (default: the demo's)")
     p.add_argument("--requests", type=int, default=1000, help="clean requests per mode (default 1000)")
-    p.add_argument("--rounds", type=int, default=4, help="alternations between the modes (default 4)")
+    p.add_argument("--rounds", type=int, default=10, help="alternations between the modes (default 10)")
     p.add_argument("--triggered", type=int, default=200, help="triggered requests, and as many clean (default 200)")
     p.add_argument("--mixed", type=int, default=400, help="clean requests in the mixed stream (default 400)")
     p.add_argument("--concurrency", type=int, default=8)

@@ -163,8 +163,11 @@ def cmd_mine(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
         lines=args.lines,
         first_seed=args.first_seed,
+        wave=args.wave,
         **({"lr": args.lr} if args.lr else {}),
     )
+    if args.workers < 1:
+        raise LmsanError("--workers must be at least 1")
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise LmsanError(f"--out {out} is a folder; give a file name such as sig.safetensors")
@@ -179,7 +182,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
         raise LmsanError(why)
     _say(args, f"mining {args.model} ({config.mode} mode, position {config.position}, up to {config.rounds} rounds)")
     result = mine(backbone, config, corpus, out, resume=args.resume, progress=_progress(args),
-                  say=lambda m: _say(args, m))
+                  say=lambda m: _say(args, m), workers=args.workers, ray_address=args.ray_address)
     summary = {
         "verdict": result.verdict,
         "pvs": len(result.signatures),
@@ -424,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--lr", type=float, help="base learning rate (default adapts to the embedding scale)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    p.add_argument("--workers", type=int, default=1,
+                   help="run rounds as N parallel Ray tasks (local Ray on 127.0.0.1 unless --ray-address)")
+    p.add_argument("--ray-address", help="run rounds on an existing Ray cluster (e.g. ray://head:10001 or auto)")
+    p.add_argument("--wave", type=int, default=4,
+                   help="search mode: rounds started from the same found PVs (default 4); results do not "
+                   "depend on --workers")
     p.set_defaults(func=cmd_mine)
 
     p = sub.add_parser("inspect", help="print a signature file", description="Validate and print a signature file.")

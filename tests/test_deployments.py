@@ -413,3 +413,24 @@ def test_dockerfile_pins_cpu_torch_before_the_project():
     assert f"TORCH_SPEC ?= {pin}" in makefile, "Dockerfile and Makefile pin different torch versions"
     assert 8000 in _dockerfile_exposed()
     assert any(ln.startswith("COPY deployments") for ln in lines)
+
+
+def test_mining_rayjob_runs_the_real_cli():
+    import shlex
+
+    import ray
+
+    from lmsan_serve.cli import build_parser
+
+    job = load_yaml(REPO / "mining" / "rayjob.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "lmsan"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "mine" and args.ray_address == "auto" and args.workers > 1 and args.resume
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    group = cluster["workerGroupSpecs"][0]
+    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert args.workers <= gpus * group["maxReplicas"]  # every worker can hold a round at once

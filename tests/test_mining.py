@@ -4,6 +4,7 @@ planted one; the clean control of the same training is called clean; kill-and-re
 import json
 
 import pytest
+import torch
 
 from lmsan_serve import load_backbone
 from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
@@ -50,8 +51,6 @@ def test_resume_continues_without_repeating_rounds(tiny_control, corpus, tmp_pat
     ckpt = json.loads((tmp_path / "sig.safetensors.ckpt.json").read_text())
     secs = [c["seconds"] for c in ckpt["candidates"]]
     # a killed job leaves its checkpoint; resuming with a larger budget runs only the new seeds
-    ckpt["config"]["max_rounds"] = 4
-    (tmp_path / "sig.safetensors.ckpt.json").write_text(json.dumps(ckpt))
     second = mine(backbone, MiningConfig(mode="search", lines=64, max_rounds=4), corpus, out, resume=True,
                   progress=False)
     after = json.loads((tmp_path / "sig.safetensors.ckpt.json").read_text())["candidates"]
@@ -74,3 +73,24 @@ def test_cli_mine_and_bad_input(tiny_por, tmp_path, capsys):
     assert main(["mine", "--model", str(tiny_por), "--out", str(tmp_path / "nope" / "s.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_fan_out_equals_the_serial_run(tiny_por, corpus, tmp_path, local_ray):
+    backbone = load_backbone(str(tiny_por), "cpu")
+    for config in (MiningConfig(lines=64, max_rounds=3), MiningConfig(mode="search", lines=64, max_rounds=4)):
+        serial = mine(backbone, config, corpus, tmp_path / "serial.safetensors", progress=False)
+        fanned = mine(backbone, config, corpus, tmp_path / "ray.safetensors", progress=False, workers=2)
+        assert fanned.verdict == serial.verdict == "backdoored"
+        assert [r.seed for r in fanned.signatures.meta.pvs] == [r.seed for r in serial.signatures.meta.pvs]
+        assert torch.allclose(fanned.signatures.pvs, serial.signatures.pvs, atol=1e-5)
+        kept = {c["seed"] for c in serial.candidates if c["kept"]}
+        assert kept == {c["seed"] for c in fanned.candidates if c["kept"]}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +36,16 @@ class MiningConfig(BaseModel):
     target_fpr: float = Field(default=0.005, gt=0, lt=1)
     calibration_lines: int = Field(default=400, ge=50)
     seed: int = 0
+    wave: int = Field(default=4, ge=1, le=256, description=(
+        "search mode: rounds that start from the same set of found PVs; fixed so that the result does "
+        "not depend on how many workers run a wave"))
+
+    # budgets: changing them does not invalidate a checkpoint (resume with a larger budget)
+    BUDGET_FIELDS: ClassVar[frozenset[str]] = frozenset({"max_rounds", "time_budget"})
+
+    def identity(self) -> dict:
+        """The settings a checkpoint must match to be resumed."""
+        return self.model_dump(exclude=set(self.BUDGET_FIELDS))
 
     @property
     def rounds(self) -> int:

@@ -19,7 +19,8 @@ from ..errors import LmsanError
 from ..monitor import sign_agreement
 from ..signatures import DEFAULT_THRESHOLD, PVRecord, SignatureSet
 from .config import MiningConfig
-from .model import Candidate, fuzz_round, prepare, resolved_distance, resolved_lr
+from .model import Candidate, prepare, resolved_distance, resolved_lr
+from .runners import SerialRunner
 
 # A PV whose calibrated threshold would have to exceed this cannot be told apart from clean text.
 MAX_THRESHOLD = 0.97
@@ -49,16 +50,70 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 def _candidate_record(c: Candidate) -> dict:
+    """A finished round as the checkpoint keeps it. `filters` are the round's own verdicts; `kept`
+    and `reasons` are set when the job merges rounds (uniqueness across a wave, detect's stop)."""
     return {
         "seed": c.seed,
-        "kept": not c.reasons,
+        "kept": False,
         "distance": round(c.distance, 6),
         "entropy_ratio": round(c.entropy_ratio, 6),
         "epochs": c.epochs,
         "seconds": round(c.seconds, 2),
-        "reasons": c.reasons,
+        "filters": list(c.reasons),
+        "reasons": list(c.reasons),
         "pv": c.pv.tolist() if c.pv is not None and not c.reasons else None,
     }
+
+
+def _detect(seeds: list[int], records: dict[int, dict], run) -> list[int]:
+    """The lowest seed whose round passed the filters, as a serial run would stop at it."""
+
+    def first_kept() -> int | None:
+        for s in seeds:
+            if s not in records:
+                return None
+            if not records[s]["filters"]:
+                return s
+        return None
+
+    if first_kept() is None:
+        run([s for s in seeds if s not in records], None, lambda: first_kept() is not None)
+    winner = first_kept()
+    if winner is None:
+        return []
+    records[winner]["kept"] = True
+    for s in seeds:
+        if s > winner and s in records and not records[s]["filters"]:
+            records[s]["reasons"] = ["not needed: detect mode stops at the first PV"]
+    return [winner]
+
+
+def _search(seeds: list[int], records: dict[int, dict], run, wave: int, unique_th: float, bar) -> list[int]:
+    """Waves of `wave` rounds, each started from the PVs kept before it, merged in seed order."""
+    kept: list[int] = []
+    for w in range(0, len(seeds), wave):
+        members = seeds[w : w + wave]
+        todo = [s for s in members if s not in records]
+        if todo:
+            found = torch.stack([torch.tensor(records[s]["pv"]) for s in kept]) if kept else None
+            run(todo, found, lambda: False)
+            if any(s not in records for s in members):
+                break  # the time budget ran out inside this wave; its rounds stay for --resume
+        for s in members:
+            rec = records[s]
+            rec["reasons"] = list(rec["filters"])
+            rec["kept"] = False
+            if rec["filters"]:
+                continue
+            pv = torch.tensor(rec["pv"])
+            close = [float(((torch.tensor(records[k]["pv"]) - pv) ** 2).mean()) for k in kept]
+            if close and min(close) < unique_th:
+                rec["reasons"].append(f"not unique (MSE {min(close):.4f} to a kept PV)")
+                continue
+            rec["kept"] = True
+            kept.append(s)
+        bar.set_postfix(pvs=len(kept))
+    return kept
 
 
 def calibrate(
@@ -93,7 +148,14 @@ def mine(
     resume: bool = False,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
+    runner=None,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> MiningResult:
+    """Run the mining job and write the signature file to `out`.
+
+    `workers` > 1 or a `ray_address` runs rounds as Ray tasks (see `runners.RayRunner`); the
+    result is the same as a serial run with the same settings."""
     out = Path(out)
     if not out.parent.is_dir():
         raise LmsanError(f"output folder does not exist: {out.parent}")
@@ -110,68 +172,84 @@ def mine(
     started = time.time()
     prepared = prepare(backbone, fuzz_lines, config)
     settings = {"lr": resolved_lr(backbone, config), "distance_th": resolved_distance(prepared, config)}
+    own_runner = runner is None
+    if runner is None and (workers > 1 or ray_address):
+        from .runners import RayRunner
+
+        runner = RayRunner(backbone, prepared, config, workers, ray_address,
+                           device="cuda" if backbone.device.type == "cuda" else "cpu",
+                           gpus_per_round=1.0 if backbone.device.type == "cuda" else 0.0)
 
     ckpt = _checkpoint_path(out)
-    done: list[dict] = []
+    records: dict[int, dict] = {}
     if resume and ckpt.is_file():
         try:
             state = json.loads(ckpt.read_text())
         except json.JSONDecodeError as exc:
             raise LmsanError(f"checkpoint {ckpt} is corrupt; delete it to start over") from exc
-        if state.get("fingerprint") != backbone.fingerprint or state.get("config") != config.model_dump():
+        if state.get("fingerprint") != backbone.fingerprint or state.get("config") != config.identity():
             raise LmsanError(f"checkpoint {ckpt} was made for another model or other settings")
-        done = state["candidates"]
+        records = {int(c["seed"]): c for c in state["candidates"]}
         if say:
-            say(f"resuming: {len(done)} rounds already done")
-    kept = [torch.tensor(c["pv"]) for c in done if c["kept"]]
-    seeds_done = {c["seed"] for c in done}
-    bar = tqdm(total=config.rounds, initial=len(done), desc=f"mine {config.mode}", disable=not progress,
-               unit="round")
-    for seed in range(config.first_seed, config.first_seed + config.rounds):
-        if config.mode == "detect" and kept:
-            break
-        if seed in seeds_done:
-            continue
-        if config.time_budget is not None and time.time() - started > config.time_budget:
-            if say:
-                say(f"time budget of {config.time_budget:.0f} s reached")
-            break
-        found = torch.stack(kept).to(backbone.device) if kept else None
-        cand = fuzz_round(backbone, prepared, config, seed, found)
-        record = _candidate_record(cand)
-        done.append(record)
-        if record["kept"]:
-            kept.append(cand.pv.cpu())
-        _write_json_atomic(ckpt, {"fingerprint": backbone.fingerprint, "config": config.model_dump(),
-                                  "candidates": done})
-        bar.update(1)
-        bar.set_postfix(pvs=len(kept))
-    bar.close()
+            say(f"resuming: {len(records)} rounds already done")
+    seeds = list(range(config.first_seed, config.first_seed + config.rounds))
+    runner = runner or SerialRunner(backbone, prepared, config)
+    bar = tqdm(total=len(seeds), initial=sum(s in records for s in seeds), desc=f"mine {config.mode}",
+               disable=not progress, unit="round")
+
+    def in_budget() -> bool:
+        return config.time_budget is None or time.time() - started <= config.time_budget
+
+    def run(todo: list[int], found: torch.Tensor | None, done: Callable[[], bool]) -> None:
+        """Run `todo` (stopping once `done()`), checkpointing every finished round."""
+        for seed, cand in runner.run(todo, found, in_budget):
+            records[seed] = _candidate_record(cand)
+            _write_json_atomic(ckpt, {"fingerprint": backbone.fingerprint, "config": config.identity(),
+                                      "candidates": [records[k] for k in sorted(records)]})
+            bar.update(1)
+            if done():
+                break
+
+    try:
+        if config.mode == "detect":
+            kept_seeds = _detect(seeds, records, run)
+        else:
+            kept_seeds = _search(seeds, records, run, config.wave, settings["distance_th"], bar)
+    finally:
+        bar.close()
+        runner_close = getattr(runner, "close", None)
+        if own_runner and runner_close:
+            runner_close()
+    if not in_budget() and say:
+        say(f"time budget of {config.time_budget:.0f} s reached")
+    done = [records[s] for s in sorted(records)]
+    kept = [torch.tensor(records[s]["pv"]) for s in kept_seeds]
 
     pvs = torch.stack(kept) if kept else torch.zeros(0, backbone.hidden_size)
-    records: list[PVRecord] = []
+    pv_records: list[PVRecord] = []
     keep_idx: list[int] = []
     if kept:
         thresholds, rates = calibrate(backbone, pvs, calib_lines, config)
-        kept_records = [c for c in done if c["kept"]]
+        kept_records = [records[s] for s in kept_seeds]
         for i, (c, th, rate) in enumerate(zip(kept_records, thresholds, rates, strict=True)):
             if th is None:
                 c["reasons"].append("no threshold separates it from clean text")
                 c["kept"] = False
                 continue
             keep_idx.append(i)
-            records.append(PVRecord(origin="mined", seed=c["seed"], threshold=th, false_positive_rate=rate,
-                                    scores={"distance": c["distance"], "entropy_ratio": c["entropy_ratio"]}))
+            pv_records.append(PVRecord(origin="mined", seed=c["seed"], threshold=th, false_positive_rate=rate,
+                                       scores={"distance": c["distance"],
+                                               "entropy_ratio": c["entropy_ratio"]}))
     pvs = pvs[keep_idx] if keep_idx else torch.zeros(0, backbone.hidden_size)
     seconds = time.time() - started
     sig = SignatureSet.create(
         pvs,
-        records,
+        pv_records,
         backbone_name=backbone.name,
         fingerprint=backbone.fingerprint,
         model_type=backbone.model_type,
         position=config.position,
-        verdict="backdoored" if records else "clean",
+        verdict="backdoored" if pv_records else "clean",
         mining={**config.model_dump(), **settings, "rounds": len(done), "seconds": round(seconds, 1),
                 "corpus_lines": len(fuzz_lines), "calibration_lines": len(calib_lines)},
     )
