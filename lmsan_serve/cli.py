@@ -347,7 +347,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ]), info)
     sys.stdout.flush()
     done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Ctrl-C must still stop it
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
     try:
         while not done.wait(1.0):
             pass
