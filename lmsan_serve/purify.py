@@ -247,23 +247,26 @@ class Purifier:
 
     def _ranked_tests(self, active, info, found, results, saliency, batch, scorer, keep_only, stats) -> list[int]:
         """Step 0: the highest-ranked word types alone; returns the rows where none fired."""
-        v_rows, v_masks, v_ref = [], [], []
+        ranked: dict[int, list[int]] = {}
         for r in active:
             types, tok_type, attn = info[r]
             sal = saliency[r].to(tok_type.device).float()
             words = (tok_type >= 0) & attn
             score = torch.full((len(types),), float("-inf"), device=tok_type.device)
             score = score.scatter_reduce(0, tok_type[words], sal[words], reduce="amax")
-            for t in score.argsort(descending=True)[: self.ranked].tolist():
-                v_rows.append(r)
-                v_masks.append(keep_only(r, {t}))
-                v_ref.append((r, t))
-        margins = self._score(scorer, batch, v_rows, v_masks, stats)
-        for (r, t), m in zip(v_ref, margins.tolist(), strict=True):
+            ranked[r] = score.argsort(descending=True)[: self.ranked].tolist()
+        self._test_singles(ranked, batch, found, results, scorer, keep_only, stats)
+        return [r for r in active if not found[r]]
+
+    def _test_singles(self, candidates: dict[int, list[int]], batch, found, results, scorer, keep_only,
+                      stats) -> None:
+        """Keep-only tests of single word types, one batched pass; the ones that fire are found."""
+        refs = [(r, t) for r, types in candidates.items() for t in types]
+        margins = self._score(scorer, batch, [r for r, _ in refs], [keep_only(r, {t}) for r, t in refs], stats)
+        for (r, t), m in zip(refs, margins.tolist(), strict=True):
             results[r].variants += 1
             if m > 0:
                 found[r].add(t)
-        return [r for r in active if not found[r]]
 
     def _keep_only_tests(self, batch, active, info, found, results, scorer, keep_only, stats) -> None:
         """Steps 1a and 1b."""
@@ -289,18 +292,10 @@ class Purifier:
                 positive[r].extend(groups[r][gi])
 
         # 1b. keep-only tests on each word type of a flagged group.
-        v_rows, v_masks, v_ref = [], [], []
+        singles: dict[int, list[int]] = {}
         for r in active:
-            singles = positive[r][: self.max_variants]
             if len(groups[r]) == len(info[r][0]):  # groups were single types already
-                found[r].update(singles)
-                continue
-            for t in singles:
-                v_rows.append(r)
-                v_masks.append(keep_only(r, {t}))
-                v_ref.append((r, t))
-        margins = self._score(scorer, batch, v_rows, v_masks, stats)
-        for (r, t), m in zip(v_ref, margins.tolist(), strict=True):
-            results[r].variants += 1
-            if m > 0:
-                found[r].add(t)
+                found[r].update(positive[r][: self.max_variants])
+            else:
+                singles[r] = positive[r][: self.max_variants]
+        self._test_singles(singles, batch, found, results, scorer, keep_only, stats)
