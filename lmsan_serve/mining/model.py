@@ -38,6 +38,7 @@ class Candidate:
     epochs: int
     seconds: float
     reasons: list[str] = field(default_factory=list)  # filters failed; empty = kept
+    trigger: torch.Tensor | None = None  # the trained soft trigger [prompt_len, E] (not checkpointed)
 
 
 @dataclass
@@ -211,4 +212,32 @@ def fuzz_round(
         closest = float(((found - out_mean) ** 2).mean(dim=1).min())
         if closest < th:
             reasons.append(f"not unique (MSE {closest:.4f} to a kept PV)")
-    return Candidate(seed, out_mean, distance, entropy_ratio, legit, epoch, time.time() - started, reasons)
+    return Candidate(seed, out_mean, distance, entropy_ratio, legit, epoch, time.time() - started, reasons,
+                     trigger.detach().clone())
+
+
+@torch.no_grad()
+def triggered_outputs(backbone: Backbone, prepared: Prepared, trigger: torch.Tensor, config: MiningConfig,
+                      seed: int = 0) -> torch.Tensor:
+    """Monitored outputs [N, H] of every prepared line with `trigger` spliced in at a random word."""
+    model = backbone.model
+    rng = random.Random(seed)
+    outs = []
+    n = prepared.input_ids.shape[0]
+    for s in range(0, n, config.batch_size):
+        idx = torch.arange(s, min(n, s + config.batch_size), device=prepared.input_ids.device)
+        width = int(prepared.attention_mask[idx].sum(dim=1).max())
+        ids, attn = prepared.input_ids[idx, :width], prepared.attention_mask[idx, :width]
+        tti = prepared.token_type_ids[idx, :width] if prepared.token_type_ids is not None else None
+        at = torch.tensor(
+            [prepared.word_starts[i][rng.randint(1, min(config.max_insert_word, len(prepared.word_starts[i]) - 1))]
+             for i in idx.tolist()], device=ids.device)
+        kwargs = {"inputs_embeds": _splice(model.get_input_embeddings()(ids), trigger.to(ids.device), at),
+                  "attention_mask": _splice_ids(attn, at, config.prompt_len, 1)}
+        if tti is not None:
+            kwargs["token_type_ids"] = _splice_ids(tti, at, config.prompt_len, 0)
+        hidden = model(**kwargs).last_hidden_state
+        mon = prepared.monitor_index[idx]
+        mon = torch.where(mon >= at, mon + config.prompt_len, mon)
+        outs.append(backbone.select(hidden, config.position, mon))
+    return torch.cat(outs)
