@@ -33,6 +33,10 @@ class MiningConfig(BaseModel):
     pv_weight: float = Field(default=0.5, ge=0)
     entropy_tolerance: float = Field(default=0.01, ge=0, description="nats below ln(batch)")
     legitimacy: float = Field(default=1.2, gt=0)
+    max_dispersion: float = Field(default=0.025, gt=0, description=(
+        "held-out collapse test: spread of the triggered outputs around their mean, relative to how far "
+        "they moved from the clean outputs; a backdoor collapses them onto its PV"))
+    held_out_lines: int = Field(default=64, ge=8, description="clean lines for the collapse test")
     target_fpr: float = Field(default=0.005, gt=0, lt=1)
     calibration_lines: int = Field(default=400, ge=50)
     seed: int = 0

@@ -57,6 +57,7 @@ def _candidate_record(c: Candidate) -> dict:
         "kept": False,
         "distance": round(c.distance, 6),
         "entropy_ratio": round(c.entropy_ratio, 6),
+        "dispersion": round(c.dispersion, 6) if c.dispersion is not None else None,
         "epochs": c.epochs,
         "seconds": round(c.seconds, 2),
         "filters": list(c.reasons),
@@ -171,6 +172,9 @@ def mine(
         fuzz_lines, calib_lines = corpus[:cut], corpus[cut:]
     started = time.time()
     prepared = prepare(backbone, fuzz_lines, config)
+    held_lines = calib_lines[: config.held_out_lines]
+    held = prepare(backbone, held_lines, config.model_copy(update={"batch_size": min(config.batch_size,
+                                                                                     len(held_lines))}))
     settings = {"lr": resolved_lr(backbone, config), "distance_th": resolved_distance(prepared, config)}
     own_runner = runner is None
     if runner is None and (workers > 1 or ray_address):
@@ -178,7 +182,7 @@ def mine(
 
         runner = RayRunner(backbone, prepared, config, workers, ray_address,
                            device="cuda" if backbone.device.type == "cuda" else "cpu",
-                           gpus_per_round=1.0 if backbone.device.type == "cuda" else 0.0)
+                           gpus_per_round=1.0 if backbone.device.type == "cuda" else 0.0, held=held)
 
     ckpt = _checkpoint_path(out)
     records: dict[int, dict] = {}
@@ -193,7 +197,7 @@ def mine(
         if say:
             say(f"resuming: {len(records)} rounds already done")
     seeds = list(range(config.first_seed, config.first_seed + config.rounds))
-    runner = runner or SerialRunner(backbone, prepared, config)
+    runner = runner or SerialRunner(backbone, prepared, config, held)
     bar = tqdm(total=len(seeds), initial=sum(s in records for s in seeds), desc=f"mine {config.mode}",
                disable=not progress, unit="round")
 
@@ -238,8 +242,8 @@ def mine(
                 continue
             keep_idx.append(i)
             pv_records.append(PVRecord(origin="mined", seed=c["seed"], threshold=th, false_positive_rate=rate,
-                                       scores={"distance": c["distance"],
-                                               "entropy_ratio": c["entropy_ratio"]}))
+                                       scores={"distance": c["distance"], "entropy_ratio": c["entropy_ratio"],
+                                               "dispersion": c["dispersion"]}))
     pvs = pvs[keep_idx] if keep_idx else torch.zeros(0, backbone.hidden_size)
     seconds = time.time() - started
     sig = SignatureSet.create(

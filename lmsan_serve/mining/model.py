@@ -39,6 +39,7 @@ class Candidate:
     seconds: float
     reasons: list[str] = field(default_factory=list)  # filters failed; empty = kept
     trigger: torch.Tensor | None = None  # the trained soft trigger [prompt_len, E] (not checkpointed)
+    dispersion: float | None = None  # held-out collapse statistic (see `collapse`)
 
 
 @dataclass
@@ -130,8 +131,12 @@ def fuzz_round(
     config: MiningConfig,
     seed: int,
     found: torch.Tensor | None = None,
+    held: Prepared | None = None,
 ) -> Candidate:
-    """Train one soft trigger from `seed`; return the candidate PV and the filter results."""
+    """Train one soft trigger from `seed`; return the candidate PV and the filter results.
+
+    With `held` (clean lines not used for training), a candidate that passes the reference's
+    filters must also pass the collapse test on them (`collapse`)."""
     started = time.time()
     model = backbone.model
     emb = model.get_input_embeddings().weight.detach()
@@ -212,8 +217,28 @@ def fuzz_round(
         closest = float(((found - out_mean) ** 2).mean(dim=1).min())
         if closest < th:
             reasons.append(f"not unique (MSE {closest:.4f} to a kept PV)")
+    dispersion = None
+    if not reasons and held is not None:
+        dispersion = collapse(backbone, held, trigger.detach(), config, seed)
+        if dispersion > config.max_dispersion:
+            reasons.append(f"not collapsed on held-out text (dispersion {dispersion:.4f} > {config.max_dispersion})")
     return Candidate(seed, out_mean, distance, entropy_ratio, legit, epoch, time.time() - started, reasons,
-                     trigger.detach().clone())
+                     trigger.detach().clone(), dispersion)
+
+
+def collapse(backbone: Backbone, held: Prepared, trigger: torch.Tensor, config: MiningConfig, seed: int) -> float:
+    """Spread of the triggered outputs of held-out lines around their mean, over their mean squared
+    distance from the clean outputs of the same lines.
+
+    A backdoor sends every triggered input to one point, its PV, so the spread is tiny next to the
+    move (measured here: 0.004 to 0.010 on POR copies of MiniLM and of a tiny BERT). A soft trigger
+    fuzz-trained on a clean encoder moves the outputs as far as the reference's effect-size filter
+    asks but leaves them input-dependent (0.055 to 0.063 on the clean MiniLM, which the effect-size
+    filter alone calls backdoored). Scale-free, so one threshold serves encoders of any output scale."""
+    out = triggered_outputs(backbone, held, trigger, config, seed)
+    spread = float(((out - out.mean(dim=0, keepdim=True)) ** 2).mean())
+    moved = float(((out - held.clean) ** 2).mean())
+    return spread / max(moved, 1e-12)
 
 
 @torch.no_grad()

@@ -22,15 +22,15 @@ class SerialRunner:
 
     workers = 1
 
-    def __init__(self, backbone: Backbone, prepared: Prepared, config: MiningConfig):
-        self.backbone, self.prepared, self.config = backbone, prepared, config
+    def __init__(self, backbone: Backbone, prepared: Prepared, config: MiningConfig, held: Prepared | None = None):
+        self.backbone, self.prepared, self.config, self.held = backbone, prepared, config, held
 
     def run(self, seeds: list[int], found: torch.Tensor | None,
             may_start: Callable[[], bool] = lambda: True) -> Iterator[tuple[int, Candidate]]:
         for seed in seeds:
             if not may_start():
                 return
-            yield seed, fuzz_round(self.backbone, self.prepared, self.config, seed, found)
+            yield seed, fuzz_round(self.backbone, self.prepared, self.config, seed, found, self.held)
 
     def close(self) -> None:
         pass
@@ -40,8 +40,14 @@ class SerialRunner:
 _WORKER_BACKBONES: dict[tuple[str, str], Backbone] = {}
 
 
-def _round_task(model: str, device: str, fingerprint: str, prepared: Prepared, config: MiningConfig,
-                seed: int, found: torch.Tensor | None) -> Candidate:
+def _to(prepared: Prepared, device: torch.device) -> Prepared:
+    return Prepared(prepared.input_ids.to(device), prepared.attention_mask.to(device),
+                    prepared.token_type_ids.to(device) if prepared.token_type_ids is not None else None,
+                    prepared.monitor_index.to(device), prepared.word_starts, prepared.clean.to(device), prepared.scale)
+
+
+def _round_task(model: str, device: str, fingerprint: str, prepared: Prepared, held: Prepared | None,
+                config: MiningConfig, seed: int, found: torch.Tensor | None) -> Candidate:
     key = (model, device)
     backbone = _WORKER_BACKBONES.get(key)
     if backbone is None:
@@ -50,12 +56,10 @@ def _round_task(model: str, device: str, fingerprint: str, prepared: Prepared, c
     if backbone.fingerprint != fingerprint:
         raise LmsanError(f"worker loaded other weights for {model} (fingerprint {backbone.fingerprint[:12]})")
     on = backbone.device
-    moved = Prepared(prepared.input_ids.to(on), prepared.attention_mask.to(on),
-                     prepared.token_type_ids.to(on) if prepared.token_type_ids is not None else None,
-                     prepared.monitor_index.to(on), prepared.word_starts, prepared.clean.to(on), prepared.scale)
-    cand = fuzz_round(backbone, moved, config, seed, found.to(on) if found is not None else None)
-    if cand.pv is not None:
-        cand.pv = cand.pv.cpu()
+    cand = fuzz_round(backbone, _to(prepared, on), config, seed, found.to(on) if found is not None else None,
+                      _to(held, on) if held is not None else None)
+    cand.pv = cand.pv.cpu() if cand.pv is not None else None
+    cand.trigger = cand.trigger.cpu() if cand.trigger is not None else None
     return cand
 
 
@@ -65,7 +69,8 @@ class RayRunner:
     (a hub id, or a path on shared storage)."""
 
     def __init__(self, backbone: Backbone, prepared: Prepared, config: MiningConfig, workers: int,
-                 address: str | None = None, device: str = "auto", gpus_per_round: float = 0.0):
+                 address: str | None = None, device: str = "auto", gpus_per_round: float = 0.0,
+                 held: Prepared | None = None):
         import ray
 
         if workers < 1:
@@ -80,8 +85,8 @@ class RayRunner:
                          log_to_driver=False)
                 self._started = True
         self._ray = ray
-        cpu = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in vars(prepared).items()}
-        self._prepared = ray.put(Prepared(**cpu))
+        self._prepared = ray.put(_to(prepared, torch.device("cpu")))
+        self._held = ray.put(_to(held, torch.device("cpu"))) if held is not None else None
         self._task = ray.remote(num_cpus=1, num_gpus=gpus_per_round, max_retries=2)(_round_task)
         self._args: tuple[Any, ...] = (backbone.name, device, backbone.fingerprint)
         self._config = config
@@ -96,7 +101,7 @@ class RayRunner:
             while queue or pending:
                 while queue and len(pending) < self.workers and may_start():
                     seed = queue.pop(0)
-                    ref = self._task.remote(*self._args, self._prepared, self._config, seed, found_cpu)
+                    ref = self._task.remote(*self._args, self._prepared, self._held, self._config, seed, found_cpu)
                     pending[ref] = seed
                 if not pending:
                     return
