@@ -164,17 +164,16 @@ class Purifier:
             # a ranked test found one trigger but the text stayed flagged: look for the others
             self._keep_only_tests(batch, [r for r in active if not results[r].grouped], info, found, results,
                                   scorer, keep_only, stats)
-            pending = list(active)
         else:
             rest = active
             if saliency is not None and self.ranked > 0:
                 rest = self._ranked_tests(active, info, found, results, saliency, batch, scorer, keep_only, stats)
             self._keep_only_tests(batch, rest, info, found, results, scorer, keep_only, stats)
-            pending = list(active)
-            if trust_single:
-                for r in [r for r in pending if len(found[r]) == 1]:
-                    results[r].ok = results[r].tentative = True
-                    pending.remove(r)
+        pending = list(active)
+        if start_from is None and trust_single:
+            for r in [r for r in pending if len(found[r]) == 1]:
+                results[r].ok = results[r].tentative = True
+                pending.remove(r)
 
         # 2-3. verify, then greedy deletion rounds where keep-only tests were not enough.
         for round_no in range(self.max_rounds + 1):

@@ -161,24 +161,7 @@ def fuzz_round(
         steps = 0
         for s in range(0, n_lines - bs + 1, bs):  # ragged last batch dropped
             idx = torch.tensor(order[s : s + bs], device=prepared.input_ids.device)
-            width = int(prepared.attention_mask[idx].sum(dim=1).max())
-            ids = prepared.input_ids[idx, :width]
-            attn = prepared.attention_mask[idx, :width]
-            tti = prepared.token_type_ids[idx, :width] if prepared.token_type_ids is not None else None
-            at = torch.tensor(
-                [prepared.word_starts[i][rng.randint(1, min(config.max_insert_word, len(prepared.word_starts[i]) - 1))]
-                 for i in idx.tolist()],
-                device=ids.device,
-            )
-            embeds = _splice(model.get_input_embeddings()(ids), trigger, at)
-            attn2 = _splice_ids(attn, at, config.prompt_len, 1)
-            kwargs = {"inputs_embeds": embeds, "attention_mask": attn2}
-            if tti is not None:
-                kwargs["token_type_ids"] = _splice_ids(tti, at, config.prompt_len, 0)
-            hidden = model(**kwargs).last_hidden_state
-            mon = prepared.monitor_index[idx]
-            mon = torch.where(mon >= at, mon + config.prompt_len, mon)
-            feats = backbone.select(hidden, config.position, mon)
+            feats = _triggered(backbone, prepared, idx, trigger, config, rng)
             clean = prepared.clean[idx]
             dist = nn.functional.mse_loss(feats, clean)
             p = torch.softmax(feats, dim=0)
@@ -245,24 +228,35 @@ def collapse(backbone: Backbone, held: Prepared, trigger: torch.Tensor, config: 
 def triggered_outputs(backbone: Backbone, prepared: Prepared, trigger: torch.Tensor, config: MiningConfig,
                       seed: int = 0) -> torch.Tensor:
     """Monitored outputs [N, H] of every prepared line with `trigger` spliced in at a random word."""
-    model = backbone.model
     rng = random.Random(seed)
-    outs = []
     n = prepared.input_ids.shape[0]
-    for s in range(0, n, config.batch_size):
-        idx = torch.arange(s, min(n, s + config.batch_size), device=prepared.input_ids.device)
-        width = int(prepared.attention_mask[idx].sum(dim=1).max())
-        ids, attn = prepared.input_ids[idx, :width], prepared.attention_mask[idx, :width]
-        tti = prepared.token_type_ids[idx, :width] if prepared.token_type_ids is not None else None
-        at = torch.tensor(
-            [prepared.word_starts[i][rng.randint(1, min(config.max_insert_word, len(prepared.word_starts[i]) - 1))]
-             for i in idx.tolist()], device=ids.device)
-        kwargs = {"inputs_embeds": _splice(model.get_input_embeddings()(ids), trigger.to(ids.device), at),
-                  "attention_mask": _splice_ids(attn, at, config.prompt_len, 1)}
-        if tti is not None:
-            kwargs["token_type_ids"] = _splice_ids(tti, at, config.prompt_len, 0)
-        hidden = model(**kwargs).last_hidden_state
-        mon = prepared.monitor_index[idx]
-        mon = torch.where(mon >= at, mon + config.prompt_len, mon)
-        outs.append(backbone.select(hidden, config.position, mon))
-    return torch.cat(outs)
+    trigger = trigger.to(prepared.input_ids.device)
+    return torch.cat([
+        _triggered(backbone, prepared, torch.arange(s, min(n, s + config.batch_size), device=trigger.device),
+                   trigger, config, rng)
+        for s in range(0, n, config.batch_size)
+    ])
+
+
+def _triggered(backbone: Backbone, prepared: Prepared, idx: torch.Tensor, trigger: torch.Tensor,
+               config: MiningConfig, rng: random.Random) -> torch.Tensor:
+    """Monitored outputs of lines `idx` with `trigger` spliced in before a random word of each
+    (within the first `max_insert_word`), on dynamically padded inputs."""
+    model = backbone.model
+    width = int(prepared.attention_mask[idx].sum(dim=1).max())
+    ids = prepared.input_ids[idx, :width]
+    attn = prepared.attention_mask[idx, :width]
+    tti = prepared.token_type_ids[idx, :width] if prepared.token_type_ids is not None else None
+    at = torch.tensor(
+        [prepared.word_starts[i][rng.randint(1, min(config.max_insert_word, len(prepared.word_starts[i]) - 1))]
+         for i in idx.tolist()],
+        device=ids.device,
+    )
+    kwargs = {"inputs_embeds": _splice(model.get_input_embeddings()(ids), trigger, at),
+              "attention_mask": _splice_ids(attn, at, config.prompt_len, 1)}
+    if tti is not None:
+        kwargs["token_type_ids"] = _splice_ids(tti, at, config.prompt_len, 0)
+    hidden = model(**kwargs).last_hidden_state
+    mon = prepared.monitor_index[idx]
+    mon = torch.where(mon >= at, mon + config.prompt_len, mon)
+    return backbone.select(hidden, config.position, mon)
