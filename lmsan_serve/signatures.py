@@ -1,7 +1,8 @@
 """Signature files: the predefined vectors (PVs) of one exact encoder, in safetensors.
 
 Layout: tensor `pvs` [K, H] float32; metadata entry `lmsan` holds JSON validated by
-`SignatureMeta`. Loading refuses anything that does not match the backbone it guards.
+`SignatureMeta`; an optional entry `lmsan_signature` holds an Ed25519 signature over that JSON
+(see `signing`). Loading refuses anything that does not match the backbone it guards.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -22,6 +23,10 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .errors import LmsanError
+from .signing import SIGNATURE_ENTRY, claimed_key_id, key_id, sign_metadata, verify_metadata
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 FORMAT_VERSION = 1
 DEFAULT_THRESHOLD = 0.8  # the paper's sign-agreement threshold
@@ -72,12 +77,18 @@ def _tensor_sha256(pvs: torch.Tensor) -> str:
 
 
 class SignatureSet:
-    """PVs plus their metadata; `thresholds` gives each PV's flagging threshold."""
+    """PVs plus their metadata; `thresholds` gives each PV's flagging threshold.
 
-    def __init__(self, pvs: torch.Tensor, meta: SignatureMeta, path: str | None = None):
+    `signed_by` is the key id of a verified signature (None when unsigned or not checked);
+    `signature_key_id` is the key id the file names, verified or not."""
+
+    def __init__(self, pvs: torch.Tensor, meta: SignatureMeta, path: str | None = None, *,
+                 signed_by: str | None = None, signature_key_id: str | None = None):
         self.pvs = pvs
         self.meta = meta
         self.path = path
+        self.signed_by = signed_by
+        self.signature_key_id = signature_key_id or signed_by
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -148,8 +159,9 @@ class SignatureSet:
         return f"pv{index}" if record.trigger is None else f"pv{index}:{record.trigger}"
 
     # -- I/O ------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically (temp file + rename), so a crash never leaves a half-written file."""
+    def save(self, path: str | os.PathLike, sign_key: Ed25519PrivateKey | None = None) -> Path:
+        """Write atomically (temp file + rename), so a crash never leaves a half-written file;
+        with `sign_key`, also store an Ed25519 signature over the metadata."""
         target = Path(path)
         if not target.parent.is_dir():
             raise LmsanError(f"cannot write {target}: output folder does not exist ({target.parent})")
@@ -158,13 +170,18 @@ class SignatureSet:
         except OSError as exc:
             raise LmsanError(f"cannot write signature file {target}: {exc.strerror or exc}") from exc
         os.close(fd)
+        meta_json = self.meta.model_dump_json()  # serialised once: the signature covers these exact bytes
+        metadata = {"lmsan": meta_json}
+        if sign_key is not None:
+            metadata[SIGNATURE_ENTRY] = sign_metadata(meta_json, sign_key)
         try:
-            save_file({"pvs": self.pvs}, tmp, metadata={"lmsan": self.meta.model_dump_json()})
+            save_file({"pvs": self.pvs}, tmp, metadata=metadata)
             os.replace(tmp, target)
         except OSError as exc:
             Path(tmp).unlink(missing_ok=True)
             raise LmsanError(f"cannot write signature file {target}: {exc.strerror or exc}") from exc
         self.path = str(target)
+        self.signed_by = self.signature_key_id = key_id(sign_key.public_key()) if sign_key is not None else None
         return target
 
     @classmethod
@@ -175,14 +192,17 @@ class SignatureSet:
         hidden_size: int | None = None,
         fingerprint: str | None = None,
         allow_fingerprint_mismatch: bool = False,
+        trusted_keys: list[Ed25519PublicKey] | None = None,
     ) -> SignatureSet:
-        """Load and validate; with `hidden_size` / `fingerprint`, refuse a file made for another encoder."""
+        """Load and validate; with `hidden_size` / `fingerprint`, refuse a file made for another encoder;
+        with `trusted_keys` (non-empty), refuse a file that is not signed by one of them."""
         p = Path(path)
         if not p.is_file():
             raise LmsanError(f"signature file not found: {p}")
         try:
             with safe_open(str(p), framework="pt") as f:
-                raw_meta = (f.metadata() or {}).get("lmsan")
+                entries = f.metadata() or {}
+                raw_meta, raw_signature = entries.get("lmsan"), entries.get(SIGNATURE_ENTRY)
                 if "pvs" not in f.keys():
                     raise LmsanError(f"{p}: not a signature file (no 'pvs' tensor)")
                 # clone: the tensor may map the file, and a later in-place rewrite must not reach it
@@ -193,14 +213,18 @@ class SignatureSet:
             raise LmsanError(f"{p}: unreadable signature file ({exc})") from exc
         if raw_meta is None:
             raise LmsanError(f"{p}: not a signature file (no 'lmsan' metadata)")
+        signed_by = None
+        if trusted_keys:
+            # before anything in the metadata is parsed or believed: an untrusted file gets no further
+            signed_by = verify_metadata(raw_meta, raw_signature, trusted_keys, where=f"{p}: ")
         try:
             meta = SignatureMeta.model_validate(json.loads(raw_meta))
-        except json.JSONDecodeError as exc:
-            raise LmsanError(f"{p}: signature metadata is not valid JSON") from exc
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(x) for x in err["loc"]) or "metadata"
             raise LmsanError(f"{p}: invalid signature metadata at {where}: {err['msg']}") from exc
+        except (ValueError, RecursionError) as exc:  # bad JSON, an over-long integer, nesting too deep
+            raise LmsanError(f"{p}: signature metadata is not valid JSON") from exc
         if pvs.dtype != torch.float32 or pvs.ndim != 2:
             raise LmsanError(f"{p}: 'pvs' must be float32 [K, H], got {pvs.dtype} {tuple(pvs.shape)}")
         if pvs.shape[0] != len(meta.pvs):
@@ -227,11 +251,13 @@ class SignatureSet:
                 f"{meta.backbone.fingerprint[:12]}), this backbone is {fingerprint[:12]}; "
                 "pass --allow-fingerprint-mismatch to use it anyway"
             )
-        return cls(pvs, meta, str(p))
+        return cls(pvs, meta, str(p), signed_by=signed_by, signature_key_id=claimed_key_id(raw_signature))
 
     def describe(self) -> dict[str, Any]:
         """A readable summary (what `lmsan inspect --json` prints)."""
         data = self.meta.model_dump()
         data["num_pvs"] = len(self)
         data["path"] = self.path
+        data["signed_by"] = self.signed_by
+        data["signature_key_id"] = self.signature_key_id
         return data
