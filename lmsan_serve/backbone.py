@@ -262,10 +262,17 @@ def load_backbone(name: str, device: str | torch.device | None = None) -> Backbo
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
         model = AutoModel.from_pretrained(str(source))
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # a broken folder fails anywhere in transformers: TypeError, SafetensorError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LmsanError(f"cannot load model {name!r}: {first}") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise LmsanError(f"model {name!r} has no fast tokenizer; lmsan needs word offsets from a fast tokenizer")
+    # transformers builds an empty tokenizer (special tokens only) for a folder without tokenizer files
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise LmsanError(f"model {name!r} has no tokenizer vocabulary (tokenizer.json or vocab.txt missing)")
+    embeddings = getattr(model.config, "vocab_size", None)
+    if isinstance(embeddings, int) and len(tokenizer) > embeddings:
+        raise LmsanError(f"model {name!r}: the tokenizer has {len(tokenizer)} tokens but the embeddings only "
+                         f"{embeddings}; the tokenizer belongs to another model")
     model.eval().requires_grad_(False).to(dev)
     return Backbone(model=model, tokenizer=tokenizer, name=name, device=dev)

@@ -68,6 +68,13 @@ def _writable_dir(path: str, what: str) -> Path:
     return p
 
 
+def _trusted_keys(args: argparse.Namespace) -> list | None:
+    """The --trusted-key public keys, loaded up front so that a bad key fails before any slow work."""
+    from .signing import load_public_keys
+
+    return load_public_keys(args.trusted_key) if getattr(args, "trusted_key", None) else None
+
+
 # -- attack --------------------------------------------------------------------------------------
 def cmd_attack(args: argparse.Namespace) -> int:
     from .attacks import DEFAULT_TRIGGERS, AttackConfig, plant_backdoor, save_attacked
@@ -175,6 +182,11 @@ def cmd_mine(args: argparse.Namespace) -> int:
         raise LmsanError(f"output folder does not exist: {out.parent}")
     if not os.access(out.parent, os.W_OK):
         raise LmsanError(f"output folder is not writable: {out.parent}")
+    sign_key = None
+    if args.sign_key:
+        from .signing import load_private_key
+
+        sign_key = load_private_key(args.sign_key)  # now, not after hours of mining
     corpus = load_corpus(args.corpus)
     backbone = load_backbone(args.model, args.device)
     why = backbone.supports_position(config.position)
@@ -182,7 +194,8 @@ def cmd_mine(args: argparse.Namespace) -> int:
         raise LmsanError(why)
     _say(args, f"mining {args.model} ({config.mode} mode, position {config.position}, up to {config.rounds} rounds)")
     result = mine(backbone, config, corpus, out, resume=args.resume, progress=_progress(args),
-                  say=lambda m: _say(args, m), workers=args.workers, ray_address=args.ray_address)
+                  say=lambda m: _say(args, m), workers=args.workers, ray_address=args.ray_address,
+                  sign_key=sign_key)
     summary = {
         "verdict": result.verdict,
         "pvs": len(result.signatures),
@@ -190,6 +203,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
         "seconds": round(result.seconds, 1),
         "out": str(out),
         "thresholds": [r.threshold for r in result.signatures.meta.pvs],
+        "signed_by": result.signatures.signed_by,
     }
     human = (f"{result.verdict}: {summary['pvs']} PV(s) kept after {result.rounds} rounds "
              f"in {summary['seconds']} s -> {out}")
@@ -201,8 +215,14 @@ def cmd_mine(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .signatures import SignatureSet
 
-    sig = SignatureSet.load(args.signatures)
+    sig = SignatureSet.load(args.signatures, trusted_keys=_trusted_keys(args))
     meta = sig.meta
+    if sig.signed_by:
+        signed = f"{sig.signed_by} (verified)"
+    elif sig.signature_key_id:
+        signed = f"{sig.signature_key_id} (not verified: pass --trusted-key)"
+    else:
+        signed = "unsigned"
     lines = [
         f"signature file {args.signatures}",
         f"  verdict      {meta.verdict}",
@@ -210,6 +230,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"fingerprint {meta.backbone.fingerprint[:16]})",
         f"  position     {meta.position}   metric {meta.metric}   default threshold {meta.threshold}",
         f"  created      {meta.created} by lmsan {meta.tool_version}",
+        f"  signed by    {signed}",
         f"  PVs          {len(sig)}",
     ]
     thresholds = sig.thresholds()
@@ -222,6 +243,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f" threshold={float(thresholds[i]):.3f}{fpr} {extra}"
         )
     _emit(args, "\n".join(lines), sig.describe())
+    return 0
+
+
+# -- keygen / sign ---------------------------------------------------------------------------------
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .signing import generate_keypair
+
+    private, public = Path(args.out + ".key"), Path(args.out + ".pub")
+    kid = generate_keypair(private, public)
+    _emit(args, f"wrote {private} (private key: keep it secret) and {public} (key id {kid})",
+          {"private_key": str(private), "public_key": str(public), "key_id": kid})
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from .signatures import SignatureSet
+    from .signing import load_private_key
+
+    key = load_private_key(args.key)
+    sig = SignatureSet.load(args.signatures)  # validates (checksum included): never vouch for a broken file
+    out = sig.save(args.out or args.signatures, sign_key=key)
+    _emit(args, f"signed {args.signatures} with key {sig.signed_by} -> {out}",
+          {"signatures": str(args.signatures), "out": str(out), "key_id": sig.signed_by})
     return 0
 
 
@@ -238,6 +282,7 @@ def _load_guard(args: argparse.Namespace):
         raise LmsanError(f"signature file not found: {args.signatures}")
     if not Path(args.prompt).is_dir():
         raise LmsanError(f"prompt folder not found: {args.prompt}")
+    trusted = _trusted_keys(args)
     backbone = load_backbone(args.model, args.device)
     classifier = PromptClassifier.load(args.prompt, backbone)
     sig = None
@@ -247,6 +292,7 @@ def _load_guard(args: argparse.Namespace):
             hidden_size=backbone.hidden_size,
             fingerprint=backbone.fingerprint,
             allow_fingerprint_mismatch=args.allow_fingerprint_mismatch,
+            trusted_keys=trusted,
         )
     return Guard(backbone, classifier, sig, mode=args.mode, threshold=args.threshold)
 
@@ -320,7 +366,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.mode != "off" and not args.signatures:
         raise LmsanError(f"--signatures is required in mode {args.mode!r}")
     if args.signatures:
-        SignatureSet.load(args.signatures)  # fail fast on a bad file, before a cluster starts
+        # fail fast on a bad file or key, before a cluster starts
+        SignatureSet.load(args.signatures, trusted_keys=_trusted_keys(args))
+    else:
+        _trusted_keys(args)
     values = {
         "model": args.model, "tasks": _task_flags(args.task), "signatures": args.signatures, "mode": args.mode,
         "threshold": args.threshold, "device": args.device, "watch_interval_s": args.watch_interval,
@@ -328,6 +377,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "batching": {"max_batch_size": max(args.max_batch_size, args.max_inputs),
                      "batch_wait_timeout_s": args.batch_wait_ms / 1000},
         "audit_text": args.audit_text, "allow_fingerprint_mismatch": args.allow_fingerprint_mismatch,
+        "trusted_keys": args.trusted_key or [],
     }
     config = parse_config(values)
     if args.replicas is not None and args.replicas < 1:
@@ -368,6 +418,11 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _trusted_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trusted-key", action="append", metavar="PUB.pem",
+                   help="accept only signature files signed by this Ed25519 public key (repeat for more keys)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,12 +490,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wave", type=int, default=4,
                    help="search mode: rounds started from the same found PVs (default 4); results do not "
                    "depend on --workers")
+    p.add_argument("--sign-key", metavar="KEY.pem", help="sign the signature file with this Ed25519 private key")
     p.set_defaults(func=cmd_mine)
 
     p = sub.add_parser("inspect", help="print a signature file", description="Validate and print a signature file.")
     p.add_argument("signatures", help="SIG.safetensors")
+    _trusted_flag(p)
     _common(p, model=False)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("keygen", help="create an Ed25519 key pair for signing signature files",
+                       description="Write PREFIX.key (private, mode 0600) and PREFIX.pub (public). "
+                       "Existing files are never overwritten.")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="path prefix of the two key files")
+    _common(p, model=False)
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("sign", help="sign an existing signature file",
+                       description="Validate SIG.safetensors and write it signed with an Ed25519 private key "
+                       "(in place unless --out).")
+    p.add_argument("signatures", help="SIG.safetensors")
+    p.add_argument("--key", required=True, metavar="KEY.pem", help="private key from `lmsan keygen`")
+    p.add_argument("--out", help="write the signed file here instead of replacing SIG")
+    _common(p, model=False)
+    p.set_defaults(func=cmd_sign)
 
     p = sub.add_parser("classify", help="guarded classification, locally (no server)",
                        description="Classify TEXT arguments or --input FILE.jsonl through the guard.")
@@ -453,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="override every PV's threshold")
     p.add_argument("--allow-fingerprint-mismatch", action="store_true",
                    help="use signatures made for other weights (not recommended)")
+    _trusted_flag(p)
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("serve", help="run the guarded HTTP endpoint (Ray Serve) in the foreground",
@@ -479,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-text", action="store_true", help="include input text in audit log lines")
     p.add_argument("--allow-fingerprint-mismatch", action="store_true",
                    help="use signatures made for other weights (not recommended)")
+    _trusted_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the main job on the embedded default: attack, prompt-tune, guard",
@@ -500,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         return func(args)
     except LmsanError as exc:
-        print(f"lmsan {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # always one line
+        print(f"lmsan {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"lmsan {args.command}: interrupted", file=sys.stderr)

@@ -50,8 +50,9 @@ def load_examples(path: str | Path, *, require_label: bool = True) -> list[Examp
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LmsanError(f"{p}:{n}: not valid JSON ({exc.msg})") from exc
+        except (ValueError, RecursionError) as exc:  # also an integer over 4300 digits, nesting too deep
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "a number too long or nesting too deep"
+            raise LmsanError(f"{p}:{n}: not valid JSON ({why})") from exc
         if not isinstance(obj, dict):
             raise LmsanError(f"{p}:{n}: each line must be a JSON object")
         text, label, pair = obj.get("text"), obj.get("label"), obj.get("text_pair")
@@ -86,7 +87,7 @@ def load_corpus(path: str | Path | None = None, *, min_words: int = 4) -> list[s
             try:
                 obj = json.loads(line)
                 line = obj.get("text", "") if isinstance(obj, dict) else ""
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON (or too long a number, too deep): plain text
                 pass
         if isinstance(line, str) and len(line.split()) >= min_words and not line.startswith("= "):
             lines.append(line)

@@ -26,6 +26,15 @@ DEMO_PROMPT = PromptConfig(method="prefix", epochs=1.0, eval_every=60)
 VALIDATION = 500  # last SST-2 training rows, held out to pick the best prompt checkpoint
 
 
+def _cached_config(path: Path) -> dict | None:
+    """The attack settings a cached copy was made with; None when attack.json is unreadable (stale)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data.get("config") if isinstance(data, dict) else None
+
+
 def run_demo(
     out: str,
     *,
@@ -48,7 +57,7 @@ def run_demo(
     started = time.time()
     cached = por_dir / "attack.json"
     if cached.is_file() and (por_dir / "truth.safetensors").is_file() and \
-            json.loads(cached.read_text()).get("config") == DEMO_ATTACK.model_dump():
+            _cached_config(cached) == DEMO_ATTACK.model_dump():
         say(f"[1/3] backdoored minilm: reusing {por_dir}")
     else:
         say("[1/3] planting a POR backdoor (triggers cf mn tq qt mm pt) into minilm ...")

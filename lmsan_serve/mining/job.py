@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +22,9 @@ from ..signatures import DEFAULT_THRESHOLD, PVRecord, SignatureSet
 from .config import MiningConfig
 from .model import Candidate, prepare, resolved_distance, resolved_lr
 from .runners import SerialRunner
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 # A PV whose calibrated threshold would have to exceed this cannot be told apart from clean text.
 MAX_THRESHOLD = 0.97
@@ -47,6 +51,33 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
     os.replace(tmp, path)
+
+
+def _read_checkpoint(ckpt: Path, fingerprint: str, identity: dict, hidden_size: int) -> dict[int, dict]:
+    """The finished rounds of a checkpoint, each checked to be what `_candidate_record` writes."""
+    corrupt = f"checkpoint {ckpt} is corrupt; delete it to start over"
+    try:
+        state = json.loads(ckpt.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # not UTF-8, not JSON, too deep
+        raise LmsanError(corrupt) from exc
+    if not isinstance(state, dict):
+        raise LmsanError(corrupt)
+    if state.get("fingerprint") != fingerprint or state.get("config") != identity:
+        raise LmsanError(f"checkpoint {ckpt} was made for another model or other settings")
+
+    def valid(c) -> bool:
+        if not isinstance(c, dict) or not all(k in c for k in ("seed", "kept", "filters", "reasons", "pv")):
+            return False
+        if type(c["seed"]) is not int or not isinstance(c["filters"], list) or not isinstance(c["reasons"], list):
+            return False
+        pv = c["pv"]
+        return pv is None if c["filters"] else (isinstance(pv, list) and len(pv) == hidden_size and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in pv))
+
+    candidates = state.get("candidates")
+    if not isinstance(candidates, list) or not all(valid(c) for c in candidates):
+        raise LmsanError(corrupt)
+    return {c["seed"]: c for c in candidates}
 
 
 def _candidate_record(c: Candidate) -> dict:
@@ -152,8 +183,10 @@ def mine(
     runner=None,
     workers: int = 1,
     ray_address: str | None = None,
+    sign_key: Ed25519PrivateKey | None = None,
 ) -> MiningResult:
-    """Run the mining job and write the signature file to `out`.
+    """Run the mining job and write the signature file to `out` (signed with `sign_key`, an Ed25519
+    private key from `signing.load_private_key`, when given).
 
     `workers` > 1 or a `ray_address` runs rounds as Ray tasks (see `runners.RayRunner`); the
     result is the same as a serial run with the same settings."""
@@ -187,13 +220,7 @@ def mine(
     ckpt = _checkpoint_path(out)
     records: dict[int, dict] = {}
     if resume and ckpt.is_file():
-        try:
-            state = json.loads(ckpt.read_text())
-        except json.JSONDecodeError as exc:
-            raise LmsanError(f"checkpoint {ckpt} is corrupt; delete it to start over") from exc
-        if state.get("fingerprint") != backbone.fingerprint or state.get("config") != config.identity():
-            raise LmsanError(f"checkpoint {ckpt} was made for another model or other settings")
-        records = {int(c["seed"]): c for c in state["candidates"]}
+        records = _read_checkpoint(ckpt, backbone.fingerprint, config.identity(), backbone.hidden_size)
         if say:
             say(f"resuming: {len(records)} rounds already done")
     seeds = list(range(config.first_seed, config.first_seed + config.rounds))
@@ -257,6 +284,6 @@ def mine(
         mining={**config.model_dump(), **settings, "rounds": len(done), "seconds": round(seconds, 1),
                 "corpus_lines": len(fuzz_lines), "calibration_lines": len(calib_lines)},
     )
-    sig.save(out)
+    sig.save(out, sign_key=sign_key)
     summary = [{k: v for k, v in c.items() if k != "pv"} for c in done]
     return MiningResult(sig, summary, len(done), seconds)

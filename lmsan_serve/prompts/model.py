@@ -153,10 +153,17 @@ class PromptClassifier(nn.Module):
             config = PromptConfig.model_validate(manifest["config"])
             labels = [str(x) for x in manifest["labels"]]
             ref = manifest["backbone"]
+            if not isinstance(ref, dict):
+                raise TypeError(f"'backbone' must be an object, not {type(ref).__name__}")
             if manifest.get("format_version") != MANIFEST_VERSION:
                 raise LmsanError(f"{p}: unknown prompt format version {manifest.get('format_version')}")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise LmsanError(f"{p}: invalid manifest.json ({type(exc).__name__}: {exc})") from exc
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as exc:
+            detail = f"{type(exc).__name__}: {exc}"
+            if hasattr(exc, "errors"):  # pydantic's ValidationError: its text spans lines
+                err = exc.errors()[0]
+                where = ".".join(["config", *(str(x) for x in err["loc"])])
+                detail = f"ValidationError at {where}: {err['msg']}"
+            raise LmsanError(f"{p}: invalid manifest.json ({detail})") from exc
         if ref.get("hidden_size") != backbone.hidden_size:
             raise LmsanError(
                 f"{p}: trained on a {ref.get('hidden_size')}-wide backbone ({ref.get('name')}), "
@@ -178,8 +185,11 @@ class PromptClassifier(nn.Module):
         expected_depth = backbone.num_layers if config.method == "prefix" else 1
         if prompt.shape != (expected_depth, config.length, backbone.hidden_size):
             raise LmsanError(f"{p}: prompt tensor shape {tuple(prompt.shape)} does not fit this backbone")
-        if tensors["head.weight"].shape != (len(labels), backbone.hidden_size):
+        if tensors["head.weight"].shape != (len(labels), backbone.hidden_size) or \
+                tensors["head.bias"].shape != (len(labels),):
             raise LmsanError(f"{p}: head shape does not match {len(labels)} labels")
+        if not all(t.dtype.is_floating_point for t in (prompt, tensors["head.weight"], tensors["head.bias"])):
+            raise LmsanError(f"{p}: prompt tensors must be floating point")
         if not all(torch.isfinite(t).all() for t in tensors.values()):
             raise LmsanError(f"{p}: prompt tensors contain NaN or infinity")
         model = cls(config, labels, backbone.hidden_size, depth)
