@@ -10,13 +10,13 @@ label returned after purging is wrong.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from .data import Example, insert_trigger, text_pairs
+from .adaptive import PAIR_ONLY, VARIANTS, attacked_examples
+from .data import Example, text_pairs
 from .guard import Guard, GuardResult, GuardStats
 
 
@@ -43,7 +43,7 @@ class GuardEvaluation:
     blocked: int
     purged: int
     detections: int  # triggered inputs flagged
-    correct: int  # clean inputs the unguarded model gets right (ASR denominator)
+    correct: int  # clean inputs the unguarded model gets right, with a valid control (ASR denominator)
     inputs: int
     triggers: list[str]
     guard_seconds_per_input: float
@@ -66,38 +66,58 @@ class GuardEvaluation:
         return "\n".join(lines)
 
 
+@dataclass
+class CleanRuns:
+    """The clean inputs classified with the guard off and on, shared by every trigger variant."""
+
+    off: list[GuardResult]
+    on: list[GuardResult]
+    stats: GuardStats
+
+
+def run_clean(guard: Guard, examples: list[Example], *, batch_size: int = 64, progress: bool = True) -> CleanRuns:
+    mode = guard.mode
+    stats = GuardStats()
+    try:
+        guard.mode = "off"
+        off = _run(guard, examples, batch_size, "clean, guard off", progress, GuardStats())
+        guard.mode = "enforce"
+        on = _run(guard, examples, batch_size, "clean, guard on", progress, stats)
+    finally:
+        guard.mode = mode
+    return CleanRuns(off, on, stats)
+
+
 def evaluate_guard(
     guard: Guard,
     examples: list[Example],
     triggers: list[str],
     *,
+    variant: str = "plain",
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
+    clean: CleanRuns | None = None,
 ) -> GuardEvaluation:
+    """`variant` names how each trigger is put in (`adaptive.VARIANTS`; `plain`: the paper's protocol)."""
     started = time.time()
     mode = guard.mode
-    stats = GuardStats()
+    clean = clean or run_clean(guard, examples, batch_size=batch_size, progress=progress)
+    clean_off, clean_on, stats = clean.off, clean.on, clean.stats
+    correct = [i for i, (r, e) in enumerate(zip(clean_off, examples, strict=True)) if r.label == e.label]
+    made = attacked_examples(variant, [examples[i] for i in correct], triggers, seed)
     try:
         guard.mode = "off"
-        clean_off = _run(guard, examples, batch_size, "clean, guard off", progress, GuardStats())
-        guard.mode = "enforce"
-        clean_on = _run(guard, examples, batch_size, "clean, guard on", progress, stats)
-        correct = [i for i, (r, e) in enumerate(zip(clean_off, examples, strict=True)) if r.label == e.label]
-        rng = random.Random(seed)
-        attacked: list[Example] = []
-        owner: list[int] = []
-        for i in correct:
-            e = examples[i]
-            for trig in triggers:
-                # Sentence pairs: the trigger goes into the first text, as the reference does.
-                attacked.append(Example(insert_trigger(e.text, trig, rng), e.label, e.text_pair))
-                owner.append(i)
-        guard.mode = "off"
-        trig_off = _run(guard, attacked, batch_size, "triggered, guard off", progress, GuardStats())
+        if variant != "plain":  # plain's control is the clean text itself, already right
+            controls = _run(guard, [c for _, _, c in made], batch_size, f"{variant} control", progress,
+                            GuardStats())
+            made = [m for m, c in zip(made, controls, strict=True) if c.label == m[2].label]
+        owner = [correct[j] for j, _, _ in made]
+        attacked = [a for _, a, _ in made]
+        trig_off = _run(guard, attacked, batch_size, f"{variant}, guard off", progress, GuardStats())
         guard.mode = "enforce"
         trig_stats = GuardStats()
-        trig_on = _run(guard, attacked, batch_size, "triggered, guard on", progress, trig_stats)
+        trig_on = _run(guard, attacked, batch_size, f"{variant}, guard on", progress, trig_stats)
     finally:
         guard.mode = mode
     n = len(examples)
@@ -117,7 +137,7 @@ def evaluate_guard(
                 type2 += 1
             else:
                 type1 += 1
-    denom = max(1, len(correct))
+    denom = max(1, len(set(owner)))
     return GuardEvaluation(
         cacc_off=sum(r.label == e.label for r, e in zip(clean_off, examples, strict=True)) / n,
         cacc_on=sum(r.label == e.label for r, e in zip(clean_on, examples, strict=True)) / n,
@@ -130,10 +150,29 @@ def evaluate_guard(
         blocked=blocked,
         purged=purged,
         detections=flagged,
-        correct=len(correct),
+        correct=len(set(owner)),
         inputs=n,
         triggers=list(triggers),
         guard_seconds_per_input=(stats.guard_seconds + trig_stats.guard_seconds) / max(1, n + len(attacked)),
         purge_passes_per_flagged=trig_stats.purge_passes / max(1, trig_stats.flagged),
         seconds=round(time.time() - started, 1),
     )
+
+
+def evaluate_adaptive(
+    guard: Guard,
+    examples: list[Example],
+    triggers: list[str],
+    variants: list[str] | None = None,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, GuardEvaluation]:
+    """ASR with the guard off and on for each adaptive trigger variant; the clean runs are shared.
+    Pair-only variants are skipped on single-text examples."""
+    paired = all(e.text_pair for e in examples)
+    names = [v for v in (variants or list(VARIANTS)) if paired or v not in PAIR_ONLY]
+    clean = run_clean(guard, examples, batch_size=batch_size, progress=progress)
+    return {v: evaluate_guard(guard, examples, triggers, variant=v, seed=seed, batch_size=batch_size,
+                              progress=progress, clean=clean) for v in names}

@@ -27,7 +27,7 @@ MODES: tuple[str, ...] = ("enforce", "flag", "block", "off")
 @dataclass
 class Verdict:
     flagged: bool
-    action: str  # pass | purged | blocked | flagged | off
+    action: str  # pass | purged | blocked | flagged | off (| unguarded: served under fail_open)
     signature: str | None = None  # matched PV
     match: float | None = None  # its score
     removed: list[str] = field(default_factory=list)
@@ -54,6 +54,7 @@ class GuardStats:
     guard_seconds: float = 0.0  # time the guard added on top of the classifying pass
     purge_passes: int = 0
     purge_variants: int = 0
+    purge_bound_hits: int = 0  # flagged inputs whose purge stopped at the work bound
     match_scores: list[float] = field(default_factory=list)
 
 
@@ -141,7 +142,7 @@ class Guard:
                 results.append(GuardResult(lab, sc, Verdict(flagged=False, action="pass", match=score)))
                 continue
             flagged_rows.append(i)
-            verdict = Verdict(flagged=True, action=self.mode, signature=sig.label(best), match=score)
+            verdict = Verdict(flagged=True, action=self.mode, signature=self.monitor.label(best), match=score)
             if self.mode == "flag":
                 verdict.action = "flagged"
                 results.append(GuardResult(lab, sc, verdict))
@@ -196,6 +197,7 @@ class Guard:
             verdict.removed = res.removed
             if not res.ok:
                 verdict.reason = f"could not purge: {res.reason}"
+                stats.purge_bound_hits += int(res.exhausted)
                 continue
             text = remove_units(batch.texts[r], batch.unit_spans[r], res.drop_units, 0)
             pair = (

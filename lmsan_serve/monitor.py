@@ -3,10 +3,18 @@
 The paper's score is the fraction of hidden dimensions whose signs agree with a PV; with +/-1 signs
 that is (1 + cos_sign) / 2 = (H + s(x) . s(pv)) / (2H), so all inputs and all PVs are scored by
 one product of sign matrices. Cosine similarity is offered as an alternative metric.
+
+Several different triggers in one input pull the output towards a blend of their PVs that may
+match none of them above the threshold (measured on the demo's POR minilm: three triggers got
+past a PV-only monitor 65% of the time). With the sign metric the monitor therefore also scores
+each pair and triple of PVs on the dimensions where their signs agree: a blend keeps those signs,
+a clean output does not. A combination flags above the strictest threshold of its members plus
+`COMBO_MARGIN`, since it is scored on fewer dimensions.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +40,23 @@ def cosine(features: torch.Tensor, pvs: torch.Tensor) -> torch.Tensor:
 
 
 METRICS = {"sign": sign_agreement, "cosine": cosine}
+COMBO_MARGIN = 0.1
+MAX_COMBOS = 256
+MIN_COMMON_FRACTION = 1 / 16  # combinations agreeing on fewer dimensions are too noisy to score
+
+
+def pv_combinations(pvs: torch.Tensor, max_size: int = 3, limit: int = MAX_COMBOS) -> list[tuple[int, ...]]:
+    """Pairs, then triples, of PVs whose signs agree on enough dimensions, at most `limit` of them."""
+    signs = _signs(pvs)
+    need = max(8, int(pvs.shape[1] * MIN_COMMON_FRACTION))
+    out: list[tuple[int, ...]] = []
+    for size in range(2, max_size + 1):
+        for combo in itertools.combinations(range(pvs.shape[0]), size):
+            if len(out) >= limit:
+                return out
+            if int((signs[list(combo)] == signs[combo[0]]).all(dim=0).sum()) >= need:
+                out.append(combo)
+    return out
 
 
 @dataclass
@@ -44,26 +69,55 @@ class MonitorResult:
 
 class Monitor:
     """Scores output vectors against a signature set; flags a vector when any PV's score exceeds
-    that PV's threshold (calibrated per PV in the file, else the file's default, else `threshold`)."""
+    that PV's threshold (calibrated per PV in the file, else the file's default, else `threshold`),
+    or, with the sign metric, when a blend of two or three PVs does (see the module notes).
+    Indexes past the PVs name combinations: `label(index)` reads them."""
 
-    def __init__(self, signatures: SignatureSet, threshold: float | None = None, device: torch.device | None = None):
+    def __init__(self, signatures: SignatureSet, threshold: float | None = None, device: torch.device | None = None,
+                 combinations: bool = True):
         self.signatures = signatures
         self.metric = METRICS[signatures.metric]
         dev = device or torch.device("cpu")
         self.pvs = signatures.pvs.to(dev)
         self.thresholds = signatures.thresholds(threshold).to(dev)
+        self.combos = pv_combinations(signatures.pvs) if combinations and signatures.metric == "sign" else []
+        signs = _signs(signatures.pvs)
+        masked, counts, limits = [], [], []
+        for combo in self.combos:
+            common = (signs[list(combo)] == signs[combo[0]]).all(dim=0)
+            masked.append(signs[combo[0]] * common)
+            counts.append(int(common.sum()))
+            limits.append(min(1.0, float(self.thresholds[list(combo)].max()) + COMBO_MARGIN))
+        self._combo_signs = torch.stack(masked).to(dev) if masked else None
+        self._combo_counts = torch.tensor(counts, dtype=torch.float32, device=dev)
+        self._combo_thresholds = torch.tensor(limits, dtype=torch.float32, device=dev)
+
+    def label(self, index: int) -> str:
+        k = len(self.signatures)
+        if index < k:
+            return self.signatures.label(index)
+        return "+".join(self.signatures.label(i) for i in self.combos[index - k])
 
     def __call__(self, features: torch.Tensor) -> MonitorResult:
         n = features.shape[0]
         if self.pvs.shape[0] == 0:
             zeros = torch.zeros(n, device=features.device)
             return MonitorResult(zeros.bool(), torch.full((n,), -1, device=features.device), zeros, zeros - 1)
-        scores = self.metric(features.detach().float(), self.pvs.to(features.device))
-        margins = scores - self.thresholds.to(features.device)
-        margin, best_margin_idx = margins.max(dim=1)
-        score, best = scores.max(dim=1)
-        # Report the PV that is over its threshold when one is; else the closest by score.
+        feats = features.detach().float()
+        scores = self.metric(feats, self.pvs.to(feats.device))
+        margins = scores - self.thresholds.to(feats.device)
+        if self._combo_signs is not None:
+            counts = self._combo_counts.to(feats.device)
+            combo = (_signs(feats) @ self._combo_signs.to(feats.device).T + counts) / (2 * counts)
+            scores = torch.cat([scores, combo], dim=1)
+            margins = torch.cat([margins, combo - self._combo_thresholds.to(feats.device)], dim=1)
+        k = self.pvs.shape[0]
+        margin = margins.max(dim=1).values
+        # Name a PV over its threshold when there is one, else the combination over its own, else
+        # the closest PV by score.
+        single_margin, single_idx = margins[:, :k].max(dim=1)
+        over = torch.where(single_margin > 0, single_idx, margins.argmax(dim=1))
         flagged = margin > 0
-        best = torch.where(flagged, best_margin_idx, best)
+        best = torch.where(flagged, over, scores[:, :k].argmax(dim=1))
         score = scores.gather(1, best[:, None]).squeeze(1)
         return MonitorResult(flagged, best, score, margin)

@@ -53,6 +53,7 @@ class PurifyResult:
     tentative: bool = False  # one word found and not yet verified: the caller's own pass verifies it
     found_types: set[int] = field(default_factory=set)  # for a follow-up call (`start_from`)
     grouped: bool = False  # the group tests (1a/1b) ran for this row
+    exhausted: bool = False  # stopped by the work bound (variants or rounds), not by a verdict
 
 
 @dataclass
@@ -202,6 +203,7 @@ class Purifier:
             for r in pending:
                 if r not in best:
                     results[r].reason = f"search budget of {self.max_variants} variants exhausted"
+                    results[r].exhausted = True
                     continue
                 m, t = best[r]
                 if t is not None:
@@ -213,6 +215,7 @@ class Purifier:
             pending = still
         for r in pending:
             results[r].reason = results[r].reason or f"still flagged after {self.max_rounds} deletion rounds"
+            results[r].exhausted = True
 
         # 4. prune: a clean word can test positive alone (short inputs give odd outputs); drop
         # every found word whose deletion is not needed, if the smaller set still silences.

@@ -283,6 +283,18 @@ _RULE_CASES = [
              "exp_alerts": [{"exp_labels": {"severity": "critical", "task": "sst2"}}]},
         ],
     },
+    {   # fail_open served inputs unguarded on sst2 from minute 10; guarded traffic on other only
+        "input_series": [
+            {"series": 'ray_lmsan_requests_total{task="sst2",action="unguarded",WorkerId="w1"}',
+             "values": "_x10 3+3x10"},
+            {"series": 'ray_lmsan_requests_total{task="other",action="pass",WorkerId="w1"}', "values": "0+5x20"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "5m", "alertname": "LmsanAnsweredUnguarded", "exp_alerts": []},
+            {"eval_time": "12m", "alertname": "LmsanAnsweredUnguarded",
+             "exp_alerts": [{"exp_labels": {"severity": "critical", "task": "sst2"}}]},
+        ],
+    },
     {   # 10% of guarded inputs flagged on sst2, 1% on other
         "input_series": [
             {"series": 'ray_lmsan_requests_total{task="sst2",action="pass",WorkerId="w1"}', "values": "0+90x20"},

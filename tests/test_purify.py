@@ -82,6 +82,7 @@ def test_work_is_bounded_and_failure_is_reported():
     batch = encode(tok, [text])
     results, stats = Purifier(max_rounds=2, max_variants=50).purify(batch, [0], always)
     assert not results[0].ok and ("budget" in results[0].reason or "rounds" in results[0].reason)
+    assert results[0].exhausted
     assert results[0].variants <= 8 + 50 + 1  # groups, singles and rounds, verify
     assert stats.passes <= 6 + 2
     # with ranked candidates and a follow-up call, the budget is shared and the bound still holds

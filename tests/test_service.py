@@ -8,6 +8,7 @@ import logging
 import shutil
 
 import pytest
+import torch
 
 from lmsan_serve import load_backbone
 from lmsan_serve.errors import LmsanError
@@ -165,3 +166,50 @@ def test_prompt_cache_evicts_least_recently_used(files, backbone):
     assert svc.prompts.loads == 3 and svc.prompts.loaded() == ["sst"]
     info = {t["name"]: t for t in svc.tasks_info()}
     assert info["sst"]["loaded"] and not info["shadow"]["loaded"] and info["sst"]["labels"] == ["neg", "pos"]
+
+
+def test_fail_open_answers_unguarded_says_so_and_counts(files, backbone, monkeypatch, caplog):
+    svc = service(files, backbone, fail_open=True)
+    expected = [r.label for r in Guard(backbone, svc.prompts.get("sst", files["prompt"]), None, mode="off")
+                .classify(TRIGGERED)]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated fault")
+
+    monkeypatch.setattr(Guard, "_features", boom)  # the guarded path fails, plain classification works
+    with caplog.at_level(logging.WARNING, logger="lmsan.serve"):
+        out = svc.classify([ClassifyCall("a", "sst", TRIGGERED)])
+    assert out[0].error is None and [r["label"] for r in out[0].results] == expected
+    assert all(r["guard"]["action"] == "unguarded" and "simulated fault" in r["guard"]["reason"]
+               for r in out[0].results)
+    assert svc.metrics.guard_errors["sst"] == 3 and svc.metrics.requests[("sst", "unguarded")] == 3
+    assert any("answered unguarded" in rec.getMessage() for rec in caplog.records)
+    # the same fault with fail_open off (the default) refuses
+    svc.reconfigure({"signatures": str(files["sig"]), "fail_open": False})
+    assert svc.classify([ClassifyCall("b", "sst", TRIGGERED)])[0].status == 503
+
+
+def test_fail_open_without_signatures_is_degraded_not_down(files, backbone, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a signature file")
+    svc = service(files, backbone, signatures=str(bad), fail_open=True)
+    ok, reason = svc.health()
+    assert ok and reason.startswith("degraded") and "fail_open" in reason
+    out = svc.classify([ClassifyCall("a", "sst", ["simply cf great"])])
+    assert out[0].error is None and out[0].results[0]["guard"]["action"] == "unguarded"
+    svc.reconfigure({"signatures": str(files["sig"]), "fail_open": True})
+    assert svc.health() == (True, "ok")
+    assert svc.classify([ClassifyCall("b", "sst", ["simply cf great"])])[0].results[0]["guard"]["action"] == "purged"
+
+
+def test_inputs_that_hit_the_purge_bound_are_blocked_and_counted(files, backbone, monkeypatch):
+    svc = service(files, backbone)
+    # an adversary whose trigger no deletion silences: every variant stays flagged
+    monkeypatch.setattr(Guard, "_bare_margins", lambda self, ids, *a: torch.ones(ids.shape[0]))
+    decoys = " ".join(f"w{i}" for i in range(300))
+    out = svc.classify([ClassifyCall("a", "sst", [f"cf {decoys}", "simply great"])])
+    stuffed, clean = out[0].results
+    assert stuffed["label"] is None and stuffed["guard"]["action"] == "blocked"
+    assert "exhausted" in stuffed["guard"]["reason"] or "deletion rounds" in stuffed["guard"]["reason"]
+    assert clean["guard"]["action"] == "pass"
+    assert svc.metrics.purge_bound_hits["sst"] == 1 and svc.metrics.purge_failures["sst"] == 1

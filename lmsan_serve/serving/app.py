@@ -21,7 +21,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from .config import ServeConfig, parse_config
@@ -46,7 +48,7 @@ class ClassifyRequest(BaseModel):
 
 class GuardVerdictOut(BaseModel):
     flagged: bool
-    action: str = Field(description="pass | purged | blocked | flagged | off")
+    action: str = Field(description="pass | purged | blocked | flagged | off | unguarded (fail_open)")
     signature: str | None = Field(None, description="the matched PV")
     match: float | None = Field(None, description="best PV match score")
     removed: list[str] = Field(default_factory=list, description="words removed as the trigger")
@@ -86,17 +88,35 @@ def _error(status: int, reason: str, headers: dict | None = None) -> JSONRespons
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    err = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+    # the deepest error names the field: for an object in `inputs`, PairInput's, not "should be a string"
+    err = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={"msg": "invalid request", "loc": ()})
     if err.get("type") == "json_invalid":
         return _error(400, f"request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
     where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
     return _error(422, f"invalid request at {where}: {err['msg']}")
 
 
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # the routing errors (404 unknown path, 405 wrong method, 400 unparsable body) as {"reason"} too
+    reason = str(exc.detail)
+    if exc.status_code == 400 and reason == "There was an error parsing the body":  # FastAPI's words
+        reason = "request body is not valid JSON (not UTF-8, nested too deeply, or a number too long)"
+    return _error(exc.status_code, reason, getattr(exc, "headers", None))
+
+
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error")
     return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # -- deployments -----------------------------------------------------------------------------------
@@ -193,10 +213,19 @@ class LmsanIngress:
                 return _error(413, f"input {i} has {size} characters; at most {limits.max_chars}", headers)
             if not text.strip():
                 return _error(422, f"input {i} is empty", headers)
+            if not _is_unicode(text) or not _is_unicode(pair or ""):
+                # lone surrogates (\ud800 escapes) are valid JSON but no text: the tokenizer would
+                # fail the whole batch, every other request in it included
+                return _error(422, f"input {i} is not valid Unicode text (lone surrogate)", headers)
             texts.append(text)
             pairs.append(pair)
         call = ClassifyCall(rid, body.task, texts, pairs if any(p is not None for p in pairs) else None)
-        result: CallResult = await self.classifier.classify.remote(call)
+        try:
+            result: CallResult = await self.classifier.classify.remote(call)
+        except RayError as exc:  # the replica died or is unreachable mid-request: safe to retry
+            log.warning("classifier call %s failed: %s", rid, type(exc).__name__)
+            return _error(503, f"classifier replica unavailable ({type(exc).__name__}); retry the request",
+                          headers | {"retry-after": "1"})
         if result.error:
             return _error(result.status, result.error, headers)
         return JSONResponse({"request_id": rid, "task": body.task, "results": result.results}, headers=headers)
@@ -216,6 +245,8 @@ class LmsanIngress:
         ok, reason = await self.classifier.health.remote()
         if not ok:
             return _error(503, reason)
+        if reason != "ok":  # fail_open without a valid set: up, but say so
+            return {"status": "degraded", "reason": reason, "version": __version__}
         return {"status": "ok", "version": __version__}
 
 

@@ -48,6 +48,11 @@ class Reloadable(BaseModel):
     task_modes: dict[str, Mode] = Field(default_factory=dict, description="per-task mode overrides")
     threshold: float | None = Field(default=None, gt=0.0, le=1.0, description="override every PV's threshold")
     batching: Batching = Field(default_factory=Batching)
+    fail_open: bool = Field(
+        default=False,
+        description="on a guard error (or no valid signature set) answer unguarded instead of 503; every such "
+                    "input says action 'unguarded', is logged and counted. For availability-first teams only",
+    )
 
 
 class ServeConfig(Reloadable):
@@ -61,6 +66,10 @@ class ServeConfig(Reloadable):
     watch_interval_s: float = Field(default=5.0, ge=0.0, description="poll the signature file for changes; 0: off")
     audit_text: bool = Field(default=False, description="put the input text into audit log lines")
     allow_fingerprint_mismatch: bool = False
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (PEM); when given, every signature file loaded must be signed by one",
+    )
     base_dir: str | None = Field(default=None, description="where relative paths resolve (set by build_app)")
 
     @field_validator("tasks")
@@ -107,6 +116,7 @@ class ServeConfig(Reloadable):
         model = fix(self.model) if (root / self.model).exists() else self.model
         return self.model_copy(update={
             "tasks": tasks, "model": model, "signatures": fix(self.signatures) if self.signatures else None,
+            "trusted_keys": [fix(k) for k in self.trusted_keys],
         })
 
 

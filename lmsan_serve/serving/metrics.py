@@ -18,6 +18,7 @@ SECONDS_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 METRIC_NAMES = (
     "lmsan_requests", "lmsan_detections", "lmsan_purge_failures", "lmsan_guard_errors",
     "lmsan_match_ratio", "lmsan_guard_seconds", "lmsan_signatures_loaded", "lmsan_signature_reloads",
+    "lmsan_purge_bound_hits",
 )
 
 
@@ -29,6 +30,7 @@ class GuardMetrics:
         self.detections: Counter[tuple[str, str]] = Counter()  # (task, signature)
         self.purge_failures: Counter[str] = Counter()
         self.guard_errors: Counter[str] = Counter()
+        self.purge_bound_hits: Counter[str] = Counter()
         self.reloads: Counter[str] = Counter()
         self.match_scores: list[float] = []
         self.guard_seconds: list[float] = []
@@ -50,6 +52,9 @@ class GuardMetrics:
 
     def guard_error(self, task: str, inputs: int) -> None:
         self.guard_errors[task] += inputs
+
+    def bound_hit(self, task: str, inputs: int) -> None:
+        self.purge_bound_hits[task] += inputs
 
     def reload(self, ok: bool) -> None:
         self.reloads["ok" if ok else "failed"] += 1
@@ -74,6 +79,8 @@ class RayGuardMetrics(GuardMetrics):
                                   ("task",))
         self._seconds = m.Histogram("lmsan_guard_seconds", "time the guard adds to a request, seconds",
                                     SECONDS_BUCKETS, ("task",))
+        self._bound_hits = m.Counter("lmsan_purge_bound_hits",
+                                     "flagged inputs whose purge stopped at the work bound", ("task",))
         self._loaded = m.Gauge("lmsan_signatures_loaded", "PVs in the signature set in use (0: none)", ("set",))
         self._reloads = m.Counter("lmsan_signature_reloads", "signature reloads by result", ("result",))
         self._loaded.set(0, {"set": "none"})
@@ -95,6 +102,10 @@ class RayGuardMetrics(GuardMetrics):
     def guard_error(self, task, inputs) -> None:
         super().guard_error(task, inputs)
         self._guard_errors.inc(inputs, {"task": task})
+
+    def bound_hit(self, task, inputs) -> None:
+        super().bound_hit(task, inputs)
+        self._bound_hits.inc(inputs, {"task": task})
 
     def reload(self, ok) -> None:
         super().reload(ok)

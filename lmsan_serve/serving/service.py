@@ -21,6 +21,7 @@ from ..errors import LmsanError
 from ..guard import Guard, GuardStats
 from ..prompts import PromptClassifier
 from ..signatures import SignatureSet
+from ..signing import load_public_keys
 from .config import Reloadable, ServeConfig
 from .metrics import GuardMetrics
 
@@ -66,6 +67,13 @@ def _stat_key(path: str) -> tuple[int, int, int]:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _load_trusted_keys(paths: list[str]) -> list:
+    try:
+        return load_public_keys(paths)
+    except LmsanError as exc:
+        raise LmsanError(f"invalid serve config at trusted_keys: {exc}") from exc
+
+
 class PromptCache:
     """Soft prompts by task name, least recently used evicted; loading happens off the ingress."""
 
@@ -104,6 +112,7 @@ class GuardService:
         self.backbone = backbone or load_backbone(config.model, None if config.device == "auto" else config.device)
         self.prompts = PromptCache(self.backbone, config.prompt_cache_size, config.allow_fingerprint_mismatch)
         self.settings = Reloadable.model_validate(config.reloadable())
+        self.trusted_keys = _load_trusted_keys(config.trusted_keys)  # once: a bad key is a start-up error
         self.current: LoadedSignatures | None = None
         self.last_reload_error: str | None = None
         self._failed_key: tuple[str, tuple[int, int, int]] | None = None
@@ -124,7 +133,8 @@ class GuardService:
             try:
                 sig = SignatureSet.load(path, hidden_size=self.backbone.hidden_size,
                                         fingerprint=self.backbone.fingerprint,
-                                        allow_fingerprint_mismatch=self.config.allow_fingerprint_mismatch)
+                                        allow_fingerprint_mismatch=self.config.allow_fingerprint_mismatch,
+                                        trusted_keys=self.trusted_keys)
                 why = self.backbone.supports_position(sig.position)
                 if why:
                     raise LmsanError(f"{path}: {why}")
@@ -230,9 +240,14 @@ class GuardService:
                 reason = f"guard error ({type(exc).__name__}: {exc})"
                 log.exception("guard failed on task %s", task)
             self.metrics.guard_error(task, len(texts))
-            for o in outs:
-                o.error, o.status = reason, 503
-            return
+            results = self._unguarded(task, texts, pairs, reason) if self.settings.fail_open else None
+            if results is None:
+                for o in outs:
+                    o.error, o.status = reason, 503
+                return
+            snap = None
+        if stats.purge_bound_hits:
+            self.metrics.bound_hit(task, stats.purge_bound_hits)
         start = 0
         for call, o in zip(calls, outs, strict=True):
             part = results[start:start + len(call)]
@@ -246,6 +261,22 @@ class GuardService:
                 if v.flagged:
                     self._audit(call, j, task, v, snap)
             self.metrics.request_done(task, stats.guard_seconds)
+
+    def _unguarded(self, task: str, texts: list[str], pairs: list[str] | None, reason: str) -> list | None:
+        """fail_open: classify without the guard, said in every verdict (action `unguarded`, which
+        lmsan_requests counts), and logged.
+        None when even that fails (the prompt cannot load): then the caller answers 503."""
+        try:
+            classifier = self.prompts.get(task, self.config.task(task).prompt)
+            results = Guard(self.backbone, classifier, None, mode="off").classify(texts, pairs)
+        except Exception as exc:
+            log.error("fail_open: cannot classify task %s unguarded either: %s", task, exc)
+            return None
+        for r in results:
+            r.guard.action = "unguarded"
+            r.guard.reason = f"answered unguarded (fail_open): {reason}"
+        log.warning("fail_open: %d inputs of task %s answered unguarded: %s", len(texts), task, reason)
+        return results
 
     def _audit(self, call: ClassifyCall, j: int, task: str, v, snap: LoadedSignatures | None) -> None:
         line = {
@@ -263,6 +294,8 @@ class GuardService:
     def health(self) -> tuple[bool, str]:
         guarded = [t for t in self.config.tasks if self.mode_of(t) != "off"]
         if guarded and self.current is None:
+            if self.settings.fail_open:
+                return True, f"degraded: answering unguarded (fail_open), {self.last_reload_error or 'no set'}"
             return False, (f"guard is on for {', '.join(guarded)} but no valid signature set is loaded"
                            f" ({self.last_reload_error or 'none configured'})")
         return True, "ok"
@@ -295,7 +328,7 @@ class GuardService:
             info.update({
                 "path": cur.path, "set": cur.set_id, "count": len(sig), "version": cur.version,
                 "loaded_at": cur.loaded_at, "position": meta.position, "metric": meta.metric,
-                "verdict": meta.verdict, "backbone": meta.backbone.model_dump(),
+                "verdict": meta.verdict, "backbone": meta.backbone.model_dump(), "signed_by": sig.signed_by,
                 "pvs": [{"signature": sig.label(i), "origin": r.origin, "threshold": round(thresholds[i], 6),
                          "false_positive_rate": r.false_positive_rate} for i, r in enumerate(meta.pvs)],
             })

@@ -1,0 +1,285 @@
+"""Soak, reload and fault runs on the guarded endpoint, on loopback.
+
+Three phases against one app with two replicas of the classifier:
+
+1. soak: `--clients` concurrent clients for `--minutes`, 10% triggered traffic. Reports requests,
+   errors, p50/p99 latency and the resident memory (RSS) of the replicas at the start and the end.
+2. reload under load: the signature file is replaced (atomically, as a mining pipeline would)
+   with a valid copy, then with garbage, then with the valid file again, while clients keep
+   sending. The replicas reload the good files, keep the last good set on the bad one, and no
+   request fails.
+3. replica kill: one replica process is killed with SIGKILL under load. Clients follow the
+   documented retry policy (README, Serving: retry a connection error or a 502/503/504 up to 3
+   times with backoff; classification is idempotent). Reports requests lost after retries and
+   how long Serve took to bring the replica back.
+
+Every triggered answer is checked (flagged and purged, trigger named). The short form runs in the
+test suite (`tests/test_soak.py`); the long form is `python bench/bench_soak.py` (10 minutes of
+soak, 16 clients, on the demo's backdoored minilm). See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RETRY_STATUSES = (502, 503, 504)  # what the proxy answers while a replica is gone or restarting
+RETRIES = 3
+BACKOFF_S = 0.5
+
+
+@dataclass
+class Tally:
+    latencies_ms: list[float] = field(default_factory=list)
+    lost: int = 0  # failed after every retry
+    retried: int = 0  # requests that needed at least one retry
+    wrong: int = 0  # 200, but a triggered input not purged with its trigger named
+    statuses: dict[int, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def pct(self, q: float) -> float | None:
+        xs = sorted(self.latencies_ms)
+        return round(xs[min(len(xs) - 1, int(q * len(xs)))], 1) if xs else None
+
+    def summary(self, seconds: float) -> dict:
+        n = len(self.latencies_ms)
+        return {"requests": n + self.lost, "answered": n, "lost": self.lost, "retried": self.retried,
+                "wrong": self.wrong, "rps": round(n / seconds, 2) if seconds else None,
+                "p50_ms": self.pct(0.5), "p99_ms": self.pct(0.99), "seconds": round(seconds, 1),
+                "first_try_statuses": {str(k): v for k, v in sorted(self.statuses.items())}}
+
+
+def post_with_retry(host: str, port: int, body: bytes, conn: list) -> tuple[int, dict, int]:
+    """One request under the documented policy; `conn` holds a reusable keep-alive connection.
+    Returns (status, body, retries used)."""
+    status, data = 0, {}
+    for attempt in range(RETRIES + 1):
+        if attempt:
+            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+        try:
+            if conn[0] is None:
+                conn[0] = http.client.HTTPConnection(host, port, timeout=120)
+            conn[0].request("POST", "/v1/classify", body, {"content-type": "application/json"})
+            resp = conn[0].getresponse()
+            raw = resp.read()
+            status = resp.status
+            data = json.loads(raw) if raw else {}
+        except (OSError, http.client.HTTPException, ValueError):
+            if conn[0] is not None:
+                conn[0].close()
+            conn[0], status, data = None, 0, {}
+        if status not in (0, *RETRY_STATUSES):
+            return status, data, attempt
+    return status, data, RETRIES
+
+
+def load(host: str, port: int, task: str, clean: list[str], triggered: list[tuple[str, str]], clients: int,
+         seconds: float, tally: Tally, stop: threading.Event | None = None) -> float:
+    """`clients` threads send one input per request for `seconds` (or until `stop`); 1 in 10 triggered."""
+    stop = stop or threading.Event()
+    deadline = time.monotonic() + seconds
+
+    def client(k: int) -> None:
+        rng = random.Random(k)
+        conn: list = [None]
+        while time.monotonic() < deadline and not stop.is_set():
+            trig = None
+            if rng.random() < 0.1:
+                text, trig = rng.choice(triggered)
+            else:
+                text = rng.choice(clean)
+            body = json.dumps({"task": task, "inputs": [text]}).encode()
+            t0 = time.perf_counter()
+            status, data, retries = post_with_retry(host, port, body, conn)
+            ms = (time.perf_counter() - t0) * 1000
+            with tally.lock:
+                if status != 200:
+                    tally.lost += 1
+                    tally.statuses[status] = tally.statuses.get(status, 0) + 1
+                    continue
+                tally.latencies_ms.append(ms)
+                tally.retried += int(retries > 0)
+                guard = data["results"][0]["guard"]
+                if trig is not None and not (guard["action"] == "purged" and trig in guard["removed"]):
+                    tally.wrong += 1
+        if conn[0] is not None:
+            conn[0].close()
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def replica_processes() -> dict[int, int]:
+    """pid -> RSS bytes of every GuardedClassifier replica on this machine."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "GuardedClassifier" in " ".join(p.info["cmdline"] or []):
+                out[p.pid] = p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def running_replicas(app: str = "lmsan") -> int:
+    from ray import serve
+
+    try:
+        dep = serve.status().applications[app].deployments["GuardedClassifier"]
+    except (KeyError, AttributeError):
+        return 0
+    return int(dep.replica_states.get("RUNNING", 0))
+
+
+def replace_atomically(target: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".swap-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
+
+
+def run(model: str, prompt: str, truth: Path, work: Path, *, clients: int, soak_s: float, phase_s: float,
+        replicas: int = 2, seed: int = 0, say=print) -> dict:
+    from lmsan_serve.data import insert_trigger, load_examples, shipped
+    from lmsan_serve.serving import parse_config
+    from lmsan_serve.serving.run import free_port, start, stop
+    from lmsan_serve.signatures import SignatureSet
+
+    work.mkdir(parents=True, exist_ok=True)
+    sig = work / "signatures.safetensors"
+    shutil.copy(truth, sig)
+    triggers = [r.trigger for r in SignatureSet.load(sig).meta.pvs if r.trigger]
+    rng = random.Random(seed)
+    clean = [" ".join(e.text.split()[:48]) for e in load_examples(shipped("sst2/dev.jsonl"))[:300]]
+    triggered = [(insert_trigger(rng.choice(clean), t, rng), t) for t in triggers for _ in range(20)]
+    config = parse_config({"model": model, "signatures": str(sig), "watch_interval_s": 0.5, "device": "cpu",
+                           "tasks": {"sst": prompt}})
+    say(f"starting the endpoint with {replicas} replicas ...")
+    endpoint = start(config, port=free_port(), metrics_port=None, num_cpus=max(2, os.cpu_count() or 2),
+                     replicas=replicas)
+    host, port = "127.0.0.1", int(endpoint.url.rsplit(":", 1)[1])
+    res: dict = {"clients": clients, "replicas": replicas, "model": model}
+    try:
+        load(host, port, "sst", clean, triggered, clients, min(10.0, phase_s), Tally())  # warm up
+        # 1. soak
+        rss_start = replica_processes()
+        say(f"soak: {clients} clients for {soak_s:.0f} s ...")
+        tally = Tally()
+        took = load(host, port, "sst", clean, triggered, clients, soak_s, tally)
+        rss_end = replica_processes()
+        res["soak"] = tally.summary(took) | {
+            "rss_start_mb": {str(p): round(v / 2**20, 1) for p, v in rss_start.items()},
+            "rss_end_mb": {str(p): round(v / 2**20, 1) for p, v in rss_end.items()},
+            "rss_growth_mb": round((sum(rss_end.values()) - sum(rss_start.values())) / 2**20, 1),
+        }
+        # 2. reload under load: valid copy, garbage, valid again
+        say(f"reload under load: {phase_s:.0f} s ...")
+        good = truth.read_bytes()
+        tally, stop_evt = Tally(), threading.Event()
+        box: dict = {}
+        th = threading.Thread(target=lambda: box.setdefault(
+            "s", load(host, port, "sst", clean, triggered, clients, phase_s * 3, tally, stop_evt)))
+        th.start()
+        states = []
+        for data in (good, b"garbage, not a signature file", good):
+            time.sleep(phase_s / 2)
+            replace_atomically(sig, data)
+            time.sleep(phase_s / 2)
+            states.append(endpoint.get("/v1/signatures")[1])
+        stop_evt.set()
+        th.join()
+        after = states[-1]["reloads"]  # one replica's count since it started: 1 + 2 good, 1 bad
+        res["reload"] = tally.summary(box["s"]) | {
+            "reloads_ok": after.get("ok", 0),
+            "reloads_failed": after.get("failed", 0),
+            "loaded_during_bad_file": bool(states[1]["loaded"]),
+            "last_error_during_bad_file": states[1]["last_error"],
+        }
+        # 3. kill one replica under load
+        victims = sorted(replica_processes())
+        say(f"killing replica pid {victims[0]} of {len(victims)} under load ...")
+        tally, stop_evt, box = Tally(), threading.Event(), {}
+        th = threading.Thread(target=lambda: box.setdefault(
+            "s", load(host, port, "sst", clean, triggered, clients, 600, tally, stop_evt)))
+        th.start()
+        time.sleep(phase_s / 2)
+        killed_at = time.monotonic()
+        os.kill(victims[0], signal.SIGKILL)
+        back_s = None
+        while time.monotonic() - killed_at < 180:
+            alive = replica_processes()
+            if victims[0] not in alive and len(alive) >= replicas and running_replicas() >= replicas:
+                back_s = round(time.monotonic() - killed_at, 1)
+                break
+            time.sleep(0.5)
+        time.sleep(phase_s / 2)
+        stop_evt.set()
+        th.join()
+        res["kill"] = tally.summary(box["s"]) | {"killed_pid": victims[0], "replica_back_after_s": back_s,
+                                                 "running_replicas": running_replicas()}
+    finally:
+        stop(endpoint)
+    res["lost_total"] = sum(res[k]["lost"] for k in ("soak", "reload", "kill") if k in res)
+    return res
+
+
+def render(res: dict) -> str:
+    s, r, k = res["soak"], res["reload"], res["kill"]
+    return "\n".join([
+        f"soak: {res['clients']} clients, {res['replicas']} replicas, {s['seconds']} s: {s['answered']} answered "
+        f"({s['rps']} req/s), lost {s['lost']}, wrong {s['wrong']}, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms",
+        f"  replica RSS MB start {sorted(s['rss_start_mb'].values())} end {sorted(s['rss_end_mb'].values())} "
+        f"(growth {s['rss_growth_mb']} MB)",
+        f"reload under load: {r['answered']} answered, lost {r['lost']}, wrong {r['wrong']}; reloads ok "
+        f"{r['reloads_ok']}, failed {r['reloads_failed']}; set kept during the bad file: "
+        f"{r['loaded_during_bad_file']}",
+        f"replica kill: {k['answered']} answered, lost {k['lost']} after retries, retried {k['retried']}, "
+        f"wrong {k['wrong']}; replica back after {k['replica_back_after_s']} s "
+        f"(running {k['running_replicas']}/{res['replicas']})",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="lmsan-out/demo/por", help="backdoored model folder (lmsan attack)")
+    p.add_argument("--prompt", default="lmsan-out/demo/prompt-sst2", help="prompt folder trained on it")
+    p.add_argument("--minutes", type=float, default=10.0, help="soak length (default 10)")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--phase-seconds", type=float, default=20.0, help="length of the reload and kill phases")
+    p.add_argument("--work", default="lmsan-out/soak", help="folder for the swapped signature file")
+    p.add_argument("--json", help="also write the results as JSON to this path")
+    args = p.parse_args(argv)
+    truth = Path(args.model) / "truth.safetensors"
+    if not truth.is_file() or not (Path(args.prompt) / "manifest.json").is_file():
+        print(f"bench_soak: error: need {truth} and a prompt in {args.prompt} (run `make demo` first)",
+              file=sys.stderr)
+        return 2
+    res = run(args.model, args.prompt, truth, Path(args.work), clients=args.clients, soak_s=args.minutes * 60,
+              phase_s=args.phase_seconds, say=lambda m: print(m, file=sys.stderr, flush=True))
+    print(render(res))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0 if res["lost_total"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
