@@ -182,13 +182,22 @@ def run(model: str, prompt: str, truth: Path, work: Path, *, clients: int, soak_
         # 1. soak
         rss_start = replica_processes()
         say(f"soak: {clients} clients for {soak_s:.0f} s ...")
-        tally = Tally()
+        tally, samples, sampled = Tally(), [], threading.Event()
+
+        def sample_rss() -> None:  # the replicas' total RSS once a minute, to tell growth from warm-up
+            while not sampled.wait(60.0):
+                samples.append(round(sum(replica_processes().values()) / 2**20, 1))
+
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        sampler.start()
         took = load(host, port, "sst", clean, triggered, clients, soak_s, tally)
+        sampled.set()
         rss_end = replica_processes()
         res["soak"] = tally.summary(took) | {
             "rss_start_mb": {str(p): round(v / 2**20, 1) for p, v in rss_start.items()},
             "rss_end_mb": {str(p): round(v / 2**20, 1) for p, v in rss_end.items()},
             "rss_growth_mb": round((sum(rss_end.values()) - sum(rss_start.values())) / 2**20, 1),
+            "rss_total_mb_per_minute": samples,
         }
         # 2. reload under load: valid copy, garbage, valid again
         say(f"reload under load: {phase_s:.0f} s ...")
@@ -247,7 +256,7 @@ def render(res: dict) -> str:
         f"soak: {res['clients']} clients, {res['replicas']} replicas, {s['seconds']} s: {s['answered']} answered "
         f"({s['rps']} req/s), lost {s['lost']}, wrong {s['wrong']}, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms",
         f"  replica RSS MB start {sorted(s['rss_start_mb'].values())} end {sorted(s['rss_end_mb'].values())} "
-        f"(growth {s['rss_growth_mb']} MB)",
+        f"(growth {s['rss_growth_mb']} MB; total per minute {s['rss_total_mb_per_minute']})",
         f"reload under load: {r['answered']} answered, lost {r['lost']}, wrong {r['wrong']}; reloads ok "
         f"{r['reloads_ok']}, failed {r['reloads_failed']}; set kept during the bad file: "
         f"{r['loaded_during_bad_file']}",

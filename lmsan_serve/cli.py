@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -329,12 +330,49 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- eval ----------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .adaptive import PAIR_ONLY, VARIANTS
+    from .data import load_examples, shipped
+    from .report import run_eval, write_report
+
+    variants = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise LmsanError(f"unknown variant(s) {', '.join(unknown)} (choose from {', '.join(VARIANTS)}, or all)")
+    if args.size < 1:
+        raise LmsanError("--size must be at least 1")
+    out = _writable_dir(args.out, "output folder")
+    examples = load_examples(args.data or shipped("sst2/dev.jsonl"))[: args.size]
+    if args.mode != "enforce":
+        raise LmsanError("lmsan eval measures the guard in mode enforce (it also runs it off); drop --mode")
+    guard = _load_guard(args)
+    triggers = [t.strip() for t in args.triggers.split(",") if t.strip()] if args.triggers else \
+        [r.trigger for r in guard.signatures.meta.pvs if r.trigger]
+    if not triggers:
+        raise LmsanError("the signature file names no triggers (mined PVs have none): pass --triggers w1,w2")
+    if not all(e.text_pair for e in examples):
+        variants = [v for v in variants if v not in PAIR_ONLY]
+    _say(args, f"evaluating {len(examples)} inputs x {len(triggers)} triggers x {len(variants)} variants ...")
+    res = run_eval(guard, examples, triggers, variants, seed=args.seed, progress=_progress(args))
+    command = "lmsan " + shlex.join(args.argv)
+    report = write_report(res, out, f"lmsan eval: {args.model} + {args.prompt}", command)
+    plain = res["variants"].get("plain", {})
+    worst = max(res["variants"].items(), key=lambda kv: kv[1]["asr_on"])
+    _emit(args, f"report: {report}\nplain: ASR {plain.get('asr_off', 0):.3f} -> {plain.get('asr_on', 0):.3f}, "
+                f"clean accuracy {plain.get('cacc_off', 0):.3f} -> {plain.get('cacc_on', 0):.3f}; worst variant "
+                f"{worst[0]}: ASR with the guard {worst[1]['asr_on']:.3f}",
+          res | {"report": str(report)})
+    return 0
+
+
 # -- demo ----------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     summary = run_demo(args.out, device=args.device, eval_size=args.eval_size, progress=_progress(args),
-                       say=lambda m: _say(args, m))
+                       say=lambda m: _say(args, m), guard_with=args.guard_with, search_rounds=args.search_rounds,
+                       keep_serving=args.keep_serving, port=args.port, metrics_port=args.metrics_port)
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -356,11 +394,8 @@ def _task_flags(values: list[str]) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
     from .serving import parse_config
-    from .serving.run import start, stop
+    from .serving.run import serve_until_stopped, start
     from .signatures import SignatureSet
 
     if args.mode != "off" and not args.signatures:
@@ -377,7 +412,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "batching": {"max_batch_size": max(args.max_batch_size, args.max_inputs),
                      "batch_wait_timeout_s": args.batch_wait_ms / 1000},
         "audit_text": args.audit_text, "allow_fingerprint_mismatch": args.allow_fingerprint_mismatch,
-        "trusted_keys": args.trusted_key or [],
+        "trusted_keys": args.trusted_key or [], "fail_open": args.fail_open,
     }
     config = parse_config(values)
     if args.replicas is not None and args.replicas < 1:
@@ -396,18 +431,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "Ctrl-C stops it.",
     ]), info)
     sys.stdout.flush()
-    done = threading.Event()
-    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Ctrl-C must still stop it
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    try:
-        while not done.wait(1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        _say(args, "shutting down ...")
-        stop(endpoint)
+    serve_until_stopped(endpoint, lambda m: _say(args, m))
     return 0
 
 
@@ -529,6 +553,26 @@ def build_parser() -> argparse.ArgumentParser:
     _trusted_flag(p)
     p.set_defaults(func=cmd_classify)
 
+    p = sub.add_parser("eval", help="removal and adaptive-trigger evaluation: Markdown report + plot",
+                       description="Clean accuracy and attack success with the guard off and on, for plain "
+                       "triggers (the paper's protocol) and every adaptive variant (punctuation, case, repeats, "
+                       "several triggers, start/end, invisible and look-alike characters, second text of a pair), "
+                       "next to a no-trigger noise baseline. Writes OUT/report.md, results.json, adaptive.png.")
+    _common(p)
+    p.add_argument("--prompt", required=True, help="prompt folder from train-prompt")
+    p.add_argument("--signatures", required=True, help="signature file (SIG.safetensors)")
+    p.add_argument("--data", help="labelled JSONL (default: the shipped SST-2 dev set)")
+    p.add_argument("--size", type=int, default=200, help="inputs to use (default 200)")
+    p.add_argument("--triggers", help="comma-separated trigger words (default: those the signature file names)")
+    p.add_argument("--variants", default="all", help="comma-separated adaptive variants, or all (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="lmsan-out/eval", help="report folder (default lmsan-out/eval)")
+    p.add_argument("--threshold", type=float, help="override every PV's threshold")
+    p.add_argument("--allow-fingerprint-mismatch", action="store_true",
+                   help="use signatures made for other weights (not recommended)")
+    p.set_defaults(func=cmd_eval, mode="enforce")
+    _trusted_flag(p)
+
     p = sub.add_parser("serve", help="run the guarded HTTP endpoint (Ray Serve) in the foreground",
                        description="Serve one backbone with one or more soft prompts over HTTP, every request "
                        "guarded by the signature file; Prometheus metrics on --metrics-port. The same app is "
@@ -551,17 +595,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch-interval", type=float, default=5.0, help="seconds between signature file checks")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the app to be healthy")
     p.add_argument("--audit-text", action="store_true", help="include input text in audit log lines")
+    p.add_argument("--fail-open", action="store_true",
+                   help="on a guard error answer unguarded (action 'unguarded', logged and counted) instead of "
+                        "503; for availability-first teams")
     p.add_argument("--allow-fingerprint-mismatch", action="store_true",
                    help="use signatures made for other weights (not recommended)")
     _trusted_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the main job on the embedded default: attack, prompt-tune, guard",
-                       description="Backdoor minilm with POR, prompt-tune SST-2 on it, and measure clean "
-                       "accuracy and attack success with the guard off and on. Artifacts are cached in --out.")
+                       description="Backdoor minilm with POR, prompt-tune SST-2 on it, mine its PVs, serve it on "
+                       "the guarded endpoint on loopback, and measure clean accuracy and attack success over HTTP "
+                       "with the guard off and on. Artifacts are cached in --out.")
     p.add_argument("--out", default="lmsan-out/demo", help="output folder (default lmsan-out/demo)")
     p.add_argument("--device", default="auto")
     p.add_argument("--eval-size", type=int, default=400, help="SST-2 dev sentences to evaluate (default 400 of 872)")
+    p.add_argument("--guard-with", choices=["planted", "mined"], default="planted",
+                   help="signature set to serve: the attack's planted PVs (default) or the demo's mined ones")
+    p.add_argument("--search-rounds", type=int, default=4, help="search-mode mining rounds after detect (default 4)")
+    p.add_argument("--keep-serving", action="store_true", help="leave the endpoint up after the table (Ctrl-C stops)")
+    p.add_argument("--port", type=int, help="HTTP port (default: a free one)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus export port (default: a free one)")
     _common(p, model=False)
     p.set_defaults(func=cmd_demo)
     return parser
@@ -570,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         _quiet_libraries()

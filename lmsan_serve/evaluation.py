@@ -6,11 +6,16 @@ attacked once if any trigger makes the returned label wrong. With the guard on, 
 is not an attack success (the attacker did not get a label), a purged one is judged by the label
 returned for its purged text. Type I = wrong label and not flagged; Type II = flagged but the
 label returned after purging is wrong.
+
+Adaptive variants (`adaptive.py`) dress the trigger up; an attacked input counts only where its
+control (the same dressing without the trigger) is still classified right, so the ASR measures
+the trigger, not the punctuation around it.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
@@ -19,14 +24,35 @@ from .adaptive import PAIR_ONLY, VARIANTS, attacked_examples
 from .data import Example, text_pairs
 from .guard import Guard, GuardResult, GuardStats
 
+# classify(examples, mode, stats) -> one result per example, with the guard in `mode` ("off" or
+# "enforce"); a local Guard (`local_runner`) or the served endpoint (`demo.http_runner`).
+Runner = Callable[[list[Example], str, GuardStats], list[GuardResult]]
 
-def _run(guard: Guard, examples: list[Example], batch_size: int, desc: str, progress: bool,
-         stats: GuardStats) -> list[GuardResult]:
+
+def local_runner(guard: Guard, batch_size: int = 64) -> Runner:
+    def run(examples: list[Example], mode: str, stats: GuardStats) -> list[GuardResult]:
+        saved, guard.mode = guard.mode, mode
+        try:
+            out: list[GuardResult] = []
+            for i in range(0, len(examples), batch_size):
+                chunk = examples[i : i + batch_size]
+                out.extend(guard.classify([e.text for e in chunk], text_pairs(chunk), stats=stats))
+            return out
+        finally:
+            guard.mode = saved
+
+    return run
+
+
+def _as_runner(guard: Guard | Runner, batch_size: int) -> Runner:
+    return local_runner(guard, batch_size) if isinstance(guard, Guard) else guard
+
+
+def _run(runner: Runner, examples: list[Example], mode: str, desc: str, progress: bool,
+         stats: GuardStats, step: int = 64) -> list[GuardResult]:
     out: list[GuardResult] = []
-    for i in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress, unit="batch"):
-        chunk = examples[i : i + batch_size]
-        pairs = text_pairs(chunk)
-        out.extend(guard.classify([e.text for e in chunk], pairs, stats=stats))
+    for i in tqdm(range(0, len(examples), step), desc=desc, disable=not progress or not examples, unit="batch"):
+        out.extend(runner(examples[i : i + step], mode, stats))
     return out
 
 
@@ -75,21 +101,17 @@ class CleanRuns:
     stats: GuardStats
 
 
-def run_clean(guard: Guard, examples: list[Example], *, batch_size: int = 64, progress: bool = True) -> CleanRuns:
-    mode = guard.mode
+def run_clean(guard: Guard | Runner, examples: list[Example], *, batch_size: int = 64,
+              progress: bool = True) -> CleanRuns:
+    runner = _as_runner(guard, batch_size)
     stats = GuardStats()
-    try:
-        guard.mode = "off"
-        off = _run(guard, examples, batch_size, "clean, guard off", progress, GuardStats())
-        guard.mode = "enforce"
-        on = _run(guard, examples, batch_size, "clean, guard on", progress, stats)
-    finally:
-        guard.mode = mode
+    off = _run(runner, examples, "off", "clean, guard off", progress, GuardStats(), batch_size)
+    on = _run(runner, examples, "enforce", "clean, guard on", progress, stats, batch_size)
     return CleanRuns(off, on, stats)
 
 
 def evaluate_guard(
-    guard: Guard,
+    guard: Guard | Runner,
     examples: list[Example],
     triggers: list[str],
     *,
@@ -99,27 +121,23 @@ def evaluate_guard(
     progress: bool = True,
     clean: CleanRuns | None = None,
 ) -> GuardEvaluation:
-    """`variant` names how each trigger is put in (`adaptive.VARIANTS`; `plain`: the paper's protocol)."""
+    """`variant` names how each trigger is put in (`adaptive.VARIANTS`; `plain`: the paper's protocol).
+    `guard` is a local Guard or a `Runner` (e.g. the served endpoint over HTTP)."""
     started = time.time()
-    mode = guard.mode
-    clean = clean or run_clean(guard, examples, batch_size=batch_size, progress=progress)
+    runner = _as_runner(guard, batch_size)
+    clean = clean or run_clean(runner, examples, batch_size=batch_size, progress=progress)
     clean_off, clean_on, stats = clean.off, clean.on, clean.stats
     correct = [i for i, (r, e) in enumerate(zip(clean_off, examples, strict=True)) if r.label == e.label]
     made = attacked_examples(variant, [examples[i] for i in correct], triggers, seed)
-    try:
-        guard.mode = "off"
-        if variant != "plain":  # plain's control is the clean text itself, already right
-            controls = _run(guard, [c for _, _, c in made], batch_size, f"{variant} control", progress,
-                            GuardStats())
-            made = [m for m, c in zip(made, controls, strict=True) if c.label == m[2].label]
-        owner = [correct[j] for j, _, _ in made]
-        attacked = [a for _, a, _ in made]
-        trig_off = _run(guard, attacked, batch_size, f"{variant}, guard off", progress, GuardStats())
-        guard.mode = "enforce"
-        trig_stats = GuardStats()
-        trig_on = _run(guard, attacked, batch_size, f"{variant}, guard on", progress, trig_stats)
-    finally:
-        guard.mode = mode
+    if variant != "plain":  # plain's control is the clean text itself, already right
+        controls = _run(runner, [c for _, _, c in made], "off", f"{variant} control", progress, GuardStats(),
+                        batch_size)
+        made = [m for m, c in zip(made, controls, strict=True) if c.label == m[2].label]
+    owner = [correct[j] for j, _, _ in made]
+    attacked = [a for _, a, _ in made]
+    trig_off = _run(runner, attacked, "off", f"{variant}, guard off", progress, GuardStats(), batch_size)
+    trig_stats = GuardStats()
+    trig_on = _run(runner, attacked, "enforce", f"{variant}, guard on", progress, trig_stats, batch_size)
     n = len(examples)
     beaten_off: set[int] = set()
     beaten_on: set[int] = set()
@@ -160,7 +178,7 @@ def evaluate_guard(
 
 
 def evaluate_adaptive(
-    guard: Guard,
+    guard: Guard | Runner,
     examples: list[Example],
     triggers: list[str],
     variants: list[str] | None = None,
@@ -173,6 +191,7 @@ def evaluate_adaptive(
     Pair-only variants are skipped on single-text examples."""
     paired = all(e.text_pair for e in examples)
     names = [v for v in (variants or list(VARIANTS)) if paired or v not in PAIR_ONLY]
-    clean = run_clean(guard, examples, batch_size=batch_size, progress=progress)
-    return {v: evaluate_guard(guard, examples, triggers, variant=v, seed=seed, batch_size=batch_size,
+    runner = _as_runner(guard, batch_size)
+    clean = run_clean(runner, examples, batch_size=batch_size, progress=progress)
+    return {v: evaluate_guard(runner, examples, triggers, variant=v, seed=seed, batch_size=batch_size,
                               progress=progress, clean=clean) for v in names}

@@ -67,6 +67,8 @@ class Guard:
         mode: str = "enforce",
         threshold: float | None = None,
         purifier: Purifier | None = None,
+        suspect_margin: float = 0.25,
+        suspect_attention: float = 0.25,
     ):
         if mode not in MODES:
             raise LmsanError(f"unknown guard mode {mode!r} (choose from {', '.join(MODES)})")
@@ -92,6 +94,13 @@ class Guard:
         self.mode = mode
         self.monitor = Monitor(signatures, threshold, backbone.device) if signatures is not None else None
         self.purifier = purifier or Purifier()
+        # Two different triggers whose PVs point opposite ways cancel in the output, which then
+        # matches no PV (measured on the demo's POR minilm: 9% of two-trigger inputs got through),
+        # yet each trigger still draws the [CLS] attention. An input within `suspect_margin` of a
+        # threshold whose top word holds `suspect_attention` of that attention has its top words
+        # tested alone, in one short pass: one that fires makes the input flagged.
+        self.suspect_margin = suspect_margin
+        self.suspect_attention = suspect_attention
 
     def _features(self, hidden: torch.Tensor, monitor_index: torch.Tensor) -> torch.Tensor:
         assert self.signatures is not None
@@ -149,11 +158,39 @@ class Guard:
             else:
                 verdict.action = "blocked"
                 results.append(GuardResult(None, None, verdict))
+        for i in self._probe_suspects(batch, mon, flagged_rows, captured.hidden, stats):
+            flagged_rows.append(i)
+            v = results[i].guard
+            v.flagged, v.signature = True, self.monitor.label(int(mon.best[i]))
+            v.action = "flagged" if self.mode == "flag" else "blocked"
+            if self.mode != "flag":
+                results[i] = GuardResult(None, None, v)
+        flagged_rows.sort()
         stats.flagged += len(flagged_rows)
         if self.mode == "enforce" and flagged_rows:
             self._enforce(batch, flagged_rows, results, stats, self._saliency(batch, flagged_rows, captured.hidden))
         stats.guard_seconds += time.perf_counter() - started
         return results
+
+    def _probe_suspects(self, batch, mon, flagged_rows: list[int], layer_input: torch.Tensor | None,
+                        stats: GuardStats) -> list[int]:
+        """Unflagged rows near a threshold whose top-attended words fire a PV on their own."""
+        if self.suspect_margin <= 0 or layer_input is None:
+            return []
+        near = [i for i in range(len(mon.margin))
+                if i not in set(flagged_rows) and float(mon.margin[i]) > -self.suspect_margin]
+        if not near:
+            return []
+        sal = self._saliency(batch, near, layer_input)
+        if sal is None:
+            return []
+        suspects = [i for i in near if float(sal[i].max()) >= self.suspect_attention]
+        if not suspects:
+            return []
+        fired, pstats = self.purifier.probe(batch, suspects, self._bare_margins, sal)
+        stats.purge_passes += pstats.passes
+        stats.purge_variants += pstats.variants
+        return fired
 
     def _saliency(self, batch, rows: list[int], layer_input: torch.Tensor | None) -> torch.Tensor | None:
         """How much the monitored token attends to each token in the last layer, for flagged rows:

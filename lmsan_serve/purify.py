@@ -62,6 +62,31 @@ class PurifyStats:
     variants: int = 0  # variant rows scored in total
 
 
+def _row_info(batch: EncodedBatch, r: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(word types, token -> word-type index or -1 for tokens that are not user words, tokens present)."""
+    words = batch.unit_words[r]
+    types = list(dict.fromkeys(words))
+    type_index = {w: i for i, w in enumerate(types)}
+    unit_type = torch.tensor([type_index[w] for w in words] + [-1], dtype=torch.long)
+    units = batch.units[r].cpu()
+    tok_type = unit_type[torch.where(units >= 0, units, len(words))].to(batch.input_ids.device)
+    # Soft-prompt slots are left out: variants are scored on the bare encoder, whose outputs
+    # the PVs describe, and short variants are cheap.
+    present = batch.attention_mask[r].bool().clone()
+    present[1 : 1 + batch.prompt_len] = False
+    return types, tok_type, present
+
+
+def _keep_only_masks(info: dict) -> Callable[[int, set[int]], torch.Tensor]:
+    def keep_only(r: int, keep: set[int]) -> torch.Tensor:
+        types, tok_type, attn = info[r]
+        sel = torch.zeros(len(types) + 1, dtype=torch.bool, device=tok_type.device)
+        sel[list(keep)] = True
+        return (attn & ((tok_type < 0) | sel[tok_type])).long()
+
+    return keep_only
+
+
 class Purifier:
     def __init__(self, groups: int = 8, max_rounds: int = 3, max_variants: int = 160, chunk: int = 128,
                  ranked: int = 4):
@@ -123,30 +148,13 @@ class Purifier:
         correctness: every later step is unchanged."""
         stats = PurifyStats()
         results: dict[int, PurifyResult] = {}
-        # Per row: token -> word-type index (-1 for tokens that are not user words).
         info = {}
         for r in rows:
-            words = batch.unit_words[r]
-            types = list(dict.fromkeys(words))
-            type_index = {w: i for i, w in enumerate(types)}
-            unit_type = torch.tensor([type_index[w] for w in words] + [-1], dtype=torch.long)
-            units = batch.units[r].cpu()
-            tok_type = unit_type[torch.where(units >= 0, units, len(words))]
-            tok_type = tok_type.to(batch.input_ids.device)
-            # Soft-prompt slots are left out: variants are scored on the bare encoder, whose outputs
-            # the PVs describe, and short variants are cheap.
-            present = batch.attention_mask[r].bool().clone()
-            present[1 : 1 + batch.prompt_len] = False
-            info[r] = (types, tok_type, present)
+            info[r] = _row_info(batch, r)
             results[r] = PurifyResult(ok=False)
-            if not types:
+            if not info[r][0]:
                 results[r].reason = "no user words to remove"
-
-        def keep_only(r: int, keep: set[int]) -> torch.Tensor:
-            types, tok_type, attn = info[r]
-            sel = torch.zeros(len(types) + 1, dtype=torch.bool, device=tok_type.device)
-            sel[list(keep)] = True
-            return (attn & ((tok_type < 0) | sel[tok_type])).long()
+        keep_only = _keep_only_masks(info)
 
         def delete(r: int, drop: set[int]) -> torch.Tensor:
             types, tok_type, attn = info[r]
@@ -247,7 +255,22 @@ class Purifier:
             results[r].found_types = set(found[r])
         return results, stats
 
-    def _ranked_tests(self, active, info, found, results, saliency, batch, scorer, keep_only, stats) -> list[int]:
+    def probe(self, batch: EncodedBatch, rows: list[int], scorer: Scorer, saliency: torch.Tensor,
+              top: int = 2) -> tuple[list[int], PurifyStats]:
+        """The `top` most salient word types of each row alone, in one pass; the rows where one
+        fires (an unflagged input hiding a trigger, e.g. cancelled by another)."""
+        stats = PurifyStats()
+        result = {r: info for r in rows if (info := _row_info(batch, r))[0]}
+        if not result:
+            return [], stats
+        keep_only = _keep_only_masks(result)
+        found: dict[int, set[int]] = {r: set() for r in result}
+        outcome = {r: PurifyResult(ok=False) for r in result}
+        self._ranked_tests(list(result), result, found, outcome, saliency, batch, scorer, keep_only, stats, top)
+        return [r for r in result if found[r]], stats
+
+    def _ranked_tests(self, active, info, found, results, saliency, batch, scorer, keep_only, stats,
+                      top: int | None = None) -> list[int]:
         """Step 0: the highest-ranked word types alone; returns the rows where none fired."""
         ranked: dict[int, list[int]] = {}
         for r in active:
@@ -256,7 +279,7 @@ class Purifier:
             words = (tok_type >= 0) & attn
             score = torch.full((len(types),), float("-inf"), device=tok_type.device)
             score = score.scatter_reduce(0, tok_type[words], sal[words], reduce="amax")
-            ranked[r] = score.argsort(descending=True)[: self.ranked].tolist()
+            ranked[r] = score.argsort(descending=True)[: top or self.ranked].tolist()
         self._test_singles(ranked, batch, found, results, scorer, keep_only, stats)
         return [r for r in active if not found[r]]
 

@@ -13,7 +13,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lmsan_serve.cli import EXIT_USAGE, main
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.serving import GuardService, parse_config
 from lmsan_serve.signatures import PVRecord, SignatureSet
@@ -24,6 +23,8 @@ from lmsan_serve.signing import (
     load_private_key,
     load_public_key,
 )
+
+from .test_cli import assert_error, run
 
 FINGERPRINT = "ab" * 32
 HIDDEN = 16
@@ -184,23 +185,6 @@ def test_resigning_replaces_the_signature(tmp_path, keys):
 
 
 # -- CLI -----------------------------------------------------------------------------------------
-def run(capsys, *argv) -> tuple[int, str, str]:
-    rc = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def assert_error(capsys, command: str, fragment: str, *argv) -> str:
-    rc, out, err = run(capsys, command, *argv)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == EXIT_USAGE, (rc, out, err)
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"lmsan {command}: error:"), lines[0]
-    assert fragment in lines[0], lines[0]
-    assert out == ""
-    return lines[0]
-
-
 def test_cli_keygen_sign_inspect(tmp_path, capsys):
     prefix = tmp_path / "ci"
     rc, out, _ = run(capsys, "keygen", "--out", prefix, "--json")

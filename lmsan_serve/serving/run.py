@@ -4,10 +4,13 @@ the demo and the live tests share."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import LmsanError
@@ -121,3 +124,19 @@ def stop(endpoint: Endpoint | None = None) -> None:
     finally:
         if endpoint is None or endpoint.started_ray:
             ray.shutdown()
+
+
+def serve_until_stopped(endpoint: Endpoint, say: Callable[[str], None]) -> None:
+    """Block until SIGTERM or Ctrl-C, then stop the endpoint."""
+    done = threading.Event()
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Ctrl-C must still stop it
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        while not done.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        say("shutting down ...")
+        stop(endpoint)

@@ -1,0 +1,49 @@
+"""`lmsan eval` on the tiny backdoored BERT: the report is written, its numbers are the ones a
+direct evaluation of the same guard computes, and bad flags get one-line errors."""
+
+import json
+
+from lmsan_serve import load_backbone
+from lmsan_serve.cli import main
+from lmsan_serve.evaluation import evaluate_adaptive
+from lmsan_serve.guard import Guard
+from lmsan_serve.prompts import PromptClassifier
+from lmsan_serve.signatures import SignatureSet
+
+from .test_prompts import toy
+
+
+def test_eval_writes_a_report_computed_from_real_predictions(tmp_path, tiny_por, tiny_por_prompt, capsys):
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in toy(32)))
+    out = tmp_path / "report"
+    rc = main(["eval", "--model", str(tiny_por), "--prompt", str(tiny_por_prompt), "--signatures",
+               str(tiny_por / "truth.safetensors"), "--data", str(data), "--size", "32", "--variants",
+               "plain,upper,two_triggers", "--out", str(out), "--device", "cpu", "--quiet", "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary["variants"]) == {"plain", "upper", "two_triggers"}
+    report = (out / "report.md").read_text()
+    assert "## Adaptive triggers" in report and "| two_triggers |" in report and "lmsan eval" in report
+    assert (out / "adaptive.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "results.json").read_text())["variants"] == summary["variants"]
+    # the same guard evaluated directly gives the same figures
+    backbone = load_backbone(str(tiny_por), "cpu")
+    guard = Guard(backbone, PromptClassifier.load(tiny_por_prompt, backbone),
+                  SignatureSet.load(tiny_por / "truth.safetensors"))
+    direct = evaluate_adaptive(guard, toy(32), ["cf", "mn", "tq"], ["plain", "upper", "two_triggers"], progress=False)
+    for v, ev in direct.items():
+        assert summary["variants"][v]["asr_off"] == round(ev.asr_off, 4)
+        assert summary["variants"][v]["asr_on"] == round(ev.asr_on, 4)
+        assert summary["variants"][v]["correct"] == ev.correct
+    assert summary["variants"]["plain"]["asr_off"] >= 0.9 and summary["variants"]["plain"]["asr_on"] <= 0.02
+    assert summary["noise"]["detections"] == 0
+
+
+def test_eval_bad_flags(tmp_path, tiny_por, tiny_por_prompt, capsys):
+    base = ["eval", "--model", str(tiny_por), "--prompt", str(tiny_por_prompt), "--signatures",
+            str(tiny_por / "truth.safetensors"), "--out", str(tmp_path / "r"), "--device", "cpu"]
+    assert main(base + ["--variants", "plain,sideways"]) == 2
+    assert "unknown variant(s) sideways" in capsys.readouterr().err
+    assert main(base + ["--size", "0"]) == 2
+    assert "--size" in capsys.readouterr().err
