@@ -67,8 +67,8 @@ class Guard:
         mode: str = "enforce",
         threshold: float | None = None,
         purifier: Purifier | None = None,
-        suspect_margin: float = 0.25,
-        suspect_attention: float = 0.25,
+        suspect_margin: float = 0.2,
+        suspect_attention: float = 0.35,
     ):
         if mode not in MODES:
             raise LmsanError(f"unknown guard mode {mode!r} (choose from {', '.join(MODES)})")
@@ -98,7 +98,8 @@ class Guard:
         # matches no PV (measured on the demo's POR minilm: 9% of two-trigger inputs got through),
         # yet each trigger still draws the [CLS] attention. An input within `suspect_margin` of a
         # threshold whose top word holds `suspect_attention` of that attention has its top words
-        # tested alone, in one short pass: one that fires makes the input flagged.
+        # tested alone, in one short pass: one that fires makes the input flagged. Looser settings
+        # (0.25 / 0.25) probed a third of clean batches and cost 5% throughput (bench_probe.py).
         self.suspect_margin = suspect_margin
         self.suspect_attention = suspect_attention
 
