@@ -159,7 +159,7 @@ class Guard:
             else:
                 verdict.action = "blocked"
                 results.append(GuardResult(None, None, verdict))
-        for i in self._probe_suspects(batch, mon, flagged_rows, captured.hidden, stats):
+        for i in self._probe_suspects(batch, mon, captured.hidden, stats):
             flagged_rows.append(i)
             v = results[i].guard
             v.flagged, v.signature = True, self.monitor.label(int(mon.best[i]))
@@ -173,13 +173,11 @@ class Guard:
         stats.guard_seconds += time.perf_counter() - started
         return results
 
-    def _probe_suspects(self, batch, mon, flagged_rows: list[int], layer_input: torch.Tensor | None,
-                        stats: GuardStats) -> list[int]:
+    def _probe_suspects(self, batch, mon, layer_input: torch.Tensor | None, stats: GuardStats) -> list[int]:
         """Unflagged rows near a threshold whose top-attended words fire a PV on their own."""
         if self.suspect_margin <= 0 or layer_input is None:
             return []
-        near = [i for i in range(len(mon.margin))
-                if i not in set(flagged_rows) and float(mon.margin[i]) > -self.suspect_margin]
+        near = torch.nonzero(~mon.flagged & (mon.margin > -self.suspect_margin)).flatten().tolist()
         if not near:
             return []
         sal = self._saliency(batch, near, layer_input)
