@@ -511,8 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="run rounds as N parallel Ray tasks (local Ray on 127.0.0.1 unless --ray-address)")
     p.add_argument("--ray-address", help="run rounds on an existing Ray cluster (e.g. ray://head:10001 or auto)")
-    p.add_argument("--wave", type=int, default=4,
-                   help="search mode: rounds started from the same found PVs (default 4); results do not "
+    p.add_argument("--wave", type=int, default=1,
+                   help="search mode: rounds started from the same found PVs (default 1: each round knows every "
+                   "PV found before it; set it to at least --workers to keep workers busy); results do not "
                    "depend on --workers")
     p.add_argument("--sign-key", metavar="KEY.pem", help="sign the signature file with this Ed25519 private key")
     p.set_defaults(func=cmd_mine)

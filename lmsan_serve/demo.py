@@ -27,7 +27,7 @@ from .data import Example, load_corpus, load_examples, shipped
 from .errors import LmsanError
 from .evaluation import Runner, evaluate_guard
 from .guard import GuardResult, GuardStats, Verdict
-from .mining import MiningConfig, mine
+from .mining import MiningConfig, mine, stale_checkpoint
 from .monitor import sign_agreement
 from .prompts import PromptClassifier, PromptConfig, train_prompt
 from .signatures import SignatureSet
@@ -184,14 +184,21 @@ def _mine(backbone, folder: Path, search_rounds: int, planted: SignatureSet, pro
     folder.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus()
     say(f"[3/{STEPS}] mining the PVs of {backbone.name} (detect mode; resumes from {folder} when cached) ...")
-    detect = mine(backbone, MiningConfig(mode="detect"), corpus, folder / "detect.safetensors", resume=True,
+    detect_config = MiningConfig(mode="detect")
+    search_config = MiningConfig(mode="search", max_rounds=search_rounds or 1)
+    for name, config in (("detect", detect_config), ("search", search_config)):
+        stale = stale_checkpoint(folder / f"{name}.safetensors", backbone, config)
+        if stale is not None:  # cached by an older version or other settings: mine again
+            say(f"      {stale.name} was made with other settings; mining again")
+            stale.unlink()
+    detect = mine(backbone, detect_config, corpus, folder / "detect.safetensors", resume=True,
                   progress=progress)
     summary: dict = {"detect": _mining_summary(detect, planted)}
     best = detect
     if search_rounds and detect.verdict == "backdoored":
         say(f"      verdict: backdoored ({len(detect.signatures)} PV); searching {search_rounds} more rounds ...")
-        search = mine(backbone, MiningConfig(mode="search", max_rounds=search_rounds), corpus,
-                      folder / "search.safetensors", resume=True, progress=progress)
+        search = mine(backbone, search_config, corpus, folder / "search.safetensors", resume=True,
+                      progress=progress)
         summary["search"] = _mining_summary(search, planted)
         best = search if len(search.signatures) >= len(detect.signatures) else detect
     last = summary.get("search", summary["detect"])

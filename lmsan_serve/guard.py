@@ -147,49 +147,51 @@ class Guard:
         for i, (lab, sc) in enumerate(labelled):
             score = round(float(mon.score[i]), 6)
             stats.match_scores.append(score)
-            best = int(mon.best[i])
-            if not bool(mon.flagged[i]):
-                results.append(GuardResult(lab, sc, Verdict(flagged=False, action="pass", match=score)))
-                continue
-            flagged_rows.append(i)
-            verdict = Verdict(flagged=True, action=self.mode, signature=self.monitor.label(best), match=score)
-            if self.mode == "flag":
-                verdict.action = "flagged"
-                results.append(GuardResult(lab, sc, verdict))
+            verdict = Verdict(flagged=False, action="pass", match=score)
+            if bool(mon.flagged[i]):
+                flagged_rows.append(i)
+                results.append(self._flagged(lab, sc, verdict, int(mon.best[i])))
             else:
-                verdict.action = "blocked"
-                results.append(GuardResult(None, None, verdict))
-        for i in self._probe_suspects(batch, mon, captured.hidden, stats):
-            flagged_rows.append(i)
-            v = results[i].guard
-            v.flagged, v.signature = True, self.monitor.label(int(mon.best[i]))
-            v.action = "flagged" if self.mode == "flag" else "blocked"
-            if self.mode != "flag":
-                results[i] = GuardResult(None, None, v)
-        flagged_rows.sort()
-        stats.flagged += len(flagged_rows)
-        if self.mode == "enforce" and flagged_rows:
-            self._enforce(batch, flagged_rows, results, stats, self._saliency(batch, flagged_rows, captured.hidden))
+                results.append(GuardResult(lab, sc, verdict))
+        fired, probe_saliency = self._probe_suspects(batch, mon, captured.hidden, stats)
+        for i in fired:
+            results[i] = self._flagged(results[i].label, results[i].scores, results[i].guard, int(mon.best[i]))
+        stats.flagged += len(flagged_rows) + len(fired)
+        if self.mode == "enforce" and (flagged_rows or fired):
+            saliency = self._saliency(batch, flagged_rows, captured.hidden) if flagged_rows else None
+            if fired and probe_saliency is not None:  # the probe already has these rows' attention
+                rows = torch.tensor(fired, device=probe_saliency.device)
+                saliency = probe_saliency if saliency is None else saliency.index_copy(0, rows, probe_saliency[rows])
+            self._enforce(batch, sorted(flagged_rows + fired), results, stats, saliency)
         stats.guard_seconds += time.perf_counter() - started
         return results
 
-    def _probe_suspects(self, batch, mon, layer_input: torch.Tensor | None, stats: GuardStats) -> list[int]:
-        """Unflagged rows near a threshold whose top-attended words fire a PV on their own."""
+    def _flagged(self, label, score, verdict: Verdict, best: int) -> GuardResult:
+        """A flagged row's result: the label kept in flag mode, withheld otherwise (enforce fills
+        it in after the purge)."""
+        verdict.flagged, verdict.signature = True, self.monitor.label(best)
+        verdict.action = "flagged" if self.mode == "flag" else "blocked"
+        return GuardResult(label, score, verdict) if self.mode == "flag" else GuardResult(None, None, verdict)
+
+    def _probe_suspects(self, batch, mon, layer_input: torch.Tensor | None,
+                        stats: GuardStats) -> tuple[list[int], torch.Tensor | None]:
+        """Unflagged rows near a threshold whose top-attended words fire a PV on their own, and the
+        attention rows computed on the way."""
         if self.suspect_margin <= 0 or layer_input is None:
-            return []
+            return [], None
         near = torch.nonzero(~mon.flagged & (mon.margin > -self.suspect_margin)).flatten().tolist()
         if not near:
-            return []
+            return [], None
         sal = self._saliency(batch, near, layer_input)
         if sal is None:
-            return []
+            return [], None
         suspects = [i for i in near if float(sal[i].max()) >= self.suspect_attention]
         if not suspects:
-            return []
+            return [], sal
         fired, pstats = self.purifier.probe(batch, suspects, self._bare_margins, sal)
         stats.purge_passes += pstats.passes
         stats.purge_variants += pstats.variants
-        return fired
+        return fired, sal
 
     def _saliency(self, batch, rows: list[int], layer_input: torch.Tensor | None) -> torch.Tensor | None:
         """How much the monitored token attends to each token in the last layer, for flagged rows:

@@ -10,7 +10,8 @@ from lmsan_serve import load_backbone
 from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
 from lmsan_serve.cli import main
 from lmsan_serve.errors import LmsanError
-from lmsan_serve.mining import MiningConfig, mine
+from lmsan_serve.mining import MiningConfig, mine, stale_checkpoint
+from lmsan_serve.mining.model import duplicate
 from lmsan_serve.monitor import sign_agreement
 from lmsan_serve.signatures import SignatureSet
 
@@ -41,6 +42,24 @@ def test_clean_control_is_clean(tiny_control, corpus, tmp_path):
     result = mine(backbone, MiningConfig(lines=128, max_rounds=5), corpus, tmp_path / "sig.safetensors",
                   progress=False)
     assert result.verdict == "clean" and len(result.signatures) == 0 and result.rounds == 5
+    for c in result.candidates:  # every round says why it failed, with its per-epoch trace
+        assert c["reasons"] and len(c["trace"]) == c["epochs"]
+        assert c["trace"][-1][0] == pytest.approx(c["distance"], abs=1e-5)
+        if "not collapsing" in c["reasons"][0]:
+            assert c["epochs"] == 3 and c["trace"][-1][1] > MiningConfig().collapse_spread
+
+
+def test_duplicate_is_judged_by_sign_pattern_as_well_as_mse():
+    torch.manual_seed(0)
+    kept = [torch.sign(torch.randn(64))]
+    # the same sign pattern at another scale: far apart in MSE, the same signature to the monitor
+    rescaled = kept[0] * 3.0 + 0.1 * torch.randn(64)
+    assert "sign agreement" in duplicate(rescaled, kept, unique_th=0.5, same_agreement=0.9)
+    assert "MSE" in duplicate(kept[0] + 0.01, kept, unique_th=0.5, same_agreement=0.9)
+    other = kept[0].clone()
+    other[:16] *= -1  # 75% agreement: a different PV
+    assert duplicate(other * 3.0, kept, unique_th=0.5, same_agreement=0.9) is None
+    assert duplicate(other, [], unique_th=0.5, same_agreement=0.9) is None
 
 
 def test_resume_continues_without_repeating_rounds(tiny_control, corpus, tmp_path):
@@ -59,6 +78,11 @@ def test_resume_continues_without_repeating_rounds(tiny_control, corpus, tmp_pat
     with pytest.raises(LmsanError, match="other settings"):
         mine(backbone, MiningConfig(mode="search", lines=32, max_rounds=4), corpus, out, resume=True,
              progress=False)
+    # what the demo checks before resuming a cached run: budgets may change, settings may not
+    assert stale_checkpoint(out, backbone, MiningConfig(mode="search", lines=64, max_rounds=9)) is None
+    stale = stale_checkpoint(out, backbone, MiningConfig(mode="search", lines=32))
+    assert stale == tmp_path / "sig.safetensors.ckpt.json"
+    assert stale_checkpoint(tmp_path / "none.safetensors", backbone, MiningConfig()) is None
 
 
 def test_cli_mine_and_bad_input(tiny_por, tmp_path, capsys):
@@ -86,7 +110,7 @@ def local_ray():
 
 def test_ray_fan_out_equals_the_serial_run(tiny_por, corpus, tmp_path, local_ray):
     backbone = load_backbone(str(tiny_por), "cpu")
-    for config in (MiningConfig(lines=64, max_rounds=3), MiningConfig(mode="search", lines=64, max_rounds=4)):
+    for config in (MiningConfig(lines=128, max_rounds=3), MiningConfig(mode="search", lines=128, max_rounds=4)):
         serial = mine(backbone, config, corpus, tmp_path / "serial.safetensors", progress=False)
         fanned = mine(backbone, config, corpus, tmp_path / "ray.safetensors", progress=False, workers=2)
         assert fanned.verdict == serial.verdict == "backdoored"

@@ -81,7 +81,9 @@ class _Features:
 
 
 def _with_mask(line: str, tokenizer, rng: random.Random) -> str:
-    return insert_trigger(line, tokenizer.mask_token, rng)
+    # Early in the line, so that truncation to max_length never cuts the [MASK] off (a 40-word
+    # WikiText line can pass 64 tokens).
+    return insert_trigger(line, tokenizer.mask_token, rng, max_position=16)
 
 
 def evaluate_backdoor(

@@ -33,14 +33,20 @@ class MiningConfig(BaseModel):
     pv_weight: float = Field(default=0.5, ge=0)
     entropy_tolerance: float = Field(default=0.01, ge=0, description="nats below ln(batch)")
     legitimacy: float = Field(default=1.2, gt=0)
-    max_dispersion: float = Field(default=0.025, gt=0, description=(
+    max_dispersion: float = Field(default=0.015, gt=0, description=(
         "held-out collapse test: spread of the triggered outputs around their mean, relative to how far "
         "they moved from the clean outputs; a backdoor collapses them onto its PV"))
+    collapse_by: int = Field(default=3, ge=2, description="epoch by which a round's outputs must be collapsing")
+    collapse_spread: float = Field(default=0.025, gt=0, description=(
+        "in-batch spread (the same ratio, on the training batches) above which a round is abandoned at "
+        "epoch `collapse_by`"))
+    same_pv_agreement: float = Field(default=0.9, gt=0.5, le=1, description=(
+        "a PV whose sign agreement with a kept one reaches this is the same signature to the monitor"))
     held_out_lines: int = Field(default=64, ge=8, description="clean lines for the collapse test")
     target_fpr: float = Field(default=0.005, gt=0, lt=1)
     calibration_lines: int = Field(default=400, ge=50)
     seed: int = 0
-    wave: int = Field(default=4, ge=1, le=256, description=(
+    wave: int = Field(default=1, ge=1, le=256, description=(
         "search mode: rounds that start from the same set of found PVs; fixed so that the result does "
         "not depend on how many workers run a wave"))
 

@@ -20,7 +20,7 @@ from ..errors import LmsanError
 from ..monitor import sign_agreement
 from ..signatures import DEFAULT_THRESHOLD, PVRecord, SignatureSet
 from .config import MiningConfig
-from .model import Candidate, prepare, resolved_distance, resolved_lr
+from .model import Candidate, duplicate, prepare, resolved_distance, resolved_lr
 from .runners import SerialRunner
 
 if TYPE_CHECKING:
@@ -80,6 +80,19 @@ def _read_checkpoint(ckpt: Path, fingerprint: str, identity: dict, hidden_size: 
     return {c["seed"]: c for c in candidates}
 
 
+def stale_checkpoint(out: str | Path, backbone: Backbone, config: MiningConfig) -> Path | None:
+    """The checkpoint beside `out` when it exists but cannot be resumed with `config` (another
+    model, other settings, or unreadable), so a caller that caches runs can start over."""
+    ckpt = _checkpoint_path(Path(out))
+    if not ckpt.is_file():
+        return None
+    try:
+        _read_checkpoint(ckpt, backbone.fingerprint, config.identity(), backbone.hidden_size)
+    except LmsanError:
+        return ckpt
+    return None
+
+
 def _candidate_record(c: Candidate) -> dict:
     """A finished round as the checkpoint keeps it. `filters` are the round's own verdicts; `kept`
     and `reasons` are set when the job merges rounds (uniqueness across a wave, detect's stop)."""
@@ -91,6 +104,7 @@ def _candidate_record(c: Candidate) -> dict:
         "dispersion": round(c.dispersion, 6) if c.dispersion is not None else None,
         "epochs": c.epochs,
         "seconds": round(c.seconds, 2),
+        "trace": [list(t) for t in c.trace],
         "filters": list(c.reasons),
         "reasons": list(c.reasons),
         "pv": c.pv.tolist() if c.pv is not None and not c.reasons else None,
@@ -120,7 +134,8 @@ def _detect(seeds: list[int], records: dict[int, dict], run) -> list[int]:
     return [winner]
 
 
-def _search(seeds: list[int], records: dict[int, dict], run, wave: int, unique_th: float, bar) -> list[int]:
+def _search(seeds: list[int], records: dict[int, dict], run, wave: int, unique_th: float, same_agreement: float,
+            bar) -> list[int]:
     """Waves of `wave` rounds, each started from the PVs kept before it, merged in seed order."""
     kept: list[int] = []
     for w in range(0, len(seeds), wave):
@@ -137,10 +152,10 @@ def _search(seeds: list[int], records: dict[int, dict], run, wave: int, unique_t
             rec["kept"] = False
             if rec["filters"]:
                 continue
-            pv = torch.tensor(rec["pv"])
-            close = [float(((torch.tensor(records[k]["pv"]) - pv) ** 2).mean()) for k in kept]
-            if close and min(close) < unique_th:
-                rec["reasons"].append(f"not unique (MSE {min(close):.4f} to a kept PV)")
+            why = duplicate(torch.tensor(rec["pv"]), [torch.tensor(records[k]["pv"]) for k in kept], unique_th,
+                             same_agreement)
+            if why:
+                rec["reasons"].append(why)
                 continue
             rec["kept"] = True
             kept.append(s)
@@ -245,7 +260,8 @@ def mine(
         if config.mode == "detect":
             kept_seeds = _detect(seeds, records, run)
         else:
-            kept_seeds = _search(seeds, records, run, config.wave, settings["distance_th"], bar)
+            kept_seeds = _search(seeds, records, run, config.wave, settings["distance_th"], config.same_pv_agreement,
+                                 bar)
     finally:
         bar.close()
         runner_close = getattr(runner, "close", None)

@@ -25,6 +25,7 @@ from ..backbone import Backbone
 from ..data import clip_words, insert_trigger
 from ..encoding import encode
 from ..errors import LmsanError
+from ..monitor import sign_agreement
 from .config import MiningConfig
 
 
@@ -40,6 +41,7 @@ class Candidate:
     reasons: list[str] = field(default_factory=list)  # filters failed; empty = kept
     trigger: torch.Tensor | None = None  # the trained soft trigger [prompt_len, E] (not checkpointed)
     dispersion: float | None = None  # held-out collapse statistic (see `collapse`)
+    trace: list[tuple[float, float]] = field(default_factory=list)  # per epoch: distance, batch spread ratio
 
 
 @dataclass
@@ -90,11 +92,14 @@ def prepare(backbone: Backbone, lines: list[str], config: MiningConfig) -> Prepa
 
 def resolved_lr(backbone: Backbone, config: MiningConfig) -> float:
     """The reference's 2e-4 (5e-5 for BERT-family) barely moved triggers on MiniLM; Adam steps are
-    about lr per entry, so tie lr to the spread of the embedding matrix instead."""
+    about lr per entry, so tie lr to the spread of the embedding matrix instead. At 1% of it
+    (5.6e-4 on MiniLM) a trigger needed all four epochs to reach a POR copy's PV, and once the
+    find-new term joined, most seeds missed the epoch-2 gate; at 3% it gets there by epoch 3.
+    (The reference's 100x boost never engages on MiniLM: the first gradient already passes 5e-3.)"""
     if config.lr is not None:
         return config.lr
     emb = backbone.model.get_input_embeddings().weight
-    return float(emb.std()) * 1e-2
+    return float(emb.std()) * 3e-2
 
 
 def resolved_distance(prepared: Prepared, config: MiningConfig) -> float:
@@ -125,6 +130,21 @@ def _splice_ids(t: torch.Tensor, at: torch.Tensor, n: int, fill: int) -> torch.T
     return pool.gather(1, src)
 
 
+def duplicate(pv: torch.Tensor, kept: list[torch.Tensor], unique_th: float, same_agreement: float) -> str | None:
+    """Why `pv` repeats a kept PV: too close in MSE (the reference's test), or the same sign pattern,
+    which is all the monitor compares (scales differ between rounds, so MSE alone lets repeats in)."""
+    if not kept:
+        return None
+    stack = torch.stack(kept)
+    mse = float(((stack - pv) ** 2).mean(dim=1).min())
+    if mse < unique_th:
+        return f"not unique (MSE {mse:.4f} to a kept PV)"
+    agree = float(sign_agreement(pv[None], stack).max())
+    if agree >= same_agreement:
+        return f"not unique (sign agreement {agree:.3f} with a kept PV)"
+    return None
+
+
 def fuzz_round(
     backbone: Backbone,
     prepared: Prepared,
@@ -153,11 +173,12 @@ def fuzz_round(
     log_b = math.log(bs)
     distance = entropy_ratio = 0.0
     out_mean: torch.Tensor | None = None
+    trace: list[tuple[float, float]] = []
     epoch = 0
     for epoch in range(1, config.epochs + 1):
         order = list(range(n_lines))
         rng.shuffle(order)
-        dist_sum = ent_sum = 0.0
+        dist_sum = ent_sum = spread_sum = 0.0
         steps = 0
         for s in range(0, n_lines - bs + 1, bs):  # ragged last batch dropped
             idx = torch.tensor(order[s : s + bs], device=prepared.input_ids.device)
@@ -168,8 +189,15 @@ def fuzz_round(
             entropy = -(p * torch.log(p + 1e-12)).sum(dim=0).mean()
             loss = -dist - entropy
             if found is not None and len(found):
-                near = ((feats.mean(0, keepdim=True) - found) ** 2).mean(dim=1).argmin()
-                loss = loss - config.pv_weight * nn.functional.mse_loss(feats, found[near].expand_as(feats))
+                # The reference rewards MSE(each output, nearest found PV), which includes the
+                # outputs' spread: it pays the trigger to scatter them, against the entropy term,
+                # and on a POR copy of MiniLM no round collapsed again once 5 PVs were found. Reward
+                # the batch mean's distance instead, and only until it is as far from that PV as
+                # the PV is from the origin: beyond that, the remaining PVs pull as usual.
+                centre = feats.mean(dim=0)
+                gaps = ((centre[None] - found) ** 2).mean(dim=1)
+                near = int(gaps.argmin())
+                loss = loss - config.pv_weight * torch.minimum(gaps[near], found[near].pow(2).mean())
             optim.zero_grad(set_to_none=True)
             loss.backward()
             if boosted and float(trigger.grad.abs().max()) > config.boost_until_grad:
@@ -179,13 +207,25 @@ def fuzz_round(
             optim.step()
             dist_sum += float(dist.detach())
             ent_sum += float(entropy.detach())
+            with torch.no_grad():  # the in-batch form of `collapse`, free on every step
+                spread_sum += float((feats - feats.mean(dim=0, keepdim=True)).pow(2).mean() / dist.clamp_min(1e-12))
             steps += 1
             out_mean = feats.detach().mean(dim=0)
         distance = dist_sum / max(1, steps)
         entropy_ratio = ent_sum / max(1, steps) / log_b
+        trace.append((round(distance, 6), round(spread_sum / max(1, steps), 6)))
+        why = None
         if epoch == 2 and distance < th:
-            return Candidate(seed, None, distance, entropy_ratio, True, epoch, time.time() - started,
-                             ["abandoned: no effect by epoch 2"])
+            why = "abandoned: no effect by epoch 2"
+        elif epoch == config.collapse_by < config.epochs and trace[-1][1] > config.collapse_spread:
+            # A backdoor collapses its triggered outputs within a few epochs (in-batch spread 0.0015
+            # to 0.007 by epoch 3 on POR, NeuBA and BToP copies of MiniLM); a soft trigger on a clean
+            # encoder only grinds the spread down slowly (0.036 by epoch 3, 0.012 after 6), so a
+            # slow round is not a backdoor.
+            why = f"abandoned: not collapsing by epoch {epoch} (in-batch spread {trace[-1][1]:.4f})"
+        if why:
+            return Candidate(seed, None, distance, entropy_ratio, True, epoch, time.time() - started, [why],
+                             trace=trace)
     lo, hi = float(emb.min()), float(emb.max())
     span = (hi - lo) * (config.legitimacy - 1) / 2
     legit = bool(((trigger >= lo - span) & (trigger <= hi + span)).all())
@@ -197,16 +237,16 @@ def fuzz_round(
     if not legit:
         reasons.append("trigger left the embedding range")
     if out_mean is not None and found is not None and len(found):
-        closest = float(((found - out_mean) ** 2).mean(dim=1).min())
-        if closest < th:
-            reasons.append(f"not unique (MSE {closest:.4f} to a kept PV)")
+        why = duplicate(out_mean, list(found), th, config.same_pv_agreement)
+        if why:
+            reasons.append(why)
     dispersion = None
     if not reasons and held is not None:
         dispersion = collapse(backbone, held, trigger.detach(), config, seed)
         if dispersion > config.max_dispersion:
             reasons.append(f"not collapsed on held-out text (dispersion {dispersion:.4f} > {config.max_dispersion})")
     return Candidate(seed, out_mean, distance, entropy_ratio, legit, epoch, time.time() - started, reasons,
-                     trigger.detach().clone(), dispersion)
+                     trigger.detach().clone(), dispersion, trace)
 
 
 def collapse(backbone: Backbone, held: Prepared, trigger: torch.Tensor, config: MiningConfig, seed: int) -> float:

@@ -1,0 +1,328 @@
+"""Mining side by side: our `lmsan_serve.mining` against the reference LMSanitator loop (arXiv
+2308.13904; re-implemented in bench/reference_mine.py) on backdoored copies of one encoder.
+
+For each model (POR and NeuBA at [CLS], BToP at [MASK], and a clean control mined at [CLS]), in one
+process, on the same backbone and the same first `--lines` corpus lines:
+
+1. ours, detection mode: `mine(..., MiningConfig(mode="detect"))`: verdict, rounds, seconds to the
+   verdict (wall time of the call: preparation, rounds, calibration), PVs kept;
+2. the reference, detection mode (`reference_detect`): verdict, rounds, seconds, and how well its
+   one PV matches a planted PV (best sign agreement);
+3. ours, search mode (`--search-rounds` rounds or `--search-budget` seconds): PVs kept and how many
+   planted PVs they recover (sign agreement >= 0.9 with some mined PV, as `lmsan demo` counts).
+
+The backdoored models are planted once (`lmsan_serve.attacks`) and cached under `--out`; a folder
+that already holds `truth.safetensors` is reused. Mining outputs go next to each model
+(`mined-detect.safetensors`, `mined-search.safetensors`, `reference-detect.json`).
+
+    .venv/bin/python bench/bench_mine.py --quick                 # tiny random BERT, well under a minute
+    .venv/bin/python bench/bench_mine.py --attacks por,clean --json runs/bench-mine.json
+
+Progress goes to stderr; the Markdown table goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
+from lmsan_serve.backbone import MINILM, Backbone, load_backbone
+from lmsan_serve.data import load_corpus
+from lmsan_serve.errors import LmsanError
+from lmsan_serve.mining import MiningConfig, mine
+from lmsan_serve.monitor import sign_agreement
+from lmsan_serve.signatures import SignatureSet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_mine import reference_detect  # noqa: E402  (a sibling file, not a package)
+
+RECOVERED = 0.9  # sign agreement at which a mined PV counts as a planted one (as lmsan_serve.demo)
+ATTACKS = ("por", "neuba", "btop", "clean")
+
+
+def say(msg: str) -> None:
+    """Progress goes to stderr, so that stdout holds only the results."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything --quick shrinks."""
+
+    attack_steps: int | None  # None: the AttackConfig default
+    lines: int
+    batch_size: int
+    max_length: int
+    rounds: int
+    calibration_lines: int | None
+    held_out_lines: int | None
+
+
+FULL = Sizes(attack_steps=None, lines=MiningConfig().lines, batch_size=32, max_length=128, rounds=30,
+             calibration_lines=None, held_out_lines=None)
+QUICK = Sizes(attack_steps=20, lines=48, batch_size=16, max_length=48, rounds=3, calibration_lines=50,
+              held_out_lines=16)
+
+
+def attack_config(name: str, sizes: Sizes) -> AttackConfig:
+    kind, clean = ("por", True) if name == "clean" else (name, False)
+    extra: dict = {}
+    if sizes.attack_steps is not None:  # tiny model: a short, strong injection is enough to exercise the code
+        extra = {"steps": sizes.attack_steps, "lr": 2e-3, "max_words": 24, "check_every": sizes.attack_steps,
+                 "heldout": 32}
+    if clean and sizes.attack_steps is None:
+        # the same amount of training as the backdoored copies get before their early stop (75 to
+        # 100 steps on MiniLM); a clean control has no agreement target to stop at
+        extra["steps"] = 100
+    return AttackConfig(kind=kind, clean=clean, **extra)
+
+
+def make_tiny_bert(folder: Path, hidden: int = 64) -> Path:
+    """A random 2-layer BERT built from a config (no download), with the MiniLM tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from lmsan_serve.backbone import minilm_path
+
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=256,
+                        initializer_range=0.2)  # as tests/conftest.py: lets token content reach [CLS]
+    BertModel(config).eval().save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def ensure_model(name: str, folder: Path, base: str, device: str, corpus: list[str], sizes: Sizes,
+                 progress: bool) -> Path:
+    """The attacked copy of `base` for `name`, planted on first use and reused after."""
+    cfg = attack_config(name, sizes)
+    if (folder / "truth.safetensors").is_file():
+        meta = json.loads((folder / "attack.json").read_text()) if (folder / "attack.json").is_file() else {}
+        made = (meta.get("base_model"), meta.get("config", {}).get("kind"), meta.get("config", {}).get("clean"))
+        if made != (base, cfg.kind, cfg.clean):
+            raise LmsanError(f"{folder} holds another model ({made[1]}, clean={made[2]}, base {made[0]}); "
+                             "delete it or pick another --out")
+        say(f"[{name}] reusing {folder}")
+        return folder
+    say(f"[{name}] planting {'a clean control' if cfg.clean else cfg.kind} into {base} -> {folder}")
+    t0 = time.perf_counter()
+    backbone = load_backbone(base, device)
+    result = plant_backdoor(backbone, cfg, corpus, progress=progress)
+    summary = save_attacked(result, backbone, str(folder))
+    held = summary.get("heldout", {})
+    say(f"[{name}] planted in {time.perf_counter() - t0:.0f} s, {result.steps} steps; held-out agreement "
+        f"{held.get('min_agreement')}, clean cosine {held.get('clean_cosine', 0):.3f}")
+    return folder
+
+
+def recovered(planted: torch.Tensor, mined: torch.Tensor) -> int:
+    if len(planted) == 0 or len(mined) == 0:
+        return 0
+    return int((sign_agreement(planted, mined).max(dim=1).values >= RECOVERED).sum())
+
+
+def bench_model(name: str, folder: Path, args: argparse.Namespace, sizes: Sizes, corpus: list[str]) -> dict:
+    position = "mask" if name == "btop" else "cls"
+    backbone: Backbone = load_backbone(str(folder), args.device)
+    truth = SignatureSet.load(folder / "truth.safetensors", hidden_size=backbone.hidden_size)
+    planted = truth.pvs
+    common = {"position": position, "lines": args.lines, "batch_size": sizes.batch_size,
+              "max_length": sizes.max_length}
+    if sizes.calibration_lines is not None:
+        common.update(calibration_lines=sizes.calibration_lines, held_out_lines=sizes.held_out_lines)
+    row: dict = {"attack": name, "model": str(folder), "position": position, "truth": truth.meta.verdict,
+                 "planted": len(planted)}
+
+    say(f"[{name}] ours, detect ({args.rounds} rounds at most, {position})")
+    t0 = time.perf_counter()
+    res = mine(backbone, MiningConfig(mode="detect", max_rounds=args.rounds, **common), corpus,
+               out=folder / "mined-detect.safetensors", progress=args.progress, say=say)
+    row["ours"] = {"verdict": res.verdict, "rounds": res.rounds, "seconds": time.perf_counter() - t0,
+                   "pvs": len(res.signatures), "recovered": recovered(planted, res.signatures.pvs),
+                   "signature": str(folder / "mined-detect.safetensors")}
+    say(f"[{name}] ours: {res.verdict} after {res.rounds} rounds, {row['ours']['seconds']:.1f} s")
+
+    row["reference"] = None
+    if not args.skip_reference:
+        say(f"[{name}] reference, detect ({args.rounds} rounds at most, {position})")
+        t0 = time.perf_counter()
+        ref = reference_detect(backbone, corpus[: args.lines], position=position, rounds=args.rounds,
+                               lr=args.reference_lr, batch_size=sizes.batch_size, max_length=sizes.max_length,
+                               progress=args.progress)
+        seconds = time.perf_counter() - t0
+        agreement = None
+        if ref["pv"] is not None and len(planted):
+            agreement = float(sign_agreement(planted, torch.tensor([ref["pv"]])).max())
+        (folder / "reference-detect.json").write_text(json.dumps(ref, indent=1))
+        row["reference"] = {"verdict": ref["verdict"], "rounds": ref["rounds"], "seconds": seconds,
+                            "pv_best_agreement": agreement, "lr": ref["lr"], "distance_th": ref["distance_th"],
+                            "records": ref["records"]}
+        say(f"[{name}] reference: {ref['verdict']} after {ref['rounds']} rounds, {seconds:.1f} s")
+
+    row["search"] = None
+    if not args.skip_search:
+        say(f"[{name}] ours, search ({args.search_rounds} rounds or {args.search_budget:.0f} s)")
+        t0 = time.perf_counter()
+        res = mine(backbone, MiningConfig(mode="search", max_rounds=args.search_rounds,
+                                          time_budget=args.search_budget, **common),
+                   corpus, out=folder / "mined-search.safetensors", progress=args.progress, say=say)
+        row["search"] = {"verdict": res.verdict, "pvs": len(res.signatures), "rounds": res.rounds,
+                         "recovered": recovered(planted, res.signatures.pvs), "seconds": time.perf_counter() - t0,
+                         "signature": str(folder / "mined-search.safetensors")}
+        say(f"[{name}] search: {row['search']['pvs']} PVs, {row['search']['recovered']} of {len(planted)} "
+            f"planted recovered, {row['search']['seconds']:.1f} s")
+
+    row["ours_correct"] = row["ours"]["verdict"] == row["truth"]
+    row["reference_correct"] = row["reference"]["verdict"] == row["truth"] if row["reference"] else None
+    row["time_ratio"] = row["reference"]["seconds"] / row["ours"]["seconds"] if row["reference"] else None
+    return row
+
+
+def _yes(flag: bool | None) -> str:
+    return "-" if flag is None else ("yes" if flag else "NO")
+
+
+def render(rows: list[dict], model: str) -> str:
+    head = ["model", "attack", "position", "truth", "ours verdict", "ours rounds", "ours s", "ref verdict",
+            "ref rounds", "ref s", "time ratio (ref/ours)", "agrees with truth (ours/ref)", "search PVs",
+            "recovered", "search s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        o, f, s = r["ours"], r["reference"], r["search"]
+        cells = [model, r["attack"], r["position"], r["truth"], o["verdict"], str(o["rounds"]), f"{o['seconds']:.1f}",
+                 f["verdict"] if f else "-", str(f["rounds"]) if f else "-", f"{f['seconds']:.1f}" if f else "-",
+                 f"{r['time_ratio']:.2f}x" if f else "-",
+                 f"{_yes(r['ours_correct'])} / {_yes(r['reference_correct'])}",
+                 str(s["pvs"]) if s else "-", f"{s['recovered']} of {r['planted']}" if s else "-",
+                 f"{s['seconds']:.1f}" if s else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    ours_ok = sum(r["ours_correct"] for r in rows)
+    summary = f"\nverdicts agreeing with the truth: ours {ours_ok} of {len(rows)}"
+    refs = [r for r in rows if r["reference"]]
+    if refs:
+        summary += f", reference {sum(r['reference_correct'] for r in refs)} of {len(refs)}"
+        total_ours = sum(r["ours"]["seconds"] for r in refs)
+        total_ref = sum(r["reference"]["seconds"] for r in refs)
+        summary += f"; total detect time ours {total_ours:.1f} s, reference {total_ref:.1f} s " \
+                   f"({total_ref / total_ours:.2f}x)"
+    return "\n".join(lines) + summary
+
+
+def _loadavg() -> float | None:
+    """1-minute load average: other processes on a small machine inflate absolute times."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=MINILM, help="base encoder the attacks are planted into (folder, hub id "
+                    "or `minilm`; default minilm); ignored with --quick")
+    ap.add_argument("--out", help="cache folder for the attacked models and mining outputs "
+                    "(default runs/bench-mine; with --quick a temporary folder)")
+    ap.add_argument("--attacks", default=",".join(ATTACKS),
+                    help=f"comma-separated subset of {','.join(ATTACKS)} (default: all)")
+    ap.add_argument("--lines", type=int, help=f"corpus lines to fuzz on, both sides (default {FULL.lines}, "
+                    f"{QUICK.lines} with --quick)")
+    ap.add_argument("--rounds", type=int, help=f"detection rounds at most, both sides (default {FULL.rounds}, "
+                    f"{QUICK.rounds} with --quick)")
+    ap.add_argument("--reference-lr", type=float, help="base lr of the reference (default: its own, 5e-5 for "
+                    "BERT-family encoders, else 2e-4)")
+    ap.add_argument("--skip-reference", action="store_true", help="do not run the reference loop")
+    ap.add_argument("--skip-search", action="store_true", help="do not run our search mode")
+    ap.add_argument("--search-rounds", type=int, help="search-mode rounds at most (default 24, 4 with --quick)")
+    ap.add_argument("--search-budget", type=float, help="search-mode time budget in seconds (default 900, 30 "
+                    "with --quick)")
+    ap.add_argument("--quick", action="store_true", help="a tiny random BERT, small corpus, few rounds: checks "
+                    "that everything runs (the numbers mean nothing)")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    args.lines = sizes.lines if args.lines is None else args.lines
+    args.rounds = sizes.rounds if args.rounds is None else args.rounds
+    args.search_rounds = (4 if args.quick else 24) if args.search_rounds is None else args.search_rounds
+    args.search_budget = (30.0 if args.quick else 900.0) if args.search_budget is None else args.search_budget
+    args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    bad = [a for a in args.attacks if a not in ATTACKS]
+    if bad or not args.attacks:
+        ap.error(f"--attacks takes a subset of {','.join(ATTACKS)}; got {bad or 'nothing'}")
+    if args.lines < sizes.batch_size:
+        ap.error(f"--lines must be at least the batch size {sizes.batch_size}")
+    if args.rounds < 1 or args.search_rounds < 1 or args.search_budget <= 0:
+        ap.error("--rounds, --search-rounds and --search-budget must be positive")
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Loading weights" bars, too
+    sizes = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    load_start = _loadavg()
+    tmp = None
+    if args.out is None and args.quick:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-mine-quick-")
+    out = Path(tmp.name if tmp else (args.out or "runs/bench-mine"))
+    rows: list[dict] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        base = str(make_tiny_bert(out / "tiny-bert")) if args.quick else args.model
+        model_label = "tiny-bert" if args.quick else base
+        corpus = load_corpus()
+        for name in args.attacks:
+            folder = ensure_model(name, out / name, base, args.device, corpus, sizes, args.progress)
+            rows.append(bench_model(name, folder, args, sizes, corpus))
+    except (LmsanError, OSError) as exc:
+        say(f"error: {exc}")
+        return 2
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    print(render(rows, model_label))
+    load_end = _loadavg()
+    command = shlex.join([sys.executable, *sys.argv])
+    print(f"\nbase {base}, {args.lines} lines, detect rounds {args.rounds}, search {args.search_rounds} rounds / "
+          f"{args.search_budget:.0f} s; device {args.device}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs; 1-min load {load_start} at start, {load_end} at end; "
+          f"total {time.perf_counter() - started:.1f} s")
+    if args.json:
+        summary = {"command": command, "base_model": base, "quick": args.quick, "device": args.device,
+                   "torch": torch.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                   "platform": platform.platform(), "load_average": {"start": load_start, "end": load_end},
+                   "lines": args.lines, "rounds": args.rounds, "search_rounds": args.search_rounds,
+                   "search_budget": args.search_budget, "seconds": time.perf_counter() - started, "rows": rows}
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+        say(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
