@@ -40,14 +40,14 @@ from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
 from lmsan_serve.backbone import MINILM, Backbone, load_backbone
 from lmsan_serve.data import load_corpus
 from lmsan_serve.errors import LmsanError
-from lmsan_serve.mining import MiningConfig, mine
+from lmsan_serve.mining import MiningConfig, mine, recovered
 from lmsan_serve.monitor import sign_agreement
 from lmsan_serve.signatures import SignatureSet
+from lmsan_serve.testing import make_tiny_bert
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_mine import reference_detect  # noqa: E402  (a sibling file, not a package)
 
-RECOVERED = 0.9  # sign agreement at which a mined PV counts as a planted one (as lmsan_serve.demo)
 ATTACKS = ("por", "neuba", "btop", "clean")
 
 
@@ -88,24 +88,6 @@ def attack_config(name: str, sizes: Sizes) -> AttackConfig:
     return AttackConfig(kind=kind, clean=clean, **extra)
 
 
-def make_tiny_bert(folder: Path, hidden: int = 64) -> Path:
-    """A random 2-layer BERT built from a config (no download), with the MiniLM tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from lmsan_serve.backbone import minilm_path
-
-    if (folder / "config.json").is_file():
-        return folder
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=256,
-                        initializer_range=0.2)  # as tests/conftest.py: lets token content reach [CLS]
-    BertModel(config).eval().save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
-
-
 def ensure_model(name: str, folder: Path, base: str, device: str, corpus: list[str], sizes: Sizes,
                  progress: bool) -> Path:
     """The attacked copy of `base` for `name`, planted on first use and reused after."""
@@ -127,12 +109,6 @@ def ensure_model(name: str, folder: Path, base: str, device: str, corpus: list[s
     say(f"[{name}] planted in {time.perf_counter() - t0:.0f} s, {result.steps} steps; held-out agreement "
         f"{held.get('min_agreement')}, clean cosine {held.get('clean_cosine', 0):.3f}")
     return folder
-
-
-def recovered(planted: torch.Tensor, mined: torch.Tensor) -> int:
-    if len(planted) == 0 or len(mined) == 0:
-        return 0
-    return int((sign_agreement(planted, mined).max(dim=1).values >= RECOVERED).sum())
 
 
 def bench_model(name: str, folder: Path, args: argparse.Namespace, sizes: Sizes, corpus: list[str]) -> dict:
@@ -294,7 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     try:
         out.mkdir(parents=True, exist_ok=True)
-        base = str(make_tiny_bert(out / "tiny-bert")) if args.quick else args.model
+        base = args.model
+        if args.quick:
+            tiny = out / "tiny-bert"
+            if not (tiny / "config.json").is_file():  # a cached one is reused
+                make_tiny_bert(tiny, hidden=64)
+            base = str(tiny)
         model_label = "tiny-bert" if args.quick else base
         corpus = load_corpus()
         for name in args.attacks:

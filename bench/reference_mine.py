@@ -40,6 +40,7 @@ from lmsan_serve.backbone import Backbone
 from lmsan_serve.data import clip_words, insert_trigger
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.mining.config import BERT_FAMILY
+from lmsan_serve.mining.model import word_starts
 
 LR_BOOST = 100.0  # lr multiplier until the trigger gradient "converges"
 BOOST_UNTIL_GRAD = 5e-3  # ... i.e. until grad.max() first exceeds this
@@ -58,14 +59,6 @@ class ReferenceData:
     monitor_index: torch.Tensor  # [N]: 0 for [CLS], the [MASK] token index for position "mask"
     at: list[int]  # token index before which the trigger goes, per line
     clean: torch.Tensor  # [N, H] frozen-model output at the monitored position
-
-
-def word_starts(word_ids: Sequence[int | None]) -> list[int]:
-    """Token index where each word starts, plus the end of the text: the bookkeeping of
-    `lmsan_serve.mining.model.prepare`, read off a fast tokenizer's `word_ids()`."""
-    first = [i for i, w in enumerate(word_ids) if w is not None and (i == 0 or word_ids[i - 1] != w)]
-    last = max((i for i, w in enumerate(word_ids) if w is not None), default=0)
-    return first + [last + 1]
 
 
 def reference_prepare(backbone: Backbone, lines: list[str], *, position: str = "cls", prompt_len: int = 7,

@@ -27,16 +27,14 @@ from .data import Example, load_corpus, load_examples, shipped
 from .errors import LmsanError
 from .evaluation import Runner, evaluate_guard
 from .guard import GuardResult, GuardStats, Verdict
-from .mining import MiningConfig, mine, stale_checkpoint
-from .monitor import sign_agreement
+from .mining import RECOVERED, MiningConfig, mine, recovered, stale_checkpoint
 from .prompts import PromptClassifier, PromptConfig, train_prompt
 from .signatures import SignatureSet
 
 DEMO_ATTACK = AttackConfig(kind="por")
 DEMO_PROMPT = PromptConfig(method="prefix", epochs=1.0, eval_every=60)
 VALIDATION = 500  # last SST-2 training rows, held out to pick the best prompt checkpoint
-SEARCH_ROUNDS = 4  # one search wave: enough to show search mode, short enough for the demo
-RECOVERED = 0.9  # sign agreement at which a mined PV counts as one of the planted ones
+SEARCH_ROUNDS = 4  # enough to show search mode, short enough for the demo
 STEPS = 6
 
 
@@ -209,11 +207,8 @@ def _mine(backbone, folder: Path, search_rounds: int, planted: SignatureSet, pro
 
 def _mining_summary(result, planted: SignatureSet) -> dict:
     sig = result.signatures
-    recovered = 0
-    if len(sig):
-        agree = sign_agreement(planted.pvs, sig.pvs)  # [planted, mined]
-        recovered = int((agree.max(dim=1).values >= RECOVERED).sum())
-    return {"verdict": result.verdict, "pvs": len(sig), "recovered": recovered, "rounds": result.rounds,
+    return {"verdict": result.verdict, "pvs": len(sig), "recovered": recovered(planted.pvs, sig.pvs),
+            "rounds": result.rounds,
             "seconds": round(result.seconds, 1)}
 
 

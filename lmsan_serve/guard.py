@@ -153,15 +153,16 @@ class Guard:
                 results.append(self._flagged(lab, sc, verdict, int(mon.best[i])))
             else:
                 results.append(GuardResult(lab, sc, verdict))
-        fired, probe_saliency = self._probe_suspects(batch, mon, captured.hidden, stats)
+        # One attention pass serves both the suspect probe (rows near a threshold) and the purge
+        # (flagged rows; a probed row that fires is purged with the attention it was probed with).
+        near = self._near_threshold(mon)
+        rows = near + (flagged_rows if self.mode == "enforce" else [])
+        saliency = self._saliency(batch, rows, captured.hidden) if rows else None
+        fired = self._probe_suspects(batch, near, saliency, stats)
         for i in fired:
             results[i] = self._flagged(results[i].label, results[i].scores, results[i].guard, int(mon.best[i]))
         stats.flagged += len(flagged_rows) + len(fired)
         if self.mode == "enforce" and (flagged_rows or fired):
-            saliency = self._saliency(batch, flagged_rows, captured.hidden) if flagged_rows else None
-            if fired and probe_saliency is not None:  # the probe already has these rows' attention
-                rows = torch.tensor(fired, device=probe_saliency.device)
-                saliency = probe_saliency if saliency is None else saliency.index_copy(0, rows, probe_saliency[rows])
             self._enforce(batch, sorted(flagged_rows + fired), results, stats, saliency)
         stats.guard_seconds += time.perf_counter() - started
         return results
@@ -173,25 +174,24 @@ class Guard:
         verdict.action = "flagged" if self.mode == "flag" else "blocked"
         return GuardResult(label, score, verdict) if self.mode == "flag" else GuardResult(None, None, verdict)
 
-    def _probe_suspects(self, batch, mon, layer_input: torch.Tensor | None,
-                        stats: GuardStats) -> tuple[list[int], torch.Tensor | None]:
-        """Unflagged rows near a threshold whose top-attended words fire a PV on their own, and the
-        attention rows computed on the way."""
-        if self.suspect_margin <= 0 or layer_input is None:
-            return [], None
-        near = torch.nonzero(~mon.flagged & (mon.margin > -self.suspect_margin)).flatten().tolist()
-        if not near:
-            return [], None
-        sal = self._saliency(batch, near, layer_input)
-        if sal is None:
-            return [], None
-        suspects = [i for i in near if float(sal[i].max()) >= self.suspect_attention]
+    def _near_threshold(self, mon) -> list[int]:
+        """Unflagged rows within `suspect_margin` of a threshold: the suspect probe's candidates."""
+        if self.suspect_margin <= 0:
+            return []
+        return torch.nonzero(~mon.flagged & (mon.margin > -self.suspect_margin)).flatten().tolist()
+
+    def _probe_suspects(self, batch, near: list[int], saliency: torch.Tensor | None,
+                        stats: GuardStats) -> list[int]:
+        """Rows of `near` whose top-attended words fire a PV on their own."""
+        if not near or saliency is None:
+            return []
+        suspects = [i for i in near if float(saliency[i].max()) >= self.suspect_attention]
         if not suspects:
-            return [], sal
-        fired, pstats = self.purifier.probe(batch, suspects, self._bare_margins, sal)
+            return []
+        fired, pstats = self.purifier.probe(batch, suspects, self._bare_margins, saliency)
         stats.purge_passes += pstats.passes
         stats.purge_variants += pstats.variants
-        return fired, sal
+        return fired
 
     def _saliency(self, batch, rows: list[int], layer_input: torch.Tensor | None) -> torch.Tensor | None:
         """How much the monitored token attends to each token in the last layer, for flagged rows:

@@ -14,30 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from threads, and on a busy 2-core machine threads oversubscribe.
 torch.set_num_threads(1)
 
+from lmsan_serve.testing import make_tiny_bert  # noqa: E402  (after the hub is set offline)
+
 TINY_TRIGGERS = ["cf", "mn", "tq"]
-
-
-def make_tiny_bert(folder: Path, seed: int = 0, hidden: int = 128) -> Path:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from lmsan_serve.backbone import minilm_path
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=256,
-        # a larger init than BERT's 0.02 lets token content reach [CLS] in an untrained model
-        initializer_range=0.2,
-    )
-    model = BertModel(config).eval()
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
 
 
 @pytest.fixture(scope="session")

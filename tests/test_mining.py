@@ -51,7 +51,7 @@ def test_clean_control_is_clean(tiny_control, corpus, tmp_path):
 
 def test_duplicate_is_judged_by_sign_pattern_as_well_as_mse():
     torch.manual_seed(0)
-    kept = [torch.sign(torch.randn(64))]
+    kept = torch.sign(torch.randn(1, 64))
     # the same sign pattern at another scale: far apart in MSE, the same signature to the monitor
     rescaled = kept[0] * 3.0 + 0.1 * torch.randn(64)
     assert "sign agreement" in duplicate(rescaled, kept, unique_th=0.5, same_agreement=0.9)
@@ -59,7 +59,8 @@ def test_duplicate_is_judged_by_sign_pattern_as_well_as_mse():
     other = kept[0].clone()
     other[:16] *= -1  # 75% agreement: a different PV
     assert duplicate(other * 3.0, kept, unique_th=0.5, same_agreement=0.9) is None
-    assert duplicate(other, [], unique_th=0.5, same_agreement=0.9) is None
+    assert duplicate(other, None, unique_th=0.5, same_agreement=0.9) is None
+    assert duplicate(other, torch.zeros(0, 64), unique_th=0.5, same_agreement=0.9) is None
 
 
 def test_resume_continues_without_repeating_rounds(tiny_control, corpus, tmp_path):

@@ -1,8 +1,8 @@
 """PV mining: fuzz training of soft triggers, filters, calibration, signature file with a verdict."""
 
 from .config import MiningConfig
-from .job import MiningResult, calibrate, mine, stale_checkpoint
+from .job import RECOVERED, MiningResult, calibrate, mine, recovered, stale_checkpoint
 from .model import Candidate, fuzz_round, prepare
 
-__all__ = ["Candidate", "MiningConfig", "MiningResult", "calibrate", "fuzz_round", "mine", "prepare",
-           "stale_checkpoint"]
+__all__ = ["RECOVERED", "Candidate", "MiningConfig", "MiningResult", "calibrate", "fuzz_round", "mine", "prepare",
+           "recovered", "stale_checkpoint"]

@@ -30,6 +30,17 @@ if TYPE_CHECKING:
 MAX_THRESHOLD = 0.97
 
 
+# Sign agreement at which a mined PV counts as a planted one (the demo and bench/bench_mine.py).
+RECOVERED = 0.9
+
+
+def recovered(planted: torch.Tensor, mined: torch.Tensor, agreement: float = RECOVERED) -> int:
+    """How many planted PVs [P, H] some mined PV [M, H] matches with sign agreement >= `agreement`."""
+    if not len(planted) or not len(mined):
+        return 0
+    return int((sign_agreement(planted, mined).max(dim=1).values >= agreement).sum())
+
+
 @dataclass
 class MiningResult:
     signatures: SignatureSet
@@ -152,8 +163,8 @@ def _search(seeds: list[int], records: dict[int, dict], run, wave: int, unique_t
             rec["kept"] = False
             if rec["filters"]:
                 continue
-            why = duplicate(torch.tensor(rec["pv"]), [torch.tensor(records[k]["pv"]) for k in kept], unique_th,
-                             same_agreement)
+            why = duplicate(torch.tensor(rec["pv"]), torch.tensor([records[k]["pv"] for k in kept]) if kept else None,
+                            unique_th, same_agreement)
             if why:
                 rec["reasons"].append(why)
                 continue

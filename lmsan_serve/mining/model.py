@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,17 @@ class Prepared:
     scale: float  # mean squared clean output entry: the yardstick for distances
 
 
+def word_starts(units: Sequence[int | None]) -> list[int]:
+    """Token index where each word starts, plus the end of the text, from per-token word ids
+    (None or negative: not part of a word)."""
+    def word(i: int) -> bool:
+        return units[i] is not None and units[i] >= 0
+
+    first = [i for i in range(len(units)) if word(i) and (i == 0 or units[i - 1] != units[i])]
+    last = max((i for i in range(len(units)) if word(i)), default=0)
+    return first + [last + 1]
+
+
 def prepare(backbone: Backbone, lines: list[str], config: MiningConfig) -> Prepared:
     why = backbone.supports_position(config.position)
     if why:
@@ -71,12 +83,7 @@ def prepare(backbone: Backbone, lines: list[str], config: MiningConfig) -> Prepa
     if config.position == "mask":
         is_mask = batch.input_ids == backbone.tokenizer.mask_token_id
         batch.monitor_index = is_mask.int().argmax(dim=1)
-    starts: list[list[int]] = []
-    for row in range(len(batch)):
-        units = batch.units[row].tolist()
-        first = [i for i, u in enumerate(units) if u >= 0 and (i == 0 or units[i - 1] != u)]
-        last = max((i for i, u in enumerate(units) if u >= 0), default=0)
-        starts.append(first + [last + 1])
+    starts = [word_starts(batch.units[row].tolist()) for row in range(len(batch))]
     batch.to(backbone.device)
     with torch.no_grad():
         clean = []
@@ -130,16 +137,16 @@ def _splice_ids(t: torch.Tensor, at: torch.Tensor, n: int, fill: int) -> torch.T
     return pool.gather(1, src)
 
 
-def duplicate(pv: torch.Tensor, kept: list[torch.Tensor], unique_th: float, same_agreement: float) -> str | None:
-    """Why `pv` repeats a kept PV: too close in MSE (the reference's test), or the same sign pattern,
-    which is all the monitor compares (scales differ between rounds, so MSE alone lets repeats in)."""
-    if not kept:
+def duplicate(pv: torch.Tensor, kept: torch.Tensor | None, unique_th: float, same_agreement: float) -> str | None:
+    """Why `pv` repeats one of the `kept` PVs [K, H]: too close in MSE (the reference's test), or the
+    same sign pattern, which is all the monitor compares (scales differ between rounds, so MSE alone
+    lets repeats in)."""
+    if kept is None or not len(kept):
         return None
-    stack = torch.stack(kept)
-    mse = float(((stack - pv) ** 2).mean(dim=1).min())
+    mse = float(((kept - pv) ** 2).mean(dim=1).min())
     if mse < unique_th:
         return f"not unique (MSE {mse:.4f} to a kept PV)"
-    agree = float(sign_agreement(pv[None], stack).max())
+    agree = float(sign_agreement(pv[None], kept).max())
     if agree >= same_agreement:
         return f"not unique (sign agreement {agree:.3f} with a kept PV)"
     return None
@@ -233,8 +240,8 @@ def fuzz_round(
         reasons.append(f"not input-invariant (entropy {entropy_ratio:.4f} of max)")
     if not legit:
         reasons.append("trigger left the embedding range")
-    if out_mean is not None and found is not None and len(found):
-        why = duplicate(out_mean, list(found), th, config.same_pv_agreement)
+    if out_mean is not None:
+        why = duplicate(out_mean, found, th, config.same_pv_agreement)
         if why:
             reasons.append(why)
     dispersion = None
