@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import LmsanError
+from .errors import LmsanError, settings
 
 EXIT_USAGE = 2
 
@@ -45,16 +45,6 @@ def _progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "quiet", False)
 
 
-def _settings(model_cls, what: str, **values):
-    """Build a pydantic settings model from CLI flags; a bad value becomes a one-line error."""
-    from pydantic import ValidationError
-
-    try:
-        return model_cls(**values)
-    except ValidationError as exc:
-        raise LmsanError(f"invalid {what} settings: {exc.errors()[0]['msg']}") from exc
-
-
 def _writable_dir(path: str, what: str) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -82,7 +72,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .backbone import load_backbone
     from .data import load_corpus
 
-    config = _settings(
+    config = settings(
         AttackConfig,
         "attack",
         kind=args.kind,
@@ -125,7 +115,7 @@ def cmd_train_prompt(args: argparse.Namespace) -> int:
     from .data import load_examples
     from .prompts import PromptConfig, train_prompt
 
-    config = _settings(
+    config = settings(
         PromptConfig,
         "prompt",
         method=args.method,
@@ -162,7 +152,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     from .data import load_corpus
     from .mining import MiningConfig, mine
 
-    config = _settings(
+    config = settings(
         MiningConfig,
         "mining",
         mode=args.mode,
@@ -172,6 +162,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
         lines=args.lines,
         first_seed=args.first_seed,
         wave=args.wave,
+        split_rows=args.split_rows,
         **({"lr": args.lr} if args.lr else {}),
     )
     if args.workers < 1:
@@ -331,11 +322,112 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 # -- eval ----------------------------------------------------------------------------------------
+def _key_values(pairs: list[str] | None, flag: str) -> dict:
+    """`KEY=VALUE` flags as a dict; a VALUE that reads as JSON (number, true, null) is taken as such."""
+    out: dict = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise LmsanError(f"{flag} takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def _eval_zoo(args: argparse.Namespace) -> int:
+    from .zoo import ATTACKS, ZOO_WORDS, plan_zoo, run_zoo, summarize, write_detection_report
+
+    if args.zoo < 1:
+        raise LmsanError("--zoo must be at least 1")
+    removal_only = [f for f, v in (("--prompt", args.prompt), ("--signatures", args.signatures),
+                                   ("--data", args.data)) if v]
+    if removal_only:
+        raise LmsanError(f"{', '.join(removal_only)} belong to the removal report, not to --zoo")
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown or not attacks:
+        what = f"unknown attack(s) {', '.join(unknown)}" if unknown else "--attacks names no attack"
+        raise LmsanError(f"{what} (choose from {', '.join(ATTACKS)})")
+    for flag, value in (("--attack-steps", args.attack_steps), ("--mine-rounds", args.mine_rounds),
+                        ("--lines", args.lines)):
+        if value is not None and value < 1:
+            raise LmsanError(f"{flag} must be at least 1")
+    words = [w.strip() for w in args.triggers.split(",") if w.strip()] if args.triggers else list(ZOO_WORDS)
+    plan = {k: v for k, v in (("clean_every", args.clean_every), ("triggers_per_model", args.triggers_per_model),
+                              ("trigger_sets", args.trigger_sets)) if v is not None}  # else plan_zoo's defaults
+    members = plan_zoo(args.zoo, attacks, words=words, seed=args.seed, **plan)
+    attack = _key_values(args.attack_set, "--attack-set")
+    mining = _key_values(args.mine_set, "--mine-set")
+    if args.attack_steps is not None:
+        attack["steps"] = args.attack_steps
+    if args.mine_rounds is not None:
+        mining["max_rounds"] = args.mine_rounds
+    if args.lines is not None:
+        mining["lines"] = args.lines
+    for m in members:  # bad settings fail here, before any output
+        m.attack_config(attack), m.mining_config(mining)
+    out = _writable_dir(args.out, "output folder")
+    n_clean = sum(m.clean for m in members)
+    _say(args, f"detection zoo: {len(members) - n_clean} backdoored copies and {n_clean} clean control(s) of "
+               f"{args.model} under {out / 'models'}")
+    rows = run_zoo(args.model, members, out, attack_overrides=attack, mining_overrides=mining, device=args.device,
+                   progress=_progress(args), say=lambda m: _say(args, m))
+    summary = summarize(rows)
+    report = write_detection_report(rows, summary, out, args.model, "lmsan " + shlex.join(args.argv))
+    t = summary["time_to_verdict"]
+    fpr = summary["false_positive_rate"]
+    _emit(args, f"report: {report}\ndetection accuracy {summary['accuracy']:.3f} ({summary['correct']} of "
+                f"{summary['models']}), false-positive rate {'-' if fpr is None else f'{fpr:.3f}'}; time to verdict "
+                f"mean {t['backdoored']['mean'] or 0:.1f} s backdoored, {t['clean']['mean'] or 0:.1f} s clean",
+          {"report": str(report), **summary})
+    return 0
+
+
+def _eval_removal(args: argparse.Namespace) -> int:
+    from .removal import parse_tasks, run_removal, write_removal
+    from .signatures import SignatureSet
+
+    tasks = parse_tasks(args.removal)
+    if args.prompt or args.data:
+        raise LmsanError("--removal trains its own prompt per task: drop --prompt and --data")
+    if not args.signatures:
+        raise LmsanError("--removal needs --signatures SIG.safetensors")
+    if not Path(args.signatures).is_file():
+        raise LmsanError(f"signature file not found: {args.signatures}")
+    if args.triggers:
+        triggers = [t.strip() for t in args.triggers.split(",") if t.strip()]
+    else:  # mined PVs name no trigger; an attacked copy's truth file does
+        truth = Path(args.model) / "truth.safetensors"
+        named = SignatureSet.load(args.signatures).meta.pvs
+        if not any(r.trigger for r in named) and truth.is_file():
+            named = SignatureSet.load(truth).meta.pvs
+        triggers = [r.trigger for r in named if r.trigger]
+    out = _writable_dir(args.out, "output folder")
+    res = run_removal(args.model, args.signatures, triggers, tasks, out, size=args.size, device=args.device,
+                      seed=args.seed, serve=not args.local, progress=_progress(args), say=lambda m: _say(args, m))
+    report = write_removal(res, out, "lmsan " + shlex.join(args.argv))
+    worst = max(res["tasks"].items(), key=lambda kv: kv[1]["asr_on"])
+    _emit(args, f"report: {report}\n" + "\n".join(
+        f"{t}: ASR {r['asr_off']:.3f} -> {r['asr_on']:.3f}, clean accuracy {r['cacc_off']:.3f} -> {r['cacc_on']:.3f}"
+        for t, r in res["tasks"].items()) + f"\nworst task {worst[0]}: ASR with the guard {worst[1]['asr_on']:.3f}",
+          res | {"report": str(report)})
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .adaptive import PAIR_ONLY, VARIANTS
     from .data import load_examples, shipped
     from .report import run_eval, write_report
 
+    if args.zoo is not None:
+        return _eval_zoo(args)
+    if args.removal is not None:
+        return _eval_removal(args)
+    missing = [f for f, v in (("--prompt", args.prompt), ("--signatures", args.signatures)) if not v]
+    if missing:
+        raise LmsanError(f"{' and '.join(missing)} required (or --zoo N for the detection zoo)")
     variants = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -507,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lines", type=int, default=256, help="clean lines to fuzz on (default 256)")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--lr", type=float, help="base learning rate (default adapts to the embedding scale)")
+    p.add_argument("--no-split", dest="split_rows", action="store_false",
+                   help="keep the PV of the whole soft trigger, without trying each of its rows alone")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--workers", type=int, default=1,
                    help="run rounds as N parallel Ray tasks (local Ray on 127.0.0.1 unless --ray-address)")
@@ -554,19 +648,45 @@ def build_parser() -> argparse.ArgumentParser:
     _trusted_flag(p)
     p.set_defaults(func=cmd_classify)
 
-    p = sub.add_parser("eval", help="removal and adaptive-trigger evaluation: Markdown report + plot",
-                       description="Clean accuracy and attack success with the guard off and on, for plain "
-                       "triggers (the paper's protocol) and every adaptive variant (punctuation, case, repeats, "
-                       "several triggers, start/end, invisible and look-alike characters, second text of a pair), "
-                       "next to a no-trigger noise baseline. Writes OUT/report.md, results.json, adaptive.png.")
+    p = sub.add_parser("eval", help="removal/adaptive evaluation, or the detection zoo: Markdown report + plots",
+                       description="Removal (--prompt, --signatures): clean accuracy and attack success with the "
+                       "guard off and on, for plain triggers (the paper's protocol) and every adaptive variant "
+                       "(punctuation, case, repeats, several triggers, start/end, invisible and look-alike "
+                       "characters, second text of a pair), next to a no-trigger noise baseline; writes "
+                       "OUT/report.md, results.json, adaptive.png. Detection (--zoo N): N copies of --model, "
+                       "backdoored with POR, NeuBA and BToP over trigger sets and seeds, every --clean-every-th a "
+                       "clean control (the same training without triggers), each mined in detect mode; accuracy, "
+                       "false-positive rate and time to verdict in OUT/detection.md, detection.png, detection.json. "
+                       "Zoo models are cached in OUT/models; a rerun redoes only what is missing.")
     _common(p)
-    p.add_argument("--prompt", required=True, help="prompt folder from train-prompt")
-    p.add_argument("--signatures", required=True, help="signature file (SIG.safetensors)")
+    p.add_argument("--prompt", help="removal: prompt folder from train-prompt (required without --zoo)")
+    p.add_argument("--signatures", help="removal: signature file SIG.safetensors (required without --zoo)")
     p.add_argument("--data", help="labelled JSONL (default: the shipped SST-2 dev set)")
     p.add_argument("--size", type=int, default=200, help="inputs to use (default 200)")
-    p.add_argument("--triggers", help="comma-separated trigger words (default: those the signature file names)")
+    p.add_argument("--triggers", help="comma-separated trigger words (removal, default: those the signature file "
+                   "names; --zoo: the word list trigger sets are drawn from, default 24 rare two-letter words)")
+    g = p.add_argument_group("removal over several tasks")
+    g.add_argument("--removal", metavar="TASKS", help="sst2, sms_spam, ag_news, rte (comma-separated) or all: "
+                   "train a prompt per task on --model (cached in OUT/prompts), serve them all from one guarded "
+                   "endpoint on 127.0.0.1 and measure each over HTTP; writes OUT/removal.md, removal.json, "
+                   "removal.png")
+    g.add_argument("--local", action="store_true", help="with --removal: a local guard instead of the endpoint")
+    g = p.add_argument_group("detection zoo")
+    g.add_argument("--zoo", type=int, metavar="N", help="run the detection zoo of N models instead of removal")
+    g.add_argument("--attacks", default="por,neuba,btop", help="attacks to cycle (default por,neuba,btop)")
+    g.add_argument("--clean-every", type=int, help="every Nth model is a clean control (default 4)")
+    g.add_argument("--triggers-per-model", type=int, help="triggers (one PV each) per copy (default 6)")
+    g.add_argument("--trigger-sets", type=int, help="distinct trigger sets to cycle (default 3)")
+    g.add_argument("--attack-steps", type=int, help="attack optimisation steps at most (default 300; clean "
+                   "controls 100)")
+    g.add_argument("--mine-rounds", type=int, help="detect-mode rounds at most (default 30)")
+    g.add_argument("--lines", type=int, help="clean corpus lines to fuzz on (default 256)")
+    g.add_argument("--attack-set", action="append", metavar="KEY=VALUE",
+                   help="any other attack setting, e.g. lr=5e-3 (repeatable; see AttackConfig)")
+    g.add_argument("--mine-set", action="append", metavar="KEY=VALUE",
+                   help="any other mining setting, e.g. batch_size=16 (repeatable; see MiningConfig)")
     p.add_argument("--variants", default="all", help="comma-separated adaptive variants, or all (default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (--zoo: of the trigger sets and the first attack)")
     p.add_argument("--out", default="lmsan-out/eval", help="report folder (default lmsan-out/eval)")
     p.add_argument("--threshold", type=float, help="override every PV's threshold")
     p.add_argument("--allow-fingerprint-mismatch", action="store_true",

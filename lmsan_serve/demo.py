@@ -28,12 +28,12 @@ from .errors import LmsanError
 from .evaluation import Runner, evaluate_guard
 from .guard import GuardResult, GuardStats, Verdict
 from .mining import RECOVERED, MiningConfig, mine, recovered, stale_checkpoint
-from .prompts import PromptClassifier, PromptConfig, train_prompt
+from .prompts import PromptClassifier, train_prompt
+from .removal import PROMPT, VALIDATION
 from .signatures import SignatureSet
 
 DEMO_ATTACK = AttackConfig(kind="por")
-DEMO_PROMPT = PromptConfig(method="prefix", epochs=1.0, eval_every=60)
-VALIDATION = 500  # last SST-2 training rows, held out to pick the best prompt checkpoint
+DEMO_PROMPT = PROMPT  # the prompt every task of `lmsan eval --removal` gets
 SEARCH_ROUNDS = 4  # enough to show search mode, short enough for the demo
 STEPS = 6
 

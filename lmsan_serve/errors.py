@@ -4,3 +4,15 @@ the HTTP API returns it as a 4xx reason."""
 
 class LmsanError(Exception):
     """A user-facing error: bad input, a missing or mismatched file, an unsupported setting."""
+
+
+def settings(model_cls, what: str, **values):
+    """Build a pydantic settings model; a bad value becomes a one-line LmsanError naming the field."""
+    from pydantic import ValidationError
+
+    try:
+        return model_cls(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise LmsanError(f"invalid {what} settings: {where + ': ' if where else ''}{err['msg']}") from exc

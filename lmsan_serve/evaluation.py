@@ -70,6 +70,7 @@ class GuardEvaluation:
     purged: int
     detections: int  # triggered inputs flagged
     correct: int  # clean inputs the unguarded model gets right, with a valid control (ASR denominator)
+    attacked: int  # (input, trigger) pairs sent
     inputs: int
     triggers: list[str]
     guard_seconds_per_input: float
@@ -169,6 +170,7 @@ def evaluate_guard(
         purged=purged,
         detections=flagged,
         correct=len(set(owner)),
+        attacked=len(attacked),
         inputs=n,
         triggers=list(triggers),
         guard_seconds_per_input=(stats.guard_seconds + trig_stats.guard_seconds) / max(1, n + len(attacked)),

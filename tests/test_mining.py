@@ -11,7 +11,7 @@ from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
 from lmsan_serve.cli import main
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.mining import MiningConfig, mine, stale_checkpoint
-from lmsan_serve.mining.model import duplicate
+from lmsan_serve.mining.model import duplicate, prepare, purest, triggered_outputs
 from lmsan_serve.monitor import sign_agreement
 from lmsan_serve.signatures import SignatureSet
 
@@ -35,6 +35,31 @@ def test_detect_finds_a_planted_pv(tiny_por, corpus, tmp_path):
     loaded = SignatureSet.load(tmp_path / "sig.safetensors", fingerprint=backbone.fingerprint)
     record = loaded.meta.pvs[0]
     assert record.origin == "mined" and record.threshold >= 0.8 and record.false_positive_rate <= 0.005
+
+
+def test_purest_picks_the_single_trigger_over_a_blend(tiny_por, corpus):
+    """Two planted triggers' embeddings as one two-row soft trigger: `purest` keeps the row (or
+    the whole) whose held-out outputs agree best with their mean, and that PV is a planted one."""
+    backbone = load_backbone(str(tiny_por), "cpu")
+    truth = SignatureSet.load(tiny_por / "truth.safetensors").pvs
+    config = MiningConfig(prompt_len=2, batch_size=16)
+    held = prepare(backbone, corpus[-64:], config)
+    emb = backbone.model.get_input_embeddings().weight.detach()
+    ids = [backbone.tokenizer.convert_tokens_to_ids(t) for t in TINY_TRIGGERS[:2]]
+    trigger = emb[ids].clone()
+    row, pv, spread, agreement = purest(backbone, held, trigger, config, seed=0, effect=0.0)
+    assert spread <= config.max_dispersion and float(sign_agreement(pv[None], truth).max()) >= 0.95
+
+    def self_agreement(t: torch.Tensor) -> float:
+        out = triggered_outputs(backbone, held, t, config.model_copy(update={"prompt_len": len(t)}), 0)
+        return float(sign_agreement(out, out.mean(0, keepdim=True)).mean())
+
+    chosen = trigger if row is None else trigger[row : row + 1]
+    assert agreement == pytest.approx(self_agreement(chosen), abs=1e-6)
+    assert all(agreement >= self_agreement(t) - 1e-6 for t in (trigger, trigger[:1], trigger[1:]))
+    # an effect no output reaches: nothing passes, so the whole trigger comes back, with no agreement
+    row, pv, spread, agreement = purest(backbone, held, trigger, config, seed=0, effect=1e9)
+    assert row is None and agreement is None and spread > 0
 
 
 def test_clean_control_is_clean(tiny_control, corpus, tmp_path):

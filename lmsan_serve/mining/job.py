@@ -114,6 +114,8 @@ def _candidate_record(c: Candidate) -> dict:
         "entropy_ratio": round(c.entropy_ratio, 6),
         "dispersion": round(c.dispersion, 6) if c.dispersion is not None else None,
         "epochs": c.epochs,
+        "row": c.row,
+        "self_agreement": round(c.self_agreement, 6) if c.self_agreement is not None else None,
         "seconds": round(c.seconds, 2),
         "trace": [list(t) for t in c.trace],
         "filters": list(c.reasons),

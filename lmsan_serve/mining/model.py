@@ -42,6 +42,8 @@ class Candidate:
     reasons: list[str] = field(default_factory=list)  # filters failed; empty = kept
     trigger: torch.Tensor | None = None  # the trained soft trigger [prompt_len, E] (not checkpointed)
     dispersion: float | None = None  # held-out collapse statistic (see `collapse`)
+    row: int | None = None  # the trigger row whose PV was kept alone (see `purest`), None: all rows
+    self_agreement: float | None = None  # mean sign agreement of its held-out outputs with the PV
     trace: list[tuple[float, float]] = field(default_factory=list)  # per epoch: distance, batch spread ratio
 
 
@@ -240,17 +242,59 @@ def fuzz_round(
         reasons.append(f"not input-invariant (entropy {entropy_ratio:.4f} of max)")
     if not legit:
         reasons.append("trigger left the embedding range")
-    if out_mean is not None:
-        why = duplicate(out_mean, found, th, config.same_pv_agreement)
+    pv, dispersion, row, agreement = out_mean, None, None, None
+    if not reasons and held is not None and config.split_rows:
+        row, pv, dispersion, agreement = purest(backbone, held, trigger.detach(), config, seed, th)
+        if agreement is not None and agreement < config.min_self_agreement:
+            reasons.append(f"a blend of PVs (held-out outputs agree {agreement:.3f} in sign with it, "
+                           f"< {config.min_self_agreement})")
+    if pv is not None:
+        why = duplicate(pv, found, th, config.same_pv_agreement)
         if why:
             reasons.append(why)
-    dispersion = None
-    if not reasons and held is not None:
+    if not reasons and held is not None and dispersion is None:
         dispersion = collapse(backbone, held, trigger.detach(), config, seed)
-        if dispersion > config.max_dispersion:
-            reasons.append(f"not collapsed on held-out text (dispersion {dispersion:.4f} > {config.max_dispersion})")
-    return Candidate(seed, out_mean, distance, entropy_ratio, legit, epoch, time.time() - started, reasons,
-                     trigger.detach().clone(), dispersion, trace)
+    if dispersion is not None and dispersion > config.max_dispersion:
+        reasons.append(f"not collapsed on held-out text (dispersion {dispersion:.4f} > {config.max_dispersion})")
+    return Candidate(seed, pv, distance, entropy_ratio, legit, epoch, time.time() - started, reasons,
+                     trigger.detach().clone(), dispersion, trace=trace, row=row, self_agreement=agreement)
+
+
+def purest(backbone: Backbone, held: Prepared, trigger: torch.Tensor, config: MiningConfig, seed: int,
+           effect: float) -> tuple[int | None, torch.Tensor, float, float | None]:
+    """Of the whole trigger and each of its rows alone, the one whose held-out outputs agree best in
+    sign with their own mean, among those that move them by `effect` and collapse them: (its row,
+    None for the whole trigger; its PV, the held-out mean; its dispersion; that agreement). The whole
+    trigger's, with no agreement, when none passes, so that the collapse test rejects the round.
+
+    A soft trigger of several rows can carry two triggers at once and land on a blend of their PVs
+    (sign agreement 0.78 to 0.88 with the nearer one on POR, NeuBA and BToP copies of MiniLM), a
+    stable optimum whose outputs still collapse. A blend leaves the dimensions where its two PVs
+    disagree near zero, so their signs vary from input to input: the outputs agree 0.95 to 0.96 with
+    their mean, against 0.98 to 1.00 for a single PV, which one of the rows often reaches alone.
+    Where none does, the round is rejected (`min_self_agreement`) rather than keep a blend that the
+    monitor matches poorly and that steers later rounds away from both of its PVs."""
+    one = config.model_copy(update={"prompt_len": 1})
+    whole = triggered_outputs(backbone, held, trigger, config, seed)
+    best: tuple[int | None, torch.Tensor, float] = (None, whole.mean(dim=0), dispersion_of(whole, held.clean))
+    best_agreement: float | None = None
+    for r in [None, *range(trigger.shape[0])]:
+        out = whole if r is None else triggered_outputs(backbone, held, trigger[r : r + 1], one, seed)
+        spread = dispersion_of(out, held.clean)
+        if float(((out - held.clean) ** 2).mean()) < effect or spread > config.max_dispersion:
+            continue
+        mean = out.mean(dim=0)
+        agreement = float(sign_agreement(out, mean[None]).mean())
+        if best_agreement is None or agreement > best_agreement:
+            best, best_agreement = (r, mean, spread), agreement
+    return (*best, best_agreement)
+
+
+def dispersion_of(out: torch.Tensor, clean: torch.Tensor) -> float:
+    """Spread of triggered outputs around their mean over their mean squared move from `clean`."""
+    spread = float(((out - out.mean(dim=0, keepdim=True)) ** 2).mean())
+    moved = float(((out - clean) ** 2).mean())
+    return spread / max(moved, 1e-12)
 
 
 def collapse(backbone: Backbone, held: Prepared, trigger: torch.Tensor, config: MiningConfig, seed: int) -> float:
@@ -262,10 +306,7 @@ def collapse(backbone: Backbone, held: Prepared, trigger: torch.Tensor, config: 
     fuzz-trained on a clean encoder moves the outputs as far as the reference's effect-size filter
     asks but leaves them input-dependent (0.055 to 0.063 on the clean MiniLM, which the effect-size
     filter alone calls backdoored). Scale-free, so one threshold serves encoders of any output scale."""
-    out = triggered_outputs(backbone, held, trigger, config, seed)
-    spread = float(((out - out.mean(dim=0, keepdim=True)) ** 2).mean())
-    moved = float(((out - held.clean) ** 2).mean())
-    return spread / max(moved, 1e-12)
+    return dispersion_of(triggered_outputs(backbone, held, trigger, config, seed), held.clean)
 
 
 @torch.no_grad()

@@ -1,0 +1,197 @@
+"""`lmsan eval --removal`: the paper's removal experiment on several tasks at once, measured over HTTP.
+
+One backdoored backbone, one soft prompt per task (trained here on the frozen backbone, cached),
+all served by one guarded Ray Serve endpoint on loopback, each task also served unguarded. For every
+task: clean accuracy and attack success with the guard off and on (the label the endpoint returns),
+the reference's Type I / Type II counts, the monitor's precision and recall, false flags on clean
+inputs. Output: `removal.md`, `removal.json`, `removal.png` in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .backbone import load_backbone
+from .data import Example, load_examples, shipped
+from .errors import LmsanError
+from .evaluation import GuardEvaluation, evaluate_guard
+from .prompts import PromptClassifier, PromptConfig, train_prompt
+
+PAPER = "LMSanitator (arXiv 2308.13904): ~1% ASR with the guard, ~0.1 point of clean accuracy lost"
+VALIDATION = 500  # last training rows, held out to pick the best prompt checkpoint
+TEST_SHARE = 0.2  # of a task shipped as one file
+
+
+@dataclass(frozen=True)
+class Task:
+    """A shipped labelled data set: `train` and `test` files, or one `both` file split here."""
+
+    title: str
+    train: str | None = None
+    test: str | None = None
+    both: str | None = None
+
+    def load(self, seed: int = 0) -> tuple[list[Example], list[Example]]:
+        if self.both is None:
+            return load_examples(shipped(self.train)), load_examples(shipped(self.test))
+        rows = load_examples(shipped(self.both))
+        random.Random(seed).shuffle(rows)  # the shipped file is in source order; split it at random
+        cut = int(len(rows) * (1 - TEST_SHARE))
+        return rows[:cut], rows[cut:]
+
+
+TASKS = {
+    "sst2": Task("SST-2 (sentiment, 2 classes)", "sst2/train.jsonl", "sst2/dev.jsonl"),
+    "sms_spam": Task("SMS spam (2 classes)", both="sms_spam/all.jsonl"),
+    "ag_news": Task("AG News (topic, 4 classes)", both="ag_news/test.jsonl"),
+    "rte": Task("RTE (entailment, sentence pairs)", "rte/train.jsonl", "rte/dev.jsonl"),
+}
+PROMPT = PromptConfig(method="prefix", epochs=1.0, eval_every=60)
+
+
+def parse_tasks(spec: str) -> list[str]:
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    if spec.strip() == "all":
+        return list(TASKS)
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise LmsanError(f"unknown task(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(TASKS)}, or all")
+    return names
+
+
+def _prompt(backbone, task: str, folder: Path, config: PromptConfig, progress: bool,
+            say: Callable[[str], None]) -> float:
+    """Train (or reuse) the task's prompt in `folder`; the seconds spent training."""
+    if (folder / "manifest.json").is_file():
+        try:
+            if PromptClassifier.load(folder, backbone).config == config:
+                say(f"[{task}] reusing the prompt in {folder}")
+                return 0.0
+        except LmsanError as exc:
+            say(f"[{task}] cached prompt unusable ({exc}); training again")
+    train, _ = TASKS[task].load()
+    say(f"[{task}] prompt-tuning on {len(train) - VALIDATION} examples (frozen backbone) ...")
+    started = time.time()
+    train_prompt(backbone, config, train[:-VALIDATION], train[-VALIDATION:], progress=progress).save(folder)
+    return time.time() - started
+
+
+def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[str], out: Path, *,
+                size: int = 200, device: str = "auto", seed: int = 0, serve: bool = True,
+                prompt: PromptConfig = PROMPT, progress: bool = True, say: Callable[[str], None] = print) -> dict:
+    """Train or reuse a prompt per task, then measure each task through one guarded endpoint
+    (`serve=False`: through a local Guard per task, the same code without Ray and HTTP)."""
+    if size < 1:
+        raise LmsanError("--size must be at least 1")
+    if not triggers:
+        raise LmsanError("no trigger words to attack with: pass --triggers w1,w2")
+    if not Path(signatures).is_file():
+        raise LmsanError(f"signature file not found: {signatures}")
+    backbone = load_backbone(model, device)
+    prompts = {t: out / "prompts" / t for t in tasks}
+    train_s = {t: round(_prompt(backbone, t, prompts[t], prompt, progress, say), 1) for t in tasks}
+    rows: dict[str, dict] = {}
+
+    def measure(task: str, runner) -> None:
+        test = TASKS[task].load()[1][:size]
+        say(f"[{task}] {len(test)} clean inputs, then each with each of {len(triggers)} triggers ...")
+        ev = evaluate_guard(runner, test, triggers, seed=seed, progress=progress)
+        rows[task] = removal_row(ev) | {"prompt_train_seconds": train_s[task], "title": TASKS[task].title}
+
+    if not serve:
+        from .guard import Guard
+        from .signatures import SignatureSet
+
+        sig = SignatureSet.load(signatures, hidden_size=backbone.hidden_size, fingerprint=backbone.fingerprint)
+        for t in tasks:
+            measure(t, Guard(backbone, PromptClassifier.load(prompts[t], backbone), sig, mode="enforce"))
+    else:
+        from .demo import http_runner
+        from .serving import parse_config
+        from .serving.run import free_port, start, stop
+
+        del backbone  # the replica loads its own copy
+        app: dict = {"model": model, "signatures": signatures, "device": device, "tasks": {}}
+        for t in tasks:
+            app["tasks"][t] = str(prompts[t])
+            app["tasks"][f"{t}-off"] = {"prompt": str(prompts[t]), "mode": "off"}
+        say(f"starting one guarded endpoint for {len(tasks)} tasks on 127.0.0.1 ...")
+        endpoint = start(parse_config(app), port=free_port(), metrics_port=free_port(),
+                         num_cpus=max(2, os.cpu_count() or 2))
+        try:
+            for t in tasks:
+                measure(t, http_runner(endpoint, {"off": f"{t}-off", "enforce": t}))
+        finally:
+            stop(endpoint)
+    return {"model": model, "signatures": signatures, "triggers": triggers, "size": size,
+            "over_http": serve, "tasks": rows}
+
+
+def removal_row(ev: GuardEvaluation) -> dict:
+    """The figures of one task, with the monitor's precision and recall over all inputs sent."""
+    d = asdict(ev)
+    clean_flags = round(ev.false_flag_rate * ev.inputs)
+    row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+    row["reference_asr"] = round((ev.type1 + ev.type2) / max(1, ev.attacked), 4)
+    row["precision"] = round(ev.detections / max(1, ev.detections + clean_flags), 4)
+    row["recall"] = round(ev.triggered_flag_rate, 4)
+    return row
+
+
+def render_markdown(res: dict, command: str) -> str:
+    lines = [
+        "# Removal: guard off vs on, per task, over HTTP", "", f"Command: `{command}`", "",
+        f"Backbone `{res['model']}`, signatures `{res['signatures']}`, triggers {', '.join(res['triggers'])}; "
+        f"up to {res['size']} test inputs per task. ASR: clean inputs classified right without the guard, "
+        "each trigger inserted separately at a random word; an input counts once if any trigger changes the "
+        "label the endpoint returns (a blocked input gets no label and does not count). Reference ASR: the "
+        "paper's Type I + Type II count over every (input, trigger) pair.", "",
+        "| task | clean acc off | clean acc on | ASR off | ASR on | reference ASR on | type I | type II | "
+        "false flags | monitor precision | monitor recall | purged | blocked |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["tasks"].values():
+        lines.append(f"| {r['title']} | {r['cacc_off']:.3f} | {r['cacc_on']:.3f} | {r['asr_off']:.3f} | "
+                     f"{r['asr_on']:.3f} | {r['reference_asr']:.3f} | {r['type1']} | {r['type2']} | "
+                     f"{r['false_flag_rate']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['purged']} | "
+                     f"{r['blocked']} |")
+    lines += ["", f"Paper: {PAPER}.", "", "![ASR and clean accuracy per task](removal.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_removal(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res["tasks"])
+    rows = list(res["tasks"].values())
+    x = range(len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(names)), 3.6))
+    for ax, key, title in ((axes[0], "asr", "attack success rate"), (axes[1], "cacc", "clean accuracy")):
+        ax.bar([i - 0.2 for i in x], [r[f"{key}_off"] for r in rows], 0.4, label="guard off", color="#c0504d")
+        ax.bar([i + 0.2 for i in x], [r[f"{key}_on"] for r in rows], 0.4, label="guard on", color="#4f81bd")
+        ax.set_xticks(list(x), names)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title)
+    axes[0].axhline(0.01, color="black", lw=0.8, ls="--", label="1% target")
+    axes[0].legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_removal(res: dict, out: Path, command: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "removal.json").write_text(json.dumps(res | {"command": command}, indent=2))
+    plot_removal(res, out / "removal.png")
+    report = out / "removal.md"
+    report.write_text(render_markdown(res, command))
+    return report

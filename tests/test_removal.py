@@ -1,0 +1,75 @@
+"""`lmsan_serve.removal` on the tiny backdoored BERT: prompts are trained per shipped task, the
+figures equal a direct evaluation of the same guard, and the monitor's precision and recall come
+from the flags it raised."""
+
+import json
+
+import pytest
+
+from lmsan_serve import load_backbone
+from lmsan_serve.errors import LmsanError
+from lmsan_serve.evaluation import evaluate_guard
+from lmsan_serve.guard import Guard
+from lmsan_serve.prompts import PromptClassifier, PromptConfig
+from lmsan_serve.removal import TASKS, parse_tasks, run_removal, write_removal
+from lmsan_serve.signatures import SignatureSet
+
+TINY_PROMPT = PromptConfig(method="prefix", length=4, max_steps=30, lr=3e-2, batch_size=16, eval_every=30)
+
+
+def test_removal_figures_are_computed_from_real_predictions(tmp_path, tiny_por):
+    sig = str(tiny_por / "truth.safetensors")
+    triggers = [r.trigger for r in SignatureSet.load(sig).meta.pvs][:3]
+    res = run_removal(str(tiny_por), sig, triggers, ["sms_spam", "rte"], tmp_path, size=24, device="cpu",
+                      serve=False, prompt=TINY_PROMPT, progress=False, say=lambda m: None)
+    assert set(res["tasks"]) == {"sms_spam", "rte"} and not res["over_http"]
+    backbone = load_backbone(str(tiny_por), "cpu")
+    for task in ("sms_spam", "rte"):
+        row = res["tasks"][task]
+        guard = Guard(backbone, PromptClassifier.load(tmp_path / "prompts" / task, backbone), SignatureSet.load(sig))
+        ev = evaluate_guard(guard, TASKS[task].load()[1][:24], triggers, progress=False)
+        assert row["asr_on"] == round(ev.asr_on, 4) and row["cacc_off"] == round(ev.cacc_off, 4)
+        assert row["attacked"] == ev.attacked == len(triggers) * ev.correct
+        assert row["reference_asr"] == round((ev.type1 + ev.type2) / ev.attacked, 4)
+        # the planted PVs catch the planted triggers, and clean inputs are not flagged
+        assert row["recall"] >= 0.9 and row["false_flag_rate"] <= 0.1 and row["precision"] >= 0.9
+    # a second run reuses the trained prompts
+    again = run_removal(str(tiny_por), sig, triggers, ["rte"], tmp_path, size=24, device="cpu", serve=False,
+                        prompt=TINY_PROMPT, progress=False, say=lambda m: None)
+    assert again["tasks"]["rte"]["prompt_train_seconds"] == 0.0
+    assert again["tasks"]["rte"]["asr_on"] == res["tasks"]["rte"]["asr_on"]
+    report = write_removal(res, tmp_path / "report", "lmsan eval --removal sms_spam,rte")
+    text = report.read_text()
+    assert "| SMS spam (2 classes) |" in text and "| RTE (entailment, sentence pairs) |" in text
+    assert (tmp_path / "report" / "removal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "report" / "removal.json").read_text())["tasks"] == res["tasks"]
+
+
+def test_task_splits_are_fixed():
+    train, test = TASKS["sms_spam"].load()
+    assert len(test) == 1115 and len(train) + len(test) == 5574
+    assert [e.text for e in TASKS["sms_spam"].load()[1][:5]] == [e.text for e in test[:5]]
+    assert {e.label for e in TASKS["ag_news"].load()[1]} == {"World", "Sports", "Business", "Sci/Tech"}
+    assert all(e.text_pair for e in TASKS["rte"].load()[1])
+
+
+def test_bad_task_names_get_one_line_errors():
+    assert parse_tasks("all") == list(TASKS)
+    assert parse_tasks("sst2, rte") == ["sst2", "rte"]
+    with pytest.raises(LmsanError, match="unknown task"):
+        parse_tasks("sst2,imdb")
+    with pytest.raises(LmsanError, match="unknown task"):
+        parse_tasks(",")
+
+
+def test_removal_cli_errors_are_one_line(tmp_path, capsys):
+    from lmsan_serve.cli import main
+
+    base = ["eval", "--model", str(tmp_path), "--out", str(tmp_path / "o")]
+    for extra, reason in ((["--removal", "imdb", "--signatures", "x"], "unknown task"),
+                          (["--removal", "sst2"], "needs --signatures"),
+                          (["--removal", "sst2", "--signatures", str(tmp_path / "none.safetensors")], "not found"),
+                          (["--removal", "sst2", "--signatures", "x", "--prompt", "p"], "drop --prompt")):
+        assert main(base + extra) != 0
+        err = capsys.readouterr().err
+        assert reason in err and "Traceback" not in err
