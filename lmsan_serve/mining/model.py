@@ -270,7 +270,7 @@ def purest(backbone: Backbone, held: Prepared, trigger: torch.Tensor, config: Mi
     A soft trigger of several rows can carry two triggers at once and land on a blend of their PVs
     (sign agreement 0.78 to 0.88 with the nearer one on POR, NeuBA and BToP copies of MiniLM), a
     stable optimum whose outputs still collapse. A blend leaves the dimensions where its two PVs
-    disagree near zero, so their signs vary from input to input: the outputs agree 0.95 to 0.96 with
+    disagree near zero, so their signs vary from input to input: the outputs agree 0.94 to 0.97 with
     their mean, against 0.98 to 1.00 for a single PV, which one of the rows often reaches alone.
     Where none does, the round is rejected (`min_self_agreement`) rather than keep a blend that the
     monitor matches poorly and that steers later rounds away from both of its PVs."""
