@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .data import comma_list
 from .errors import LmsanError, settings
 
 EXIT_USAGE = 2
@@ -345,7 +346,7 @@ def _eval_zoo(args: argparse.Namespace) -> int:
                                    ("--data", args.data)) if v]
     if removal_only:
         raise LmsanError(f"{', '.join(removal_only)} belong to the removal report, not to --zoo")
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    attacks = comma_list(args.attacks)
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown or not attacks:
         what = f"unknown attack(s) {', '.join(unknown)}" if unknown else "--attacks names no attack"
@@ -354,7 +355,7 @@ def _eval_zoo(args: argparse.Namespace) -> int:
                         ("--lines", args.lines)):
         if value is not None and value < 1:
             raise LmsanError(f"{flag} must be at least 1")
-    words = [w.strip() for w in args.triggers.split(",") if w.strip()] if args.triggers else list(ZOO_WORDS)
+    words = comma_list(args.triggers) if args.triggers else list(ZOO_WORDS)
     plan = {k: v for k, v in (("clean_every", args.clean_every), ("triggers_per_model", args.triggers_per_model),
                               ("trigger_sets", args.trigger_sets)) if v is not None}  # else plan_zoo's defaults
     members = plan_zoo(args.zoo, attacks, words=words, seed=args.seed, **plan)
@@ -397,7 +398,7 @@ def _eval_removal(args: argparse.Namespace) -> int:
     if not Path(args.signatures).is_file():
         raise LmsanError(f"signature file not found: {args.signatures}")
     if args.triggers:
-        triggers = [t.strip() for t in args.triggers.split(",") if t.strip()]
+        triggers = comma_list(args.triggers)
     else:  # mined PVs name no trigger; an attacked copy's truth file does
         truth = Path(args.model) / "truth.safetensors"
         named = SignatureSet.load(args.signatures).meta.pvs
@@ -439,7 +440,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.mode != "enforce":
         raise LmsanError("lmsan eval measures the guard in mode enforce (it also runs it off); drop --mode")
     guard = _load_guard(args)
-    triggers = [t.strip() for t in args.triggers.split(",") if t.strip()] if args.triggers else \
+    triggers = comma_list(args.triggers) if args.triggers else \
         [r.trigger for r in guard.signatures.meta.pvs if r.trigger]
     if not triggers:
         raise LmsanError("the signature file names no triggers (mined PVs have none): pass --triggers w1,w2")

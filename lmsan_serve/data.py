@@ -106,3 +106,8 @@ def insert_trigger(text: str, trigger: str, rng: random.Random, max_position: in
     words = text.split()
     pos = rng.randint(0, min(max_position, len(words)))
     return " ".join(words[:pos] + [trigger] + words[pos:])
+
+
+def comma_list(spec: str) -> list[str]:
+    """`a, b,,c` -> ["a", "b", "c"]: the items of a comma-separated flag, blanks dropped."""
+    return [item.strip() for item in spec.split(",") if item.strip()]

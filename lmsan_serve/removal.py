@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .backbone import load_backbone
-from .data import Example, load_examples, shipped
+from .data import Example, comma_list, load_examples, shipped
 from .errors import LmsanError
 from .evaluation import GuardEvaluation, evaluate_guard
 from .prompts import PromptClassifier, PromptConfig, train_prompt
@@ -56,7 +56,7 @@ PROMPT = PromptConfig(method="prefix", epochs=1.0, eval_every=60)
 
 
 def parse_tasks(spec: str) -> list[str]:
-    names = [t.strip() for t in spec.split(",") if t.strip()]
+    names = comma_list(spec)
     if spec.strip() == "all":
         return list(TASKS)
     unknown = [t for t in names if t not in TASKS]

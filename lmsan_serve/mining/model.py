@@ -276,11 +276,12 @@ def purest(backbone: Backbone, held: Prepared, trigger: torch.Tensor, config: Mi
     monitor matches poorly and that steers later rounds away from both of its PVs."""
     one = config.model_copy(update={"prompt_len": 1})
     whole = triggered_outputs(backbone, held, trigger, config, seed)
-    best: tuple[int | None, torch.Tensor, float] = (None, whole.mean(dim=0), dispersion_of(whole, held.clean))
+    whole_spread = dispersion_of(whole, held.clean)
+    best: tuple[int | None, torch.Tensor, float] = (None, whole.mean(dim=0), whole_spread)
     best_agreement: float | None = None
     for r in [None, *range(trigger.shape[0])]:
         out = whole if r is None else triggered_outputs(backbone, held, trigger[r : r + 1], one, seed)
-        spread = dispersion_of(out, held.clean)
+        spread = whole_spread if r is None else dispersion_of(out, held.clean)
         if float(((out - held.clean) ** 2).mean()) < effect or spread > config.max_dispersion:
             continue
         mean = out.mean(dim=0)
