@@ -11,6 +11,7 @@ from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
 from lmsan_serve.cli import main
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.mining import MiningConfig, mine, stale_checkpoint
+from lmsan_serve.mining.job import calibrate
 from lmsan_serve.mining.model import duplicate, prepare, purest, triggered_outputs
 from lmsan_serve.monitor import sign_agreement
 from lmsan_serve.signatures import SignatureSet
@@ -47,8 +48,9 @@ def test_purest_picks_the_single_trigger_over_a_blend(tiny_por, corpus):
     emb = backbone.model.get_input_embeddings().weight.detach()
     ids = [backbone.tokenizer.convert_tokens_to_ids(t) for t in TINY_TRIGGERS[:2]]
     trigger = emb[ids].clone()
-    row, pv, spread, agreement = purest(backbone, held, trigger, config, seed=0, effect=0.0)
+    row, pv, spread, agreement, floor = purest(backbone, held, trigger, config, seed=0, effect=0.0)
     assert spread <= config.max_dispersion and float(sign_agreement(pv[None], truth).max()) >= 0.95
+    assert 0.5 < floor <= agreement
 
     def self_agreement(t: torch.Tensor) -> float:
         out = triggered_outputs(backbone, held, t, config.model_copy(update={"prompt_len": len(t)}), 0)
@@ -58,8 +60,23 @@ def test_purest_picks_the_single_trigger_over_a_blend(tiny_por, corpus):
     assert agreement == pytest.approx(self_agreement(chosen), abs=1e-6)
     assert all(agreement >= self_agreement(t) - 1e-6 for t in (trigger, trigger[:1], trigger[1:]))
     # an effect no output reaches: nothing passes, so the whole trigger comes back, with no agreement
-    row, pv, spread, agreement = purest(backbone, held, trigger, config, seed=0, effect=1e9)
-    assert row is None and agreement is None and spread > 0
+    row, pv, spread, agreement, floor = purest(backbone, held, trigger, config, seed=0, effect=1e9)
+    assert row is None and agreement is None and floor is None and spread > 0
+
+
+def test_calibrate_raises_the_cap_only_below_the_triggered_floor(tiny_backbone, corpus):
+    """A PV that 2% of the clean lines match at 0.977 needs a threshold above the fixed 0.97 cap:
+    rejected without a floor or with a floor under that threshold, kept with a floor above it."""
+    config = MiningConfig()
+    lines = [corpus[-1]] * 4 + corpus[-197:-1]
+    clean = prepare(tiny_backbone, lines, config).clean
+    pv = clean[0].clone()
+    pv[:3] = -pv[:3]  # three of 128 signs flipped: those 4 lines agree 125/128 = 0.977 with it
+    assert float(sign_agreement(clean[:1], pv[None])) == pytest.approx(125 / 128)
+    assert calibrate(tiny_backbone, pv[None], lines, config)[0] == [None]
+    assert calibrate(tiny_backbone, pv[None], lines, config, [0.98])[0] == [None]
+    (th,), (rate,) = calibrate(tiny_backbone, pv[None], lines, config, [0.999])
+    assert 125 / 128 < th < 0.999 and rate <= config.target_fpr
 
 
 def test_clean_control_is_clean(tiny_control, corpus, tmp_path):

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..backbone import Backbone
 from ..errors import LmsanError
-from ..monitor import sign_agreement
+from ..monitor import PV_CAP, sign_agreement
 from ..signatures import DEFAULT_THRESHOLD, PVRecord, SignatureSet
 from .config import MiningConfig
 from .model import Candidate, duplicate, prepare, resolved_distance, resolved_lr
@@ -25,9 +25,6 @@ from .runners import SerialRunner
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-# A PV whose calibrated threshold would have to exceed this cannot be told apart from clean text.
-MAX_THRESHOLD = 0.97
 
 
 # Sign agreement at which a mined PV counts as a planted one (the demo and bench/bench_mine.py).
@@ -116,6 +113,7 @@ def _candidate_record(c: Candidate) -> dict:
         "epochs": c.epochs,
         "row": c.row,
         "self_agreement": round(c.self_agreement, 6) if c.self_agreement is not None else None,
+        "floor": round(c.floor, 6) if c.floor is not None else None,
         "seconds": round(c.seconds, 2),
         "trace": [list(t) for t in c.trace],
         "filters": list(c.reasons),
@@ -177,11 +175,17 @@ def _search(seeds: list[int], records: dict[int, dict], run, wave: int, unique_t
 
 
 def calibrate(
-    backbone: Backbone, pvs: torch.Tensor, lines: list[str], config: MiningConfig
+    backbone: Backbone, pvs: torch.Tensor, lines: list[str], config: MiningConfig,
+    floors: list[float | None] | None = None,
 ) -> tuple[list[float | None], list[float]]:
     """Per PV: the smallest threshold (at least the paper's 0.8) that flags at most `target_fpr`
     of the clean held-out lines, and the false-flag rate it gives; None where no threshold up to
-    MAX_THRESHOLD separates the PV from clean outputs."""
+    the PV's cap separates it from clean outputs.
+
+    The cap is PV_CAP (0.97), or the PV's `floors` entry where higher: a PV whose triggered outputs
+    all but coincide with it in sign (NeuBA on MiniLM: 0.9996 on average) can take a threshold above
+    the few clean lines that reach 0.97 (0.75% of them, none above 0.982) and still flag its
+    trigger, where a fixed cap of 0.97 had to drop it."""
     prepared = prepare(backbone, lines, config.model_copy(update={"batch_size": min(config.batch_size, len(lines))}))
     scores = sign_agreement(prepared.clean, pvs.to(prepared.clean.device)).cpu()  # [N, K]
     thresholds: list[float | None] = []
@@ -190,9 +194,10 @@ def calibrate(
         col = scores[:, k]
         q = float(torch.quantile(col, 1 - config.target_fpr))
         th = max(DEFAULT_THRESHOLD, q + 1.0 / pvs.shape[1])
-        if th > MAX_THRESHOLD:
+        cap = max(PV_CAP, (floors[k] if floors else None) or 0.0)
+        if th > cap:
             thresholds.append(None)
-            rates.append(float((col > MAX_THRESHOLD).float().mean()))
+            rates.append(float((col > cap).float().mean()))
             continue
         thresholds.append(round(th, 6))
         rates.append(float((col > th).float().mean()))
@@ -289,8 +294,8 @@ def mine(
     pv_records: list[PVRecord] = []
     keep_idx: list[int] = []
     if kept:
-        thresholds, rates = calibrate(backbone, pvs, calib_lines, config)
         kept_records = [records[s] for s in kept_seeds]
+        thresholds, rates = calibrate(backbone, pvs, calib_lines, config, [c.get("floor") for c in kept_records])
         for i, (c, th, rate) in enumerate(zip(kept_records, thresholds, rates, strict=True)):
             if th is None:
                 c["reasons"].append("no threshold separates it from clean text")

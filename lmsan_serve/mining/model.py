@@ -29,6 +29,10 @@ from ..errors import LmsanError
 from ..monitor import sign_agreement
 from .config import MiningConfig
 
+# Calibration may raise a PV's threshold past 0.97 only while it still flags all but this share of
+# the held-out outputs of the soft trigger that found it.
+FLOOR_QUANTILE = 0.05
+
 
 @dataclass
 class Candidate:
@@ -44,6 +48,7 @@ class Candidate:
     dispersion: float | None = None  # held-out collapse statistic (see `collapse`)
     row: int | None = None  # the trigger row whose PV was kept alone (see `purest`), None: all rows
     self_agreement: float | None = None  # mean sign agreement of its held-out outputs with the PV
+    floor: float | None = None  # the FLOOR_QUANTILE quantile of that agreement (see `calibrate`)
     trace: list[tuple[float, float]] = field(default_factory=list)  # per epoch: distance, batch spread ratio
 
 
@@ -242,9 +247,9 @@ def fuzz_round(
         reasons.append(f"not input-invariant (entropy {entropy_ratio:.4f} of max)")
     if not legit:
         reasons.append("trigger left the embedding range")
-    pv, dispersion, row, agreement = out_mean, None, None, None
+    pv, dispersion, row, agreement, floor = out_mean, None, None, None, None
     if not reasons and held is not None and config.split_rows:
-        row, pv, dispersion, agreement = purest(backbone, held, trigger.detach(), config, seed, th)
+        row, pv, dispersion, agreement, floor = purest(backbone, held, trigger.detach(), config, seed, th)
         if agreement is not None and agreement < config.min_self_agreement:
             reasons.append(f"a blend of PVs (held-out outputs agree {agreement:.3f} in sign with it, "
                            f"< {config.min_self_agreement})")
@@ -257,15 +262,16 @@ def fuzz_round(
     if dispersion is not None and dispersion > config.max_dispersion:
         reasons.append(f"not collapsed on held-out text (dispersion {dispersion:.4f} > {config.max_dispersion})")
     return Candidate(seed, pv, distance, entropy_ratio, legit, epoch, time.time() - started, reasons,
-                     trigger.detach().clone(), dispersion, trace=trace, row=row, self_agreement=agreement)
+                     trigger.detach().clone(), dispersion, trace=trace, row=row, self_agreement=agreement, floor=floor)
 
 
 def purest(backbone: Backbone, held: Prepared, trigger: torch.Tensor, config: MiningConfig, seed: int,
-           effect: float) -> tuple[int | None, torch.Tensor, float, float | None]:
+           effect: float) -> tuple[int | None, torch.Tensor, float, float | None, float | None]:
     """Of the whole trigger and each of its rows alone, the one whose held-out outputs agree best in
     sign with their own mean, among those that move them by `effect` and collapse them: (its row,
-    None for the whole trigger; its PV, the held-out mean; its dispersion; that agreement). The whole
-    trigger's, with no agreement, when none passes, so that the collapse test rejects the round.
+    None for the whole trigger; its PV, the held-out mean; its dispersion; that agreement, the mean
+    over the held-out lines; its FLOOR_QUANTILE quantile). The whole trigger's, with no agreement or
+    floor, when none passes, so that the collapse test rejects the round.
 
     A soft trigger of several rows can carry two triggers at once and land on a blend of their PVs
     (sign agreement 0.78 to 0.88 with the nearer one on POR, NeuBA and BToP copies of MiniLM), a
@@ -279,16 +285,19 @@ def purest(backbone: Backbone, held: Prepared, trigger: torch.Tensor, config: Mi
     whole_spread = dispersion_of(whole, held.clean)
     best: tuple[int | None, torch.Tensor, float] = (None, whole.mean(dim=0), whole_spread)
     best_agreement: float | None = None
+    best_floor: float | None = None
     for r in [None, *range(trigger.shape[0])]:
         out = whole if r is None else triggered_outputs(backbone, held, trigger[r : r + 1], one, seed)
         spread = whole_spread if r is None else dispersion_of(out, held.clean)
         if float(((out - held.clean) ** 2).mean()) < effect or spread > config.max_dispersion:
             continue
         mean = out.mean(dim=0)
-        agreement = float(sign_agreement(out, mean[None]).mean())
+        agreements = sign_agreement(out, mean[None])[:, 0]
+        agreement = float(agreements.mean())
         if best_agreement is None or agreement > best_agreement:
             best, best_agreement = (r, mean, spread), agreement
-    return (*best, best_agreement)
+            best_floor = float(torch.quantile(agreements.float(), FLOOR_QUANTILE))
+    return (*best, best_agreement, best_floor)
 
 
 def dispersion_of(out: torch.Tensor, clean: torch.Tensor) -> float:
