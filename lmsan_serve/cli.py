@@ -407,7 +407,8 @@ def _eval_removal(args: argparse.Namespace) -> int:
         triggers = [r.trigger for r in named if r.trigger]
     out = _writable_dir(args.out, "output folder")
     res = run_removal(args.model, args.signatures, triggers, tasks, out, size=args.size, device=args.device,
-                      seed=args.seed, serve=not args.local, progress=_progress(args), say=lambda m: _say(args, m))
+                      seed=args.seed, serve=not args.local, calibrate=args.calibrate, progress=_progress(args),
+                      say=lambda m: _say(args, m))
     report = write_removal(res, out, "lmsan " + shlex.join(args.argv))
     worst = max(res["tasks"].items(), key=lambda kv: kv[1]["asr_on"])
     _emit(args, f"report: {report}\n" + "\n".join(
@@ -672,6 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "endpoint on 127.0.0.1 and measure each over HTTP; writes OUT/removal.md, removal.json, "
                    "removal.png")
     g.add_argument("--local", action="store_true", help="with --removal: a local guard instead of the endpoint")
+    g.add_argument("--calibrate", type=int, default=500, metavar="N", help=(
+        "with --removal: raise each task's thresholds on N clean training inputs of the task first, as a "
+        "served task's `calibration` does (default 500, the most held out from prompt training; 0: off)"))
     g = p.add_argument_group("detection zoo")
     g.add_argument("--zoo", type=int, metavar="N", help="run the detection zoo of N models instead of removal")
     g.add_argument("--attacks", default="por,neuba,btop", help="attacks to cycle (default por,neuba,btop)")

@@ -15,7 +15,7 @@ import torch
 from .backbone import Backbone
 from .encoding import remove_units
 from .errors import LmsanError
-from .monitor import Monitor
+from .monitor import Calibration, Monitor
 from .prompts import PromptClassifier
 from .purify import Purifier
 from .signatures import SignatureSet
@@ -102,6 +102,26 @@ class Guard:
         # (0.25 / 0.25) probed a third of clean batches and cost 5% throughput (bench_probe.py).
         self.suspect_margin = suspect_margin
         self.suspect_attention = suspect_attention
+
+    @torch.no_grad()
+    def calibrate(self, texts: list[str], text_pairs: list[str] | None = None, target_fpr: float = 0.005,
+                  batch_size: int = 32) -> Calibration:
+        """Raise the monitor's thresholds on clean inputs of the task this guard serves, scored the
+        way requests are (through the soft prompt), so that at most `target_fpr` of them flag (see
+        `Monitor.calibrate`)."""
+        if self.monitor is None:
+            raise LmsanError("calibration needs a signature set (this guard is off)")
+        if not texts:
+            raise LmsanError("calibration needs clean inputs of the task (got none)")
+        if text_pairs is not None and len(text_pairs) != len(texts):
+            raise LmsanError("calibration: texts and text pairs differ in length")
+        feats = []
+        for s in range(0, len(texts), batch_size):
+            pairs = text_pairs[s : s + batch_size] if text_pairs is not None else None
+            batch = self.classifier.encode(self.backbone, texts[s : s + batch_size], pairs)
+            out = self.classifier.forward_batch(self.backbone, batch)
+            feats.append(self._features(out.hidden, batch.monitor_index))
+        return self.monitor.calibrate(torch.cat(feats), target_fpr)
 
     def _features(self, hidden: torch.Tensor, monitor_index: torch.Tensor) -> torch.Tensor:
         assert self.signatures is not None

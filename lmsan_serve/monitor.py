@@ -43,6 +43,9 @@ METRICS = {"sign": sign_agreement, "cosine": cosine}
 COMBO_MARGIN = 0.1
 MAX_COMBOS = 256
 MIN_COMMON_FRACTION = 1 / 16  # combinations agreeing on fewer dimensions are too noisy to score
+# Calibration (mining's on generic text, the guard's on a task's) raises a PV's threshold at most
+# this far, unless the PV's own triggered outputs allow more (mining.job.calibrate).
+PV_CAP = 0.97
 
 
 def pv_combinations(pvs: torch.Tensor, max_size: int = 3, limit: int = MAX_COMBOS) -> list[tuple[int, ...]]:
@@ -121,3 +124,51 @@ class Monitor:
         best = torch.where(flagged, over, scores[:, :k].argmax(dim=1))
         score = scores.gather(1, best[:, None]).squeeze(1)
         return MonitorResult(flagged, best, score, margin)
+
+    def calibrate(self, features: torch.Tensor, target_fpr: float = 0.005) -> Calibration:
+        """Raise thresholds until at most `target_fpr` of `features`, clean outputs of the traffic
+        being served, flag; thresholds are never lowered.
+
+        Mining calibrates each PV on generic clean text (WikiText), on the bare encoder. A task's
+        soft prompt moves the monitored output, and the combinations, scored on fewer dimensions,
+        were never calibrated at all: on the POR MiniLM with mined signatures, 4.5% of clean SMS
+        inputs flagged through a triple of PVs at 0.90 to 0.98. A PV is raised at most to
+        PV_CAP (or kept where mining set it higher), a combination at most to one dimension short
+        of full agreement, so that clean text that truly contains a trigger (the word 'mm' in SMS
+        is one of the POR triggers) cannot switch a signature off."""
+        feats = features.detach().float()
+        before = self.flag_rate(feats)
+        old = self.thresholds.clone()
+        if self.pvs.shape[0]:
+            scores = self.metric(feats, self.pvs.to(feats.device)).cpu()
+            need = torch.quantile(scores, 1 - target_fpr, dim=0) + 1.0 / self.pvs.shape[1]
+            cap = torch.clamp(old.cpu(), min=PV_CAP)
+            self.thresholds = torch.maximum(old.cpu(), torch.minimum(need, cap)).to(old.device)
+        if self._combo_signs is not None:
+            counts = self._combo_counts.to(feats.device)
+            combo = ((_signs(feats) @ self._combo_signs.to(feats.device).T + counts) / (2 * counts)).cpu()
+            old_c = self._combo_thresholds.cpu()
+            need = torch.quantile(combo, 1 - target_fpr, dim=0) + 1.0 / counts.cpu()
+            cap = torch.maximum(old_c, 1 - 1.0 / counts.cpu())
+            self._combo_thresholds = torch.maximum(old_c, torch.minimum(need, cap)).to(self._combo_thresholds.device)
+        return Calibration(len(feats), old.tolist(), self.thresholds.tolist(), before, self.flag_rate(feats))
+
+    def flag_rate(self, features: torch.Tensor) -> float:
+        return float(self(features).flagged.float().mean()) if len(features) else 0.0
+
+
+@dataclass
+class Calibration:
+    """What `Monitor.calibrate` did: per-PV thresholds before and after, and the share of the
+    calibration outputs flagged before and after."""
+
+    lines: int
+    before: list[float]
+    after: list[float]
+    flag_rate_before: float
+    flag_rate_after: float
+
+    def to_dict(self) -> dict:
+        return {"lines": self.lines, "thresholds_before": [round(t, 6) for t in self.before],
+                "thresholds_after": [round(t, 6) for t in self.after],
+                "flag_rate_before": round(self.flag_rate_before, 6), "flag_rate_after": round(self.flag_rate_after, 6)}

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .backbone import load_backbone
-from .data import Example, comma_list, load_examples, shipped
+from .data import Example, comma_list, load_examples, shipped, text_pairs
 from .errors import LmsanError
 from .evaluation import GuardEvaluation, evaluate_guard
 from .prompts import PromptClassifier, PromptConfig, train_prompt
@@ -82,13 +82,31 @@ def _prompt(backbone, task: str, folder: Path, config: PromptConfig, progress: b
     return time.time() - started
 
 
+def calibration_file(task: str, folder: Path, lines: int) -> Path:
+    """The task's clean calibration inputs as JSONL: the last `lines` training rows, which the
+    prompt never trains on (they pick its checkpoint) and the test split never holds."""
+    train, _ = TASKS[task].load()
+    rows = train[-min(lines, VALIDATION):]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{task}.jsonl"
+    path.write_text("".join(json.dumps({"text": e.text} | ({"text_pair": e.text_pair} if e.text_pair else {})) + "\n"
+                            for e in rows), encoding="utf-8")
+    return path
+
+
 def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[str], out: Path, *,
-                size: int = 200, device: str = "auto", seed: int = 0, serve: bool = True,
+                size: int = 200, device: str = "auto", seed: int = 0, serve: bool = True, calibrate: int = VALIDATION,
                 prompt: PromptConfig = PROMPT, progress: bool = True, say: Callable[[str], None] = print) -> dict:
     """Train or reuse a prompt per task, then measure each task through one guarded endpoint
-    (`serve=False`: through a local Guard per task, the same code without Ray and HTTP)."""
+    (`serve=False`: through a local Guard per task, the same code without Ray and HTTP).
+
+    `calibrate` > 0: each task's guard first raises its thresholds on that many clean inputs of the
+    task (`calibration_file`), as a served task with `calibration` does; 0 keeps the signature
+    file's thresholds, calibrated on generic text at mining time."""
     if size < 1:
         raise LmsanError("--size must be at least 1")
+    if not 0 <= calibrate <= VALIDATION:
+        raise LmsanError(f"--calibrate must be between 0 (off) and {VALIDATION} clean inputs per task")
     if not triggers:
         raise LmsanError("no trigger words to attack with: pass --triggers w1,w2")
     if not Path(signatures).is_file():
@@ -96,6 +114,7 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
     backbone = load_backbone(model, device)
     prompts = {t: out / "prompts" / t for t in tasks}
     train_s = {t: round(_prompt(backbone, t, prompts[t], prompt, progress, say), 1) for t in tasks}
+    calib = {t: calibration_file(t, out / "calibration", calibrate) for t in tasks} if calibrate else {}
     rows: dict[str, dict] = {}
 
     def measure(task: str, runner) -> None:
@@ -110,7 +129,11 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
 
         sig = SignatureSet.load(signatures, hidden_size=backbone.hidden_size, fingerprint=backbone.fingerprint)
         for t in tasks:
-            measure(t, Guard(backbone, PromptClassifier.load(prompts[t], backbone), sig, mode="enforce"))
+            guard = Guard(backbone, PromptClassifier.load(prompts[t], backbone), sig, mode="enforce")
+            if calibrate:
+                rows_in = load_examples(calib[t], require_label=False)
+                guard.calibrate([e.text for e in rows_in], text_pairs(rows_in))
+            measure(t, guard)
     else:
         from .demo import http_runner
         from .serving import parse_config
@@ -119,7 +142,7 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
         del backbone  # the replica loads its own copy
         app: dict = {"model": model, "signatures": signatures, "device": device, "tasks": {}}
         for t in tasks:
-            app["tasks"][t] = str(prompts[t])
+            app["tasks"][t] = {"prompt": str(prompts[t])} | ({"calibration": str(calib[t])} if calibrate else {})
             app["tasks"][f"{t}-off"] = {"prompt": str(prompts[t]), "mode": "off"}
         say(f"starting one guarded endpoint for {len(tasks)} tasks on 127.0.0.1 ...")
         endpoint = start(parse_config(app), port=free_port(), metrics_port=free_port(),
@@ -130,7 +153,7 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
         finally:
             stop(endpoint)
     return {"model": model, "signatures": signatures, "triggers": triggers, "size": size,
-            "over_http": serve, "tasks": rows}
+            "over_http": serve, "calibration_lines": calibrate, "tasks": rows}
 
 
 def removal_row(ev: GuardEvaluation) -> dict:
@@ -151,7 +174,10 @@ def render_markdown(res: dict, command: str) -> str:
         f"up to {res['size']} test inputs per task. ASR: clean inputs classified right without the guard, "
         "each trigger inserted separately at a random word; an input counts once if any trigger changes the "
         "label the endpoint returns (a blocked input gets no label and does not count). Reference ASR: the "
-        "paper's Type I + Type II count over every (input, trigger) pair.", "",
+        "paper's Type I + Type II count over every (input, trigger) pair. " + (
+            f"Thresholds calibrated per task on {res['calibration_lines']} clean training inputs of the task "
+            "(`--calibrate`)." if res.get("calibration_lines") else
+            "Thresholds as mined (calibrated on WikiText, no per-task calibration)."), "",
         "| task | clean acc off | clean acc on | ASR off | ASR on | reference ASR on | type I | type II | "
         "false flags | monitor precision | monitor recall | purged | blocked |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from lmsan_serve import load_backbone
+from lmsan_serve.data import load_examples
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.evaluation import evaluate_guard
 from lmsan_serve.guard import Guard
@@ -21,7 +22,7 @@ def test_removal_figures_are_computed_from_real_predictions(tmp_path, tiny_por):
     sig = str(tiny_por / "truth.safetensors")
     triggers = [r.trigger for r in SignatureSet.load(sig).meta.pvs][:3]
     res = run_removal(str(tiny_por), sig, triggers, ["sms_spam", "rte"], tmp_path, size=24, device="cpu",
-                      serve=False, prompt=TINY_PROMPT, progress=False, say=lambda m: None)
+                      serve=False, calibrate=0, prompt=TINY_PROMPT, progress=False, say=lambda m: None)
     assert set(res["tasks"]) == {"sms_spam", "rte"} and not res["over_http"]
     backbone = load_backbone(str(tiny_por), "cpu")
     for task in ("sms_spam", "rte"):
@@ -33,11 +34,22 @@ def test_removal_figures_are_computed_from_real_predictions(tmp_path, tiny_por):
         assert row["reference_asr"] == round((ev.type1 + ev.type2) / ev.attacked, 4)
         # the planted PVs catch the planted triggers, and clean inputs are not flagged
         assert row["recall"] >= 0.9 and row["false_flag_rate"] <= 0.1 and row["precision"] >= 0.9
-    # a second run reuses the trained prompts
+    # a second run reuses the trained prompts; calibrated on the task's last 200 training pairs, its
+    # figures are those of a guard calibrated on them directly
     again = run_removal(str(tiny_por), sig, triggers, ["rte"], tmp_path, size=24, device="cpu", serve=False,
-                        prompt=TINY_PROMPT, progress=False, say=lambda m: None)
-    assert again["tasks"]["rte"]["prompt_train_seconds"] == 0.0
-    assert again["tasks"]["rte"]["asr_on"] == res["tasks"]["rte"]["asr_on"]
+                        calibrate=200, prompt=TINY_PROMPT, progress=False, say=lambda m: None)
+    assert again["tasks"]["rte"]["prompt_train_seconds"] == 0.0 and again["calibration_lines"] == 200
+    train, test = TASKS["rte"].load()
+    calib = load_examples(tmp_path / "calibration" / "rte.jsonl", require_label=False)
+    assert [(e.text, e.text_pair) for e in calib] == [(e.text, e.text_pair) for e in train[-200:]]
+    assert not {e.text for e in calib} & {e.text for e in test[:24]}
+    guard = Guard(backbone, PromptClassifier.load(tmp_path / "prompts" / "rte", backbone), SignatureSet.load(sig))
+    guard.calibrate([e.text for e in calib], [e.text_pair for e in calib])
+    ev = evaluate_guard(guard, test[:24], triggers, progress=False)
+    assert again["tasks"]["rte"]["asr_on"] == round(ev.asr_on, 4)
+    assert again["tasks"]["rte"]["false_flag_rate"] == round(ev.false_flag_rate, 4)
+    with pytest.raises(LmsanError, match="--calibrate"):
+        run_removal(str(tiny_por), sig, triggers, ["rte"], tmp_path, calibrate=501, serve=False)
     report = write_removal(res, tmp_path / "report", "lmsan eval --removal sms_spam,rte")
     text = report.read_text()
     assert "| SMS spam (2 classes) |" in text and "| RTE (entailment, sentence pairs) |" in text

@@ -213,3 +213,37 @@ def test_inputs_that_hit_the_purge_bound_are_blocked_and_counted(files, backbone
     assert "exhausted" in stuffed["guard"]["reason"] or "deletion rounds" in stuffed["guard"]["reason"]
     assert clean["guard"]["action"] == "pass"
     assert svc.metrics.purge_bound_hits["sst"] == 1 and svc.metrics.purge_failures["sst"] == 1
+
+
+def test_a_task_calibrated_on_its_clean_inputs(files, backbone, tmp_path, corpus):
+    """The task's monitor is calibrated on its clean inputs when its guard is built; thresholds
+    only go up, at most `calibration_fpr` of those inputs flag, triggers still purge. A fixed
+    `threshold` is left as given, and a bad calibration file stops the start."""
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus[:300]), encoding="utf-8")
+    tasks = {"sst": {"prompt": files["prompt"], "calibration": str(calib), "calibration_fpr": 0.01}}
+    svc = service(files, backbone, tasks=tasks)
+    out = svc.classify([ClassifyCall("r", "sst", CLEAN + TRIGGERED)])[0]
+    assert [r["guard"]["action"] for r in out.results] == ["pass"] * 3 + ["purged"] * 3
+    done = svc.calibrations["sst"]
+    assert done["lines"] == 300 and done["flag_rate_after"] <= 0.01 + 1e-9
+    assert all(a >= b for a, b in zip(done["thresholds_after"], done["thresholds_before"], strict=True))
+    guard, _ = svc._guard("sst")
+    assert guard.monitor.flag_rate(_features(guard, corpus[:300])) == pytest.approx(done["flag_rate_after"], abs=1e-6)
+    assert {t["name"]: t for t in svc.tasks_info()}["sst"]["calibration"] == done
+
+    fixed = service(files, backbone, tasks=tasks, threshold=0.85)
+    fixed.classify([ClassifyCall("r", "sst", CLEAN)])
+    assert "sst" not in fixed.calibrations
+    missing = {"sst": {"prompt": files["prompt"], "calibration": str(tmp_path / "nope.jsonl")}}
+    with pytest.raises(LmsanError, match="not found"):
+        service(files, backbone, tasks=missing)
+    with pytest.raises(LmsanError, match="calibration_fpr"):
+        parse_config({"model": "m", "tasks": {"a": {"prompt": "p", "calibration": "c", "calibration_fpr": 2}}})
+
+
+def _features(guard: Guard, texts: list[str]) -> torch.Tensor:
+    batch = guard.classifier.encode(guard.backbone, texts, None)
+    with torch.no_grad():
+        out = guard.classifier.forward_batch(guard.backbone, batch)
+    return guard._features(out.hidden, batch.monitor_index)

@@ -23,6 +23,10 @@ class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str = Field(description="folder of a prompt artifact written by `lmsan train-prompt`")
     mode: Mode | None = Field(default=None, description="guard mode for this task; default: the app's mode")
+    calibration: str | None = Field(default=None, description=(
+        "clean inputs of this task (JSONL with `text`, optional `text_pair`): the monitor's thresholds are "
+        "raised on them, scored through this task's prompt, so that at most `calibration_fpr` of them flag"))
+    calibration_fpr: float = Field(default=0.005, gt=0.0, lt=1.0)
 
 
 class Limits(BaseModel):
@@ -112,7 +116,11 @@ class ServeConfig(Reloadable):
             q = Path(p).expanduser()
             return str(q if q.is_absolute() else (root / q).resolve())
 
-        tasks = {n: TaskConfig(prompt=fix(self.task(n).prompt), mode=self.task(n).mode) for n in self.tasks}
+        tasks = {}
+        for n in self.tasks:
+            t = self.task(n)
+            tasks[n] = t.model_copy(update={"prompt": fix(t.prompt),
+                                            "calibration": fix(t.calibration) if t.calibration else None})
         model = fix(self.model) if (root / self.model).exists() else self.model
         return self.model_copy(update={
             "tasks": tasks, "model": model, "signatures": fix(self.signatures) if self.signatures else None,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backbone import Backbone, load_backbone
+from ..data import load_examples, text_pairs
 from ..errors import LmsanError
 from ..guard import Guard, GuardStats
 from ..prompts import PromptClassifier
@@ -118,9 +119,19 @@ class GuardService:
         self._failed_key: tuple[str, tuple[int, int, int]] | None = None
         self._version = 0
         self._guards: dict[tuple, Guard] = {}
+        self.calibrations: dict[str, dict] = {}  # task -> what the last calibration did
+        # Read once, so that a bad file is a start-up error and not a failure on first traffic.
+        self._calibration_inputs = {
+            n: load_examples(self.config.task(n).calibration, require_label=False)
+            for n in self.config.tasks if self.config.task(n).calibration
+        }
         self._reload_lock = threading.Lock()
         if self.settings.signatures:
             self.reload_signatures(self.settings.signatures)
+        if self.current is not None:  # calibrate before the first request rather than during it
+            for task in self._calibration_inputs:
+                if self.mode_of(task) != "off":
+                    self._guard(task)
 
     # -- signatures ------------------------------------------------------------------------------
     def reload_signatures(self, path: str) -> bool:
@@ -209,9 +220,22 @@ class GuardService:
         if guard is None or guard.classifier is not classifier:
             guard = Guard(self.backbone, classifier, snap.signatures if snap and mode != "off" else None,
                           mode=mode, threshold=self.settings.threshold)
+            self._calibrate(task, guard)
             self._guards = {k: g for k, g in self._guards.items() if k[0] != task}
             self._guards[key] = guard
         return guard, snap
+
+    def _calibrate(self, task: str, guard: Guard) -> None:
+        """Raise `guard`'s thresholds on the task's clean inputs, unless the guard is off or the
+        operator fixed one threshold for every PV (`threshold`), which then holds as given."""
+        examples = self._calibration_inputs.get(task)
+        if not examples or guard.monitor is None or self.settings.threshold is not None:
+            return
+        result = guard.calibrate([e.text for e in examples], text_pairs(examples),
+                                 self.config.task(task).calibration_fpr)
+        self.calibrations[task] = result.to_dict()
+        log.info("task %s calibrated on %d clean inputs: flag rate %.4f -> %.4f", task, result.lines,
+                 result.flag_rate_before, result.flag_rate_after)
 
     def classify(self, calls: list[ClassifyCall]) -> list[CallResult]:
         """Answer a batch of calls; calls of one task (and pairing) share one guarded pass."""
@@ -310,7 +334,8 @@ class GuardService:
                 labels = json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))["labels"]
             except (OSError, ValueError, KeyError, TypeError):
                 pass
-            info.append({"name": name, "mode": self.mode_of(name), "labels": labels, "loaded": name in loaded})
+            info.append({"name": name, "mode": self.mode_of(name), "labels": labels, "loaded": name in loaded,
+                         "calibration": self.calibrations.get(name)})
         return info
 
     def signatures_info(self) -> dict:
