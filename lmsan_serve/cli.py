@@ -487,6 +487,23 @@ def _task_flags(values: list[str]) -> dict[str, str]:
     return tasks
 
 
+def _calibration_flags(values: list[str], tasks: dict[str, str]) -> dict[str, dict]:
+    """--calibration NAME=FILE pairs as task settings, each file read now so that a bad one fails
+    before a cluster starts."""
+    from .data import load_examples
+
+    out: dict[str, dict] = {name: {"prompt": folder} for name, folder in tasks.items()}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise LmsanError(f"--calibration expects NAME=FILE, got {v!r}")
+        if name not in tasks:
+            raise LmsanError(f"--calibration names task {name!r}, which no --task gives")
+        load_examples(path, require_label=False)
+        out[name]["calibration"] = path
+    return out
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serving import parse_config
     from .serving.run import serve_until_stopped, start
@@ -500,7 +517,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         _trusted_keys(args)
     values = {
-        "model": args.model, "tasks": _task_flags(args.task), "signatures": args.signatures, "mode": args.mode,
+        "model": args.model, "tasks": _calibration_flags(args.calibration or [], _task_flags(args.task)),
+        "signatures": args.signatures, "mode": args.mode,
         "threshold": args.threshold, "device": args.device, "watch_interval_s": args.watch_interval,
         "limits": {"max_inputs": args.max_inputs, "max_chars": args.max_chars},
         "batching": {"max_batch_size": max(args.max_batch_size, args.max_inputs),
@@ -706,6 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--task", action="append", required=True, metavar="NAME=PROMPT_DIR",
                    help="a task and its prompt folder (repeat for more tasks)")
+    p.add_argument("--calibration", action="append", metavar="NAME=FILE", help=(
+        "clean inputs of task NAME (JSONL with text, optional text_pair): its thresholds are raised on them "
+        "before serving, so that at most 0.5%% of them flag (repeat per task)"))
     p.add_argument("--signatures", help="signature file (SIG.safetensors); hot-reloaded when it changes")
     p.add_argument("--mode", choices=["enforce", "flag", "block", "off"], default="enforce")
     p.add_argument("--threshold", type=float, help="override every PV's threshold")

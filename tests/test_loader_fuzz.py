@@ -267,6 +267,14 @@ def test_classify_and_serve_refuse_broken_signature_files(tmp_path, sig_file, ti
     fails_cleanly("serve", "--model", tiny_bert, "--task", f"sst={prompt_dir}", "--signatures", tmp_path)
     fails_cleanly("serve", "--model", tiny_bert, "--task", f"sst={sig_file}", "--signatures", sig_file,
                   fragment="prompt folder not found")  # a file where a prompt folder belongs
+    fails_cleanly("serve", "--model", tiny_bert, "--task", f"sst={prompt_dir}", "--signatures", sig_file,
+                  "--calibration", f"other={sig_file}", fragment="no --task gives")
+    fails_cleanly("serve", "--model", tiny_bert, "--task", f"sst={prompt_dir}", "--signatures", sig_file,
+                  "--calibration", f"sst={tmp_path / 'none.jsonl'}", fragment="not found")
+    fails_cleanly("serve", "--model", tiny_bert, "--task", f"sst={prompt_dir}", "--signatures", sig_file,
+                  "--calibration", f"sst={sig_file}", fragment=Path(sig_file).name)
+    fails_cleanly("serve", "--model", tiny_bert, "--task", f"sst={prompt_dir}", "--signatures", sig_file,
+                  "--calibration", "sst", fragment="NAME=FILE")
 
 
 # -- prompt artifacts ------------------------------------------------------------------------------
