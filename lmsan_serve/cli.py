@@ -420,7 +420,7 @@ def _eval_removal(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .adaptive import PAIR_ONLY, VARIANTS
-    from .data import load_examples, shipped
+    from .data import load_examples, shipped, text_pairs
     from .report import run_eval, write_report
 
     if args.zoo is not None:
@@ -440,7 +440,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     examples = load_examples(args.data or shipped("sst2/dev.jsonl"))[: args.size]
     if args.mode != "enforce":
         raise LmsanError("lmsan eval measures the guard in mode enforce (it also runs it off); drop --mode")
+    if args.calibration and args.threshold is not None:
+        raise LmsanError("--calibration raises the calibrated thresholds; --threshold replaces them: pick one")
+    calibration = load_examples(args.calibration, require_label=False) if args.calibration else None
     guard = _load_guard(args)
+    if calibration:
+        done = guard.calibrate([e.text for e in calibration], text_pairs(calibration))
+        _say(args, f"calibrated on {done.lines} clean inputs: they flagged {done.flag_rate_before:.3f} "
+                   f"before, {done.flag_rate_after:.3f} after")
     triggers = comma_list(args.triggers) if args.triggers else \
         [r.trigger for r in guard.signatures.meta.pvs if r.trigger]
     if not triggers:
@@ -709,6 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mine-set", action="append", metavar="KEY=VALUE",
                    help="any other mining setting, e.g. batch_size=16 (repeatable; see MiningConfig)")
     p.add_argument("--variants", default="all", help="comma-separated adaptive variants, or all (default)")
+    p.add_argument("--calibration", metavar="FILE", help=(
+        "clean inputs of the task (JSONL with text, optional text_pair): raise the thresholds on them first, "
+        "as a served task's calibration does"))
     p.add_argument("--seed", type=int, default=0, help="random seed (--zoo: of the trigger sets and the first attack)")
     p.add_argument("--out", default="lmsan-out/eval", help="report folder (default lmsan-out/eval)")
     p.add_argument("--threshold", type=float, help="override every PV's threshold")

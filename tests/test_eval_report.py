@@ -47,3 +47,26 @@ def test_eval_bad_flags(tmp_path, tiny_por, tiny_por_prompt, capsys):
     assert "unknown variant(s) sideways" in capsys.readouterr().err
     assert main(base + ["--size", "0"]) == 2
     assert "--size" in capsys.readouterr().err
+    assert main(base + ["--calibration", str(tmp_path / "none.jsonl")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(base + ["--calibration", str(tmp_path / "none.jsonl"), "--threshold", "0.9"]) == 2
+    assert "pick one" in capsys.readouterr().err
+
+
+def test_eval_calibrated_on_clean_inputs_equals_a_calibrated_guard(tmp_path, tiny_por, tiny_por_prompt, capsys,
+                                                                   corpus):
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in toy(24)))
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus[:200]))
+    rc = main(["eval", "--model", str(tiny_por), "--prompt", str(tiny_por_prompt), "--signatures",
+               str(tiny_por / "truth.safetensors"), "--data", str(data), "--size", "24", "--variants", "plain",
+               "--calibration", str(calib), "--out", str(tmp_path / "r"), "--device", "cpu", "--quiet", "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    backbone = load_backbone(str(tiny_por), "cpu")
+    guard = Guard(backbone, PromptClassifier.load(tiny_por_prompt, backbone),
+                  SignatureSet.load(tiny_por / "truth.safetensors"))
+    guard.calibrate(corpus[:200])
+    ev = evaluate_adaptive(guard, toy(24), ["cf", "mn", "tq"], ["plain"], progress=False)["plain"]
+    assert summary["variants"]["plain"]["asr_on"] == round(ev.asr_on, 4) <= 0.05
