@@ -101,19 +101,28 @@ class Monitor:
             return self.signatures.label(index)
         return "+".join(self.signatures.label(i) for i in self.combos[index - k])
 
+    def _scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """[N, K + C]: each output's score against every PV, then against every combination."""
+        scores = self.metric(feats, self.pvs.to(feats.device))
+        if self._combo_signs is None:
+            return scores
+        counts = self._combo_counts.to(feats.device)
+        combo = (_signs(feats) @ self._combo_signs.to(feats.device).T + counts) / (2 * counts)
+        return torch.cat([scores, combo], dim=1)
+
+    def _limits(self, device: torch.device) -> torch.Tensor:
+        """[K + C] thresholds in the order of `_scores`."""
+        limits = self.thresholds.to(device)
+        return torch.cat([limits, self._combo_thresholds.to(device)]) if self._combo_signs is not None else limits
+
     def __call__(self, features: torch.Tensor) -> MonitorResult:
         n = features.shape[0]
         if self.pvs.shape[0] == 0:
             zeros = torch.zeros(n, device=features.device)
             return MonitorResult(zeros.bool(), torch.full((n,), -1, device=features.device), zeros, zeros - 1)
         feats = features.detach().float()
-        scores = self.metric(feats, self.pvs.to(feats.device))
-        margins = scores - self.thresholds.to(feats.device)
-        if self._combo_signs is not None:
-            counts = self._combo_counts.to(feats.device)
-            combo = (_signs(feats) @ self._combo_signs.to(feats.device).T + counts) / (2 * counts)
-            scores = torch.cat([scores, combo], dim=1)
-            margins = torch.cat([margins, combo - self._combo_thresholds.to(feats.device)], dim=1)
+        scores = self._scores(feats)
+        margins = scores - self._limits(feats.device)
         k = self.pvs.shape[0]
         margin = margins.max(dim=1).values
         # Name a PV over its threshold when there is one, else the combination over its own, else
@@ -127,7 +136,7 @@ class Monitor:
 
     def calibrate(self, features: torch.Tensor, target_fpr: float = 0.005) -> Calibration:
         """Raise thresholds until at most `target_fpr` of `features`, clean outputs of the traffic
-        being served, flag; thresholds are never lowered.
+        being served, flag through any PV or combination; thresholds are never lowered.
 
         Mining calibrates each PV on generic clean text (WikiText), on the bare encoder. A task's
         soft prompt moves the monitored output, and the combinations, scored on fewer dimensions,
@@ -139,18 +148,34 @@ class Monitor:
         feats = features.detach().float()
         before = self.flag_rate(feats)
         old = self.thresholds.clone()
-        if self.pvs.shape[0]:
-            scores = self.metric(feats, self.pvs.to(feats.device)).cpu()
-            need = torch.quantile(scores, 1 - target_fpr, dim=0) + 1.0 / self.pvs.shape[1]
-            cap = torch.clamp(old.cpu(), min=PV_CAP)
-            self.thresholds = torch.maximum(old.cpu(), torch.minimum(need, cap)).to(old.device)
+        k = self.pvs.shape[0]
+        if not k or not len(feats):
+            return Calibration(len(feats), old.tolist(), old.tolist(), before, before)
+        scores = self._scores(feats).cpu()
+        limits = self._limits(torch.device("cpu")).clone()
+        caps = limits.clone()
+        caps[:k] = caps[:k].clamp(min=PV_CAP)
         if self._combo_signs is not None:
-            counts = self._combo_counts.to(feats.device)
-            combo = ((_signs(feats) @ self._combo_signs.to(feats.device).T + counts) / (2 * counts)).cpu()
-            old_c = self._combo_thresholds.cpu()
-            need = torch.quantile(combo, 1 - target_fpr, dim=0) + 1.0 / counts.cpu()
-            cap = torch.maximum(old_c, 1 - 1.0 / counts.cpu())
-            self._combo_thresholds = torch.maximum(old_c, torch.minimum(need, cap)).to(self._combo_thresholds.device)
+            caps[k:] = torch.maximum(caps[k:], 1 - 1.0 / self._combo_counts.cpu())
+        allowed = int(target_fpr * len(feats))
+        # The union of all signatures must stay under the target, not each one: eight PVs each at
+        # 0.5% flagged 2% of clean AG News. So, one input at a time, the flagged input closest to
+        # passing is let through by raising just the thresholds it is over, until few enough flag;
+        # the inputs left flagged are the most PV-like ones.
+        while True:
+            over = scores > limits
+            flagged = over.any(dim=1)
+            if int(flagged.sum()) <= allowed:
+                break
+            fixable = flagged & ~(over & (scores + 1e-6 > caps)).any(dim=1)
+            if not fixable.any():
+                break  # what is left sits on a PV past its cap: a real trigger, kept flagged
+            margin = torch.where(fixable, (scores - limits).max(dim=1).values, torch.inf)
+            i = int(margin.argmin())
+            limits = torch.where(over[i], scores[i] + 1e-6, limits)
+        self.thresholds = limits[:k].to(old.device)
+        if self._combo_signs is not None:
+            self._combo_thresholds = limits[k:].to(self._combo_thresholds.device)
         return Calibration(len(feats), old.tolist(), self.thresholds.tolist(), before, self.flag_rate(feats))
 
     def flag_rate(self, features: torch.Tensor) -> float:

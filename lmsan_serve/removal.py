@@ -117,11 +117,14 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
     calib = {t: calibration_file(t, out / "calibration", calibrate) for t in tasks} if calibrate else {}
     rows: dict[str, dict] = {}
 
+    tokenizer = backbone.tokenizer
+
     def measure(task: str, runner) -> None:
         test = TASKS[task].load()[1][:size]
         say(f"[{task}] {len(test)} clean inputs, then each with each of {len(triggers)} triggers ...")
         ev = evaluate_guard(runner, test, triggers, seed=seed, progress=progress)
-        rows[task] = removal_row(ev) | {"prompt_train_seconds": train_s[task], "title": TASKS[task].title}
+        rows[task] = removal_row(ev) | {"prompt_train_seconds": train_s[task], "title": TASKS[task].title,
+                                        "clean_holding_trigger": holding_trigger(tokenizer, test, triggers)}
 
     if not serve:
         from .guard import Guard
@@ -156,6 +159,19 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
             "over_http": serve, "calibration_lines": calibrate, "tasks": rows}
 
 
+def holding_trigger(tokenizer, examples: list[Example], triggers: list[str]) -> int:
+    """How many clean inputs already hold a trigger's tokens in a row. The backdoor fires on them
+    (SMS messages that start "Mm ...", with `mm` a POR trigger), so flagging them is no false flag
+    in substance, though the false-flag rate counts them."""
+    pieces = [tokenizer.tokenize(t) for t in triggers]
+
+    def holds(text: str) -> bool:
+        toks = tokenizer.tokenize(text)
+        return any(toks[i : i + len(p)] == p for p in pieces if p for i in range(len(toks) - len(p) + 1))
+
+    return sum(holds(e.text) or bool(e.text_pair and holds(e.text_pair)) for e in examples)
+
+
 def removal_row(ev: GuardEvaluation) -> dict:
     """The figures of one task, with the monitor's precision and recall over all inputs sent."""
     d = asdict(ev)
@@ -179,13 +195,14 @@ def render_markdown(res: dict, command: str) -> str:
             "(`--calibrate`)." if res.get("calibration_lines") else
             "Thresholds as mined (calibrated on WikiText, no per-task calibration)."), "",
         "| task | clean acc off | clean acc on | ASR off | ASR on | reference ASR on | type I | type II | "
-        "false flags | monitor precision | monitor recall | purged | blocked |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "false flags | clean inputs holding a trigger | monitor precision | monitor recall | purged | blocked |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["tasks"].values():
         lines.append(f"| {r['title']} | {r['cacc_off']:.3f} | {r['cacc_on']:.3f} | {r['asr_off']:.3f} | "
                      f"{r['asr_on']:.3f} | {r['reference_asr']:.3f} | {r['type1']} | {r['type2']} | "
-                     f"{r['false_flag_rate']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['purged']} | "
+                     f"{r['false_flag_rate']:.3f} | {r.get('clean_holding_trigger', '-')} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | {r['purged']} | "
                      f"{r['blocked']} |")
     lines += ["", f"Paper: {PAPER}.", "", "![ASR and clean accuracy per task](removal.png)", ""]
     return "\n".join(lines)
