@@ -144,7 +144,8 @@ class Monitor:
         inputs flagged through a triple of PVs at 0.90 to 0.98. A PV is raised at most to
         PV_CAP (or kept where mining set it higher), a combination at most to one dimension short
         of full agreement, so that clean text that truly contains a trigger (the word 'mm' in SMS
-        is one of the POR triggers) cannot switch a signature off."""
+        is one of the POR triggers) cannot switch a signature off: such an input stays flagged
+        and leaves the thresholds it is over as they were."""
         feats = features.detach().float()
         before = self.flag_rate(feats)
         old = self.thresholds.clone()
