@@ -147,11 +147,10 @@ class Monitor:
         is one of the POR triggers) cannot switch a signature off: such an input stays flagged
         and leaves the thresholds it is over as they were."""
         feats = features.detach().float()
-        before = self.flag_rate(feats)
         old = self.thresholds.clone()
         k = self.pvs.shape[0]
         if not k or not len(feats):
-            return Calibration(len(feats), old.tolist(), old.tolist(), before, before)
+            return Calibration(len(feats), old.tolist(), old.tolist(), 0.0, 0.0)
         scores = self._scores(feats).cpu()
         limits = self._limits(torch.device("cpu")).clone()
         caps = limits.clone()
@@ -159,13 +158,16 @@ class Monitor:
         if self._combo_signs is not None:
             caps[k:] = torch.maximum(caps[k:], 1 - 1.0 / self._combo_counts.cpu())
         allowed = int(target_fpr * len(feats))
+        before: float | None = None
         # The union of all signatures must stay under the target, not each one: eight PVs each at
         # 0.5% flagged 2% of clean AG News. So, one input at a time, the flagged input closest to
         # passing is let through by raising just the thresholds it is over, until few enough flag;
         # the inputs left flagged are the most PV-like ones.
         while True:
-            over = scores > limits
+            over = scores > limits  # flagged = over some threshold, as `__call__` decides it
             flagged = over.any(dim=1)
+            if before is None:
+                before = float(flagged.float().mean())
             if int(flagged.sum()) <= allowed:
                 break
             fixable = flagged & ~(over & (scores + 1e-6 > caps)).any(dim=1)
@@ -177,7 +179,8 @@ class Monitor:
         self.thresholds = limits[:k].to(old.device)
         if self._combo_signs is not None:
             self._combo_thresholds = limits[k:].to(self._combo_thresholds.device)
-        return Calibration(len(feats), old.tolist(), self.thresholds.tolist(), before, self.flag_rate(feats))
+        return Calibration(len(feats), old.tolist(), self.thresholds.tolist(), before,
+                           float(flagged.float().mean()))
 
     def flag_rate(self, features: torch.Tensor) -> float:
         return float(self(features).flagged.float().mean()) if len(features) else 0.0

@@ -65,7 +65,7 @@ def parse_tasks(spec: str) -> list[str]:
     return names
 
 
-def _prompt(backbone, task: str, folder: Path, config: PromptConfig, progress: bool,
+def _prompt(backbone, task: str, train: list[Example], folder: Path, config: PromptConfig, progress: bool,
             say: Callable[[str], None]) -> float:
     """Train (or reuse) the task's prompt in `folder`; the seconds spent training."""
     if (folder / "manifest.json").is_file():
@@ -75,17 +75,15 @@ def _prompt(backbone, task: str, folder: Path, config: PromptConfig, progress: b
                 return 0.0
         except LmsanError as exc:
             say(f"[{task}] cached prompt unusable ({exc}); training again")
-    train, _ = TASKS[task].load()
     say(f"[{task}] prompt-tuning on {len(train) - VALIDATION} examples (frozen backbone) ...")
     started = time.time()
     train_prompt(backbone, config, train[:-VALIDATION], train[-VALIDATION:], progress=progress).save(folder)
     return time.time() - started
 
 
-def calibration_file(task: str, folder: Path, lines: int) -> Path:
+def calibration_file(task: str, train: list[Example], folder: Path, lines: int) -> Path:
     """The task's clean calibration inputs as JSONL: the last `lines` training rows, which the
     prompt never trains on (they pick its checkpoint) and the test split never holds."""
-    train, _ = TASKS[task].load()
     rows = train[-min(lines, VALIDATION):]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{task}.jsonl"
@@ -112,15 +110,15 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
     if not Path(signatures).is_file():
         raise LmsanError(f"signature file not found: {signatures}")
     backbone = load_backbone(model, device)
+    splits = {t: TASKS[t].load() for t in tasks}  # (train, test), read and split once per task
     prompts = {t: out / "prompts" / t for t in tasks}
-    train_s = {t: round(_prompt(backbone, t, prompts[t], prompt, progress, say), 1) for t in tasks}
-    calib = {t: calibration_file(t, out / "calibration", calibrate) for t in tasks} if calibrate else {}
+    train_s = {t: round(_prompt(backbone, t, splits[t][0], prompts[t], prompt, progress, say), 1) for t in tasks}
+    calib = {t: calibration_file(t, splits[t][0], out / "calibration", calibrate) for t in tasks} if calibrate else {}
     rows: dict[str, dict] = {}
-
     tokenizer = backbone.tokenizer
 
     def measure(task: str, runner) -> None:
-        test = TASKS[task].load()[1][:size]
+        test = splits[task][1][:size]
         say(f"[{task}] {len(test)} clean inputs, then each with each of {len(triggers)} triggers ...")
         ev = evaluate_guard(runner, test, triggers, seed=seed, progress=progress)
         rows[task] = removal_row(ev) | {"prompt_train_seconds": train_s[task], "title": TASKS[task].title,
