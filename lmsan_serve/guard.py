@@ -68,7 +68,7 @@ class Guard:
         threshold: float | None = None,
         purifier: Purifier | None = None,
         suspect_margin: float = 0.2,
-        suspect_attention: float = 0.35,
+        suspect_attention: float = 0.4,
     ):
         if mode not in MODES:
             raise LmsanError(f"unknown guard mode {mode!r} (choose from {', '.join(MODES)})")
@@ -95,11 +95,13 @@ class Guard:
         self.monitor = Monitor(signatures, threshold, backbone.device) if signatures is not None else None
         self.purifier = purifier or Purifier()
         # Two different triggers whose PVs point opposite ways cancel in the output, which then
-        # matches no PV (measured on the demo's POR minilm: 9% of two-trigger inputs got through),
-        # yet each trigger still draws the [CLS] attention. An input within `suspect_margin` of a
-        # threshold whose top word holds `suspect_attention` of that attention has its top words
-        # tested alone, in one short pass: one that fires makes the input flagged. Looser settings
-        # (0.25 / 0.25) probed a third of clean batches and cost 5% throughput (bench_probe.py).
+        # matches no PV (measured on the demo's POR minilm: 9% of two-trigger inputs got through);
+        # three triggers blend below every threshold (11% on SMS spam with mined signatures). Each
+        # trigger still draws the [CLS] attention. An input within `suspect_margin` of a threshold
+        # whose top two words together hold `suspect_attention` of that attention has them tested
+        # alone, in one short pass: one that fires makes the input flagged. A gate on the top word
+        # alone missed the three-trigger inputs (the attention splits three ways), and one that
+        # counted special tokens probed clean inputs whose [CLS] attends to [SEP] (bench_probe.py).
         self.suspect_margin = suspect_margin
         self.suspect_attention = suspect_attention
 
@@ -205,10 +207,8 @@ class Guard:
         """Rows of `near` whose top-attended words fire a PV on their own."""
         if not near or saliency is None:
             return []
-        suspects = [i for i in near if float(saliency[i].max()) >= self.suspect_attention]
-        if not suspects:
-            return []
-        fired, pstats = self.purifier.probe(batch, suspects, self._bare_margins, saliency)
+        fired, pstats = self.purifier.probe(batch, near, self._bare_margins, saliency,
+                                            min_attention=self.suspect_attention)
         stats.purge_passes += pstats.passes
         stats.purge_variants += pstats.variants
         return fired

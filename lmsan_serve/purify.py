@@ -77,6 +77,16 @@ def _row_info(batch: EncodedBatch, r: int) -> tuple[list[str], torch.Tensor, tor
     return types, tok_type, present
 
 
+def _word_attention(info: tuple[list[str], torch.Tensor, torch.Tensor], saliency: torch.Tensor) -> torch.Tensor:
+    """Attention the monitored token gives each word type of a row (its strongest token); special
+    tokens and soft-prompt slots are left out, and a type with no token present scores -inf."""
+    types, tok_type, present = info
+    sal = saliency.to(tok_type.device).float()
+    words = (tok_type >= 0) & present
+    score = torch.full((len(types),), float("-inf"), device=tok_type.device)
+    return score.scatter_reduce(0, tok_type[words], sal[words], reduce="amax")
+
+
 def _keep_only_masks(info: dict) -> Callable[[int, set[int]], torch.Tensor]:
     def keep_only(r: int, keep: set[int]) -> torch.Tensor:
         types, tok_type, attn = info[r]
@@ -256,11 +266,18 @@ class Purifier:
         return results, stats
 
     def probe(self, batch: EncodedBatch, rows: list[int], scorer: Scorer, saliency: torch.Tensor,
-              top: int = 2) -> tuple[list[int], PurifyStats]:
+              top: int = 2, min_attention: float = 0.0) -> tuple[list[int], PurifyStats]:
         """The `top` most salient word types of each row alone, in one pass; the rows where one
-        fires (an unflagged input hiding a trigger, e.g. cancelled by another)."""
+        fires (an unflagged input hiding a trigger, e.g. cancelled by another). Only rows whose
+        `top` words together draw at least `min_attention` of the monitored token's attention
+        are tested."""
         stats = PurifyStats()
-        result = {r: info for r in rows if (info := _row_info(batch, r))[0]}
+        result = {}
+        for r in rows:
+            info = _row_info(batch, r)
+            if info[0] and float(_word_attention(info, saliency[r]).clamp(min=0).topk(
+                    min(top, len(info[0]))).values.sum()) >= min_attention:
+                result[r] = info
         if not result:
             return [], stats
         keep_only = _keep_only_masks(result)
@@ -274,12 +291,7 @@ class Purifier:
         """Step 0: the highest-ranked word types alone; returns the rows where none fired."""
         ranked: dict[int, list[int]] = {}
         for r in active:
-            types, tok_type, attn = info[r]
-            sal = saliency[r].to(tok_type.device).float()
-            words = (tok_type >= 0) & attn
-            score = torch.full((len(types),), float("-inf"), device=tok_type.device)
-            score = score.scatter_reduce(0, tok_type[words], sal[words], reduce="amax")
-            ranked[r] = score.argsort(descending=True)[: top or self.ranked].tolist()
+            ranked[r] = _word_attention(info[r], saliency[r]).argsort(descending=True)[: top or self.ranked].tolist()
         self._test_singles(ranked, batch, found, results, scorer, keep_only, stats)
         return [r for r in active if not found[r]]
 

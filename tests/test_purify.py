@@ -127,3 +127,29 @@ def test_a_second_trigger_missed_by_the_ranking_is_found_on_the_follow_up():
     second, stats = Purifier(ranked=1).purify(batch, [0], score, start_from=first)
     assert second[0].ok and not second[0].tentative and second[0].removed == ["cf", "mn"]
     assert second[0].variants > first[0].variants  # one budget across both calls
+
+
+def test_probe_gate_sums_the_top_words_and_ignores_special_tokens():
+    tok = _tokenizer()
+    words = [f"word{i}" for i in range(20)]
+    texts = [" ".join(words[:5] + ["tq"] + words[5:12] + ["mn"] + words[12:]), " ".join(words)]
+    batch = encode(tok, texts)
+    score = detector(tok, singles=["tq", "mn"])
+
+    def attention(row_weights: dict[int, float]) -> torch.Tensor:
+        """Row 0 spreads 0.22 on each trigger (no single word reaches 0.35); row 1 gives 0.6 to [SEP]."""
+        sal = torch.full(batch.input_ids.shape, 0.01)
+        for r, share in row_weights.items():
+            for u, w in enumerate(batch.unit_words[r]):
+                if w in ("tq", "mn"):
+                    sal[r][batch.units[r] == u] = share
+        sep = batch.attention_mask[1].sum() - 1
+        sal[1, sep] = 0.6
+        return sal
+
+    sal = attention({0: 0.22})
+    fired, stats = Purifier().probe(batch, [0, 1], score, sal, min_attention=0.4)
+    assert fired == [0] and stats.passes == 1 and stats.variants == 2  # row 1's [SEP] does not count
+    # the same split at half the weight is under the gate: nothing probed
+    fired, stats = Purifier().probe(batch, [0, 1], score, attention({0: 0.11}), min_attention=0.4)
+    assert fired == [] and stats.passes == 0
