@@ -447,7 +447,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if calibration:
         done = guard.calibrate([e.text for e in calibration], text_pairs(calibration))
         _say(args, f"calibrated on {done.lines} clean inputs: they flagged {done.flag_rate_before:.3f} "
-                   f"before, {done.flag_rate_after:.3f} after")
+                   f"before, {done.flag_rate_after:.3f} after; {done.combinations_off} PV combinations "
+                   "switched off")
     triggers = comma_list(args.triggers) if args.triggers else \
         [r.trigger for r in guard.signatures.meta.pvs if r.trigger]
     if not triggers:

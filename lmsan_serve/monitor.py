@@ -142,21 +142,21 @@ class Monitor:
         soft prompt moves the monitored output, and the combinations, scored on fewer dimensions,
         were never calibrated at all: on the POR MiniLM with mined signatures, 4.5% of clean SMS
         inputs flagged through a triple of PVs at 0.90 to 0.98. A PV is raised at most to
-        PV_CAP (or kept where mining set it higher), a combination at most to one dimension short
-        of full agreement, so that clean text that truly contains a trigger (the word 'mm' in SMS
-        is one of the POR triggers) cannot switch a signature off: such an input stays flagged
-        and leaves the thresholds it is over as they were."""
+        PV_CAP (or kept where mining set it higher), so that clean text that truly contains a
+        trigger (the word 'mm' in SMS is one of the POR triggers) cannot switch a PV off: such an
+        input stays flagged and leaves the thresholds it is over as they were. A combination has
+        no cap: where clean inputs of the task agree with it on every dimension it scores (spam
+        messages did with a triple of the mined POR PVs), it tells nothing apart there and is
+        switched off (threshold above 1); the PVs and the suspect probe still watch blends."""
         feats = features.detach().float()
         old = self.thresholds.clone()
         k = self.pvs.shape[0]
         if not k or not len(feats):
-            return Calibration(len(feats), old.tolist(), old.tolist(), 0.0, 0.0)
+            return Calibration(len(feats), old.tolist(), old.tolist(), 0.0, 0.0, self.combinations_off)
         scores = self._scores(feats).cpu()
         limits = self._limits(torch.device("cpu")).clone()
-        caps = limits.clone()
-        caps[:k] = caps[:k].clamp(min=PV_CAP)
-        if self._combo_signs is not None:
-            caps[k:] = torch.maximum(caps[k:], 1 - 1.0 / self._combo_counts.cpu())
+        caps = torch.full_like(limits, torch.inf)
+        caps[:k] = limits[:k].clamp(min=PV_CAP)
         allowed = int(target_fpr * len(feats))
         before: float | None = None
         # The union of all signatures must stay under the target, not each one: eight PVs each at
@@ -180,7 +180,12 @@ class Monitor:
         if self._combo_signs is not None:
             self._combo_thresholds = limits[k:].to(self._combo_thresholds.device)
         return Calibration(len(feats), old.tolist(), self.thresholds.tolist(), before,
-                           float(flagged.float().mean()))
+                           float(flagged.float().mean()), self.combinations_off)
+
+    @property
+    def combinations_off(self) -> int:
+        """Combinations that calibration switched off (threshold above any score)."""
+        return int((self._combo_thresholds > 1.0).sum()) if self._combo_signs is not None else 0
 
     def flag_rate(self, features: torch.Tensor) -> float:
         return float(self(features).flagged.float().mean()) if len(features) else 0.0
@@ -188,16 +193,18 @@ class Monitor:
 
 @dataclass
 class Calibration:
-    """What `Monitor.calibrate` did: per-PV thresholds before and after, and the share of the
-    calibration outputs flagged before and after."""
+    """What `Monitor.calibrate` did: per-PV thresholds before and after, the share of the
+    calibration outputs flagged before and after, and how many PV combinations it switched off."""
 
     lines: int
     before: list[float]
     after: list[float]
     flag_rate_before: float
     flag_rate_after: float
+    combinations_off: int = 0  # PV combinations switched off for this traffic (of `Monitor.combos`)
 
     def to_dict(self) -> dict:
         return {"lines": self.lines, "thresholds_before": [round(t, 6) for t in self.before],
                 "thresholds_after": [round(t, 6) for t in self.after],
-                "flag_rate_before": round(self.flag_rate_before, 6), "flag_rate_after": round(self.flag_rate_after, 6)}
+                "flag_rate_before": round(self.flag_rate_before, 6), "flag_rate_after": round(self.flag_rate_after, 6),
+                "combinations_off": self.combinations_off}

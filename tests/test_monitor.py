@@ -75,3 +75,30 @@ def test_calibrate_raises_thresholds_until_clean_traffic_passes_but_triggers_sti
     blend = pvs[0] + pvs[1] + 0.05 * torch.randn(h, generator=gen)
     assert monitor(torch.cat([on_pv, blend[None]])).flagged.all()
     assert result.to_dict()["lines"] == 400
+
+
+def test_calibrate_switches_off_a_combination_the_task_agrees_with_fully():
+    """5% of a task's clean outputs agree with the signs PVs 0 and 1 share on every one of those
+    dimensions (spam did with a triple of mined POR PVs) but with neither PV: calibration switches
+    that combination off instead of leaving it to flag them; clean lines that hold a real trigger
+    (on PV 2) keep every signature they are over, combinations included."""
+    gen = torch.Generator().manual_seed(1)
+    h = 256
+    pvs = torch.randn(4, h, generator=gen).sign()
+    monitor = Monitor(_sig(pvs, [None] * 4))
+    pair = monitor.combos.index((0, 1)) + len(pvs)
+    common = pvs[0] == pvs[1]
+    clean = torch.randn(400, h, generator=gen)
+    clean[:20] = torch.where(common, pvs[0] * clean[:20].abs(), clean[:20])
+    clean[20:22] = pvs[2] + 0.01 * torch.randn(2, h, generator=gen)  # a real trigger
+    assert float(sign_agreement(clean[:20], pvs[:2]).max()) < 0.8  # no PV flags them, the pair does
+    assert monitor(clean[:20]).flagged.all()
+    # (the triples holding PVs 0 and 1 go with the pair: the tilted lines agree with them fully too)
+    with_pv2 = [i + len(pvs) for i, c in enumerate(monitor.combos) if 2 in c and not {0, 1} <= set(c)]
+    result = monitor.calibrate(clean, target_fpr=0.005)
+    limits = monitor._limits(torch.device("cpu"))
+    assert float(limits[pair]) > 1.0 and result.combinations_off >= 1
+    assert result.to_dict()["combinations_off"] == result.combinations_off
+    assert result.flag_rate_after <= 0.005 + 2 / 400 and not monitor(clean[:20]).flagged.any()
+    assert monitor(clean[20:22]).flagged.all() and bool((limits[with_pv2] <= 1.0).all())
+    assert monitor(pvs + 0.05 * torch.randn(4, h, generator=gen)).flagged.all()

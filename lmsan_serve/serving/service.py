@@ -234,8 +234,8 @@ class GuardService:
         result = guard.calibrate([e.text for e in examples], text_pairs(examples),
                                  self.config.task(task).calibration_fpr)
         self.calibrations[task] = result.to_dict()
-        log.info("task %s calibrated on %d clean inputs: flag rate %.4f -> %.4f", task, result.lines,
-                 result.flag_rate_before, result.flag_rate_after)
+        log.info("task %s calibrated on %d clean inputs: flag rate %.4f -> %.4f, %d PV combinations off", task,
+                 result.lines, result.flag_rate_before, result.flag_rate_after, result.combinations_off)
 
     def classify(self, calls: list[ClassifyCall]) -> list[CallResult]:
         """Answer a batch of calls; calls of one task (and pairing) share one guarded pass."""
