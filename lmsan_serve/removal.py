@@ -133,8 +133,10 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
             guard = Guard(backbone, PromptClassifier.load(prompts[t], backbone), sig, mode="enforce")
             if calibrate:
                 rows_in = load_examples(calib[t], require_label=False)
-                guard.calibrate([e.text for e in rows_in], text_pairs(rows_in))
+                done = guard.calibrate([e.text for e in rows_in], text_pairs(rows_in))
             measure(t, guard)
+            if calibrate:
+                rows[t]["calibration"] = done.to_dict()
     else:
         from .demo import http_runner
         from .serving import parse_config
@@ -151,6 +153,12 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
         try:
             for t in tasks:
                 measure(t, http_runner(endpoint, {"off": f"{t}-off", "enforce": t}))
+            # what each task's calibration did on the replica (thresholds, flag rates, combinations off)
+            status, body = endpoint.get("/v1/tasks")
+            served = {d["name"]: d.get("calibration") for d in body.get("tasks", [])} if status == 200 else {}
+            for t in tasks:
+                if served.get(t):
+                    rows[t]["calibration"] = served[t]
         finally:
             stop(endpoint)
     return {"model": model, "signatures": signatures, "triggers": triggers, "size": size,
@@ -202,6 +210,15 @@ def render_markdown(res: dict, command: str) -> str:
                      f"{r['false_flag_rate']:.3f} | {r.get('clean_holding_trigger', '-')} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | {r['purged']} | "
                      f"{r['blocked']} |")
+    calibrated = {r["title"]: r["calibration"] for r in res["tasks"].values() if r.get("calibration")}
+    if calibrated:
+        lines += ["", "Per-task calibration (on the task's clean calibration inputs):", "",
+                  "| task | inputs | flagged before | flagged after | PV thresholds raised | combinations off |",
+                  "|---|---|---|---|---|---|"]
+        for title, c in calibrated.items():
+            raised = sum(a > b + 1e-9 for a, b in zip(c["thresholds_after"], c["thresholds_before"], strict=True))
+            lines.append(f"| {title} | {c['lines']} | {c['flag_rate_before']:.3f} | {c['flag_rate_after']:.3f} | "
+                         f"{raised} of {len(c['thresholds_after'])} | {c.get('combinations_off', '-')} |")
     lines += ["", f"Paper: {PAPER}.", "", "![ASR and clean accuracy per task](removal.png)", ""]
     return "\n".join(lines)
 

@@ -45,7 +45,9 @@ def test_removal_figures_are_computed_from_real_predictions(tmp_path, tiny_por):
     assert [(e.text, e.text_pair) for e in calib] == [(e.text, e.text_pair) for e in train[-200:]]
     assert not {e.text for e in calib} & {e.text for e in test[:24]}
     guard = Guard(backbone, PromptClassifier.load(tmp_path / "prompts" / "rte", backbone), SignatureSet.load(sig))
-    guard.calibrate([e.text for e in calib], [e.text_pair for e in calib])
+    done = guard.calibrate([e.text for e in calib], [e.text_pair for e in calib])
+    assert again["tasks"]["rte"]["calibration"] == done.to_dict()  # the report says what calibration did
+    assert "Per-task calibration" in write_removal(again, tmp_path / "again", "lmsan eval").read_text()
     ev = evaluate_guard(guard, test[:24], triggers, progress=False)
     assert again["tasks"]["rte"]["asr_on"] == round(ev.asr_on, 4)
     assert again["tasks"]["rte"]["false_flag_rate"] == round(ev.false_flag_rate, 4)
@@ -53,6 +55,7 @@ def test_removal_figures_are_computed_from_real_predictions(tmp_path, tiny_por):
         run_removal(str(tiny_por), sig, triggers, ["rte"], tmp_path, calibrate=501, serve=False)
     report = write_removal(res, tmp_path / "report", "lmsan eval --removal sms_spam,rte")
     text = report.read_text()
+    assert "Per-task calibration" not in text and "calibration" not in res["tasks"]["rte"]
     assert "| SMS spam (2 classes) |" in text and "| RTE (entailment, sentence pairs) |" in text
     assert (tmp_path / "report" / "removal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "report" / "removal.json").read_text())["tasks"] == res["tasks"]
