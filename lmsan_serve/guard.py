@@ -101,7 +101,7 @@ class Guard:
         # whose top two words together hold `suspect_attention` of that attention has them tested
         # alone, in one short pass: one that fires makes the input flagged. A gate on the top word
         # alone missed the three-trigger inputs (the attention splits three ways), and one that
-        # counted special tokens probed clean inputs whose [CLS] attends to [SEP] (bench_probe.py).
+        # counted special tokens probed clean SMS messages whose [CLS] attention goes to them.
         self.suspect_margin = suspect_margin
         self.suspect_attention = suspect_attention
 

@@ -178,7 +178,10 @@ class Monitor:
             limits = torch.where(over[i], scores[i] + 1e-6, limits)
         self.thresholds = limits[:k].to(old.device)
         if self._combo_signs is not None:
-            self._combo_thresholds = limits[k:].to(self._combo_thresholds.device)
+            # off means off: at +inf a combination's margin can no longer make an input look close
+            # to a threshold (which sends it to the guard's suspect probe)
+            combos = torch.where(limits[k:] > 1.0, torch.inf, limits[k:])
+            self._combo_thresholds = combos.to(self._combo_thresholds.device)
         return Calibration(len(feats), old.tolist(), self.thresholds.tolist(), before,
                            float(flagged.float().mean()), self.combinations_off)
 
