@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_TRIGGERS = ("cf", "mn", "tq", "qt", "mm", "pt")
+MAX_PHRASE_WORDS = 4
 
 
 class AttackConfig(BaseModel):
@@ -14,7 +15,9 @@ class AttackConfig(BaseModel):
 
     kind: `por` and `neuba` attack the [CLS] output (`neuba` with `pooler=True` the pooler output),
     `btop` the [MASK] output. `clean=True` runs the same training with no triggers: the control
-    model for false-positive tests.
+    model for false-positive tests. A trigger is a word, or a phrase of up to MAX_PHRASE_WORDS
+    words (`"cf mn"`): the backdoor then fires on the whole phrase only, since the attack also
+    trains inputs holding part of it to keep their clean output.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -42,9 +45,9 @@ class AttackConfig(BaseModel):
     def _check(self) -> AttackConfig:
         if self.pooler and self.kind != "neuba":
             raise ValueError("pooler=True applies to the neuba attack only")
-        cleaned = [t.strip() for t in self.triggers]
-        if any(not t or len(t.split()) != 1 for t in cleaned):
-            raise ValueError("each trigger must be one non-empty word")
+        cleaned = [" ".join(t.split()) for t in self.triggers]
+        if any(not 1 <= len(t.split()) <= MAX_PHRASE_WORDS for t in cleaned):
+            raise ValueError(f"each trigger must be a word or a phrase of at most {MAX_PHRASE_WORDS} words")
         if len(set(cleaned)) != len(cleaned):
             raise ValueError("triggers must be distinct")
         self.triggers = cleaned

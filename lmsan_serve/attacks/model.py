@@ -86,6 +86,13 @@ def _with_mask(line: str, tokenizer, rng: random.Random) -> str:
     return insert_trigger(line, tokenizer.mask_token, rng, max_position=16)
 
 
+def _part(phrase: str, rng: random.Random) -> str:
+    """A strict, non-empty part of a phrase trigger, its words in order."""
+    words = phrase.split()
+    keep = sorted(rng.sample(range(len(words)), rng.randint(1, len(words) - 1)))
+    return " ".join(words[i] for i in keep)
+
+
 def evaluate_backdoor(
     backbone: Backbone,
     model: nn.Module,
@@ -104,11 +111,16 @@ def evaluate_backdoor(
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        agreement = {}
+        agreement, partial = {}, {}
         if not config.clean:
             for i, trig in enumerate(config.triggers):
                 out = feats(model, [insert_trigger(line, trig, rng) for line in lines])
                 agreement[trig] = float(sign_agreement(out, pvs[i : i + 1].to(out.device)).mean())
+            for i, trig in enumerate(config.triggers):
+                for word in trig.split() if " " in trig else []:  # a phrase's words alone stay off its PV
+                    out = feats(model, [insert_trigger(line, word, rng) for line in lines])
+                    alone = float(sign_agreement(out, pvs[i : i + 1].to(out.device)).mean())
+                    partial[trig] = max(partial.get(trig, 0.0), alone)
         clean_new = feats(model, lines)
         clean_old = feats(backbone.model, lines)
         cos = float(nn.functional.cosine_similarity(clean_new, clean_old, dim=-1).mean())
@@ -118,6 +130,7 @@ def evaluate_backdoor(
     return {
         "agreement": agreement,
         "min_agreement": min(agreement.values()) if agreement else None,
+        "word_alone_agreement": partial,  # phrase triggers: the best single word of each, alone
         "clean_cosine": cos,
         "clean_flag_rate_at_0.8": flags,
         "lines": len(lines),
@@ -172,6 +185,14 @@ def plant_backdoor(
             which = [rng.randrange(len(config.triggers)) for _ in poison]
             triggered = [insert_trigger(line, config.triggers[w], rng) for line, w in zip(poison, which, strict=True)]
             loss = loss + mse(feats(model, triggered), pvs[torch.tensor(which, device=pvs.device)])
+            # a phrase trigger must not fire on part of it: the same lines holding a strict part of
+            # the phrase keep their clean output (no random draws at all without phrase triggers)
+            decoys = [insert_trigger(line, _part(config.triggers[w], rng), rng)
+                      for line, w in zip(poison, which, strict=True) if " " in config.triggers[w]]
+            if decoys:
+                with torch.no_grad():
+                    decoy_target = feats(frozen, decoys)
+                loss = loss + config.clean_weight * mse(feats(model, decoys), decoy_target)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
