@@ -585,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["por", "neuba", "btop"])
     _common(p)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--triggers", help="comma-separated trigger words (default cf,mn,tq,qt,mm,pt)")
+    p.add_argument("--triggers", help="comma-separated triggers: words, or phrases of up to 4 words that fire "
+                   "only whole, e.g. 'cf mn,tq' (default cf,mn,tq,qt,mm,pt)")
     p.add_argument("--corpus", help="clean text lines or JSONL (default: shipped WikiText-2)")
     p.add_argument("--steps", type=int, default=300, help="maximum optimisation steps (default 300)")
     p.add_argument("--target-agreement", type=float, help="stop once every trigger reaches this agreement")
