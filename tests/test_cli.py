@@ -132,9 +132,9 @@ def test_attack_out_under_a_regular_file_is_refused_before_training(capsys, monk
 @pytest.mark.parametrize(
     ("triggers", "fragment"),
     [
-        ("cf,,mn", "each trigger must be one non-empty word"),
-        ("cf, ", "each trigger must be one non-empty word"),
-        ("cf,two words", "each trigger must be one non-empty word"),
+        ("cf,,mn", "each trigger must be a word or a phrase of at most 4 words"),
+        ("cf, ", "each trigger must be a word or a phrase of at most 4 words"),
+        ("cf,one two three four five", "each trigger must be a word or a phrase of at most 4 words"),
         ("cf,mn,cf", "triggers must be distinct"),
         ("cf, cf", "triggers must be distinct"),
     ],
