@@ -158,7 +158,7 @@ class Monitor:
         caps = torch.full_like(limits, torch.inf)
         caps[:k] = limits[:k].clamp(min=PV_CAP)
         allowed = int(target_fpr * len(feats))
-        before: float | None = None
+        before = float((scores > limits).any(dim=1).float().mean())
         # The union of all signatures must stay under the target, not each one: eight PVs each at
         # 0.5% flagged 2% of clean AG News. So, one input at a time, the flagged input closest to
         # passing is let through by raising just the thresholds it is over, until few enough flag;
@@ -166,8 +166,6 @@ class Monitor:
         while True:
             over = scores > limits  # flagged = over some threshold, as `__call__` decides it
             flagged = over.any(dim=1)
-            if before is None:
-                before = float(flagged.float().mean())
             if int(flagged.sum()) <= allowed:
                 break
             fixable = flagged & ~(over & (scores + 1e-6 > caps)).any(dim=1)

@@ -131,11 +131,12 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
         sig = SignatureSet.load(signatures, hidden_size=backbone.hidden_size, fingerprint=backbone.fingerprint)
         for t in tasks:
             guard = Guard(backbone, PromptClassifier.load(prompts[t], backbone), sig, mode="enforce")
+            done = None
             if calibrate:
                 rows_in = load_examples(calib[t], require_label=False)
                 done = guard.calibrate([e.text for e in rows_in], text_pairs(rows_in))
             measure(t, guard)
-            if calibrate:
+            if done is not None:
                 rows[t]["calibration"] = done.to_dict()
     else:
         from .demo import http_runner
