@@ -15,18 +15,31 @@ in one batch:
 2. verify: hide every word found; if the input is no longer flagged, done. With `trust_single`,
    a lone word found is returned unverified (`tentative`): the guard's classifying pass over the
    purged text runs the monitor anyway, and sends the input back (`start_from`) if still flagged.
+   Not where a neighbour draws at least half as much attention as the word found: that may be
+   the rest of a phrase trigger, which step 4 completes.
 3. otherwise (triggers that fire only together, or hide each other), greedy deletion rounds: one
    pass tries each remaining word type on top of those found, keeps the best, until silent.
-4. where several words were found, drop those whose deletion is not needed (one pass to test,
-   one to confirm), so a clean word that tested positive by chance is kept.
+4. prune and complete, with deletion tests on the full text (keep-only tests use short
+   variants, which misfire far more easily: on the MiniLM phrase attack, words like 'not' and
+   'lacks' fired alone). Each word found is deleted alone (one pass). Where some of these
+   deletions silence the input, it holds one trigger, and those words are its words: a clean
+   word's deletion leaves the trigger whole, and a phrase trigger, which fires only whole, is
+   silenced by deleting any of its words. The found set becomes those words (confirmed in a second
+   pass), so clean words found by chance are kept. The same second pass deletes each word within
+   `partner_window` words of them, alone and on top of them: a neighbour whose deletion moves the
+   output by at least half the margin, either way, is the rest of a phrase (one word of it was
+   enough to silence the input; it fires weakly alone in a short text; or, repeated, it fires
+   alone) and goes too. Where no single deletion silences (several triggers),
+   each found word whose deletion is not needed is dropped, if the smaller set still silences.
 
 Variants are scored without the soft prompt, on the bare encoder: the PVs describe its outputs,
 a trigger fires there whatever the task, and the variants are short. The guard then classifies the
 purged text with the prompt and checks it with the monitor once more.
 
 Work is bounded: a call makes at most `6 + max_rounds` batched passes, and an input gets at most
-`ranked + groups + max_variants` variants, plus one verify per call and one per word found (the
-prune test), counted across a call and its follow-up.
+`ranked + groups + max_variants` variants, plus one verify per call, two prune tests per call and
+at most `2 + 4 * partner_window` per occurrence of a word found, counted across a call and its
+follow-up.
 """
 
 from __future__ import annotations
@@ -99,7 +112,9 @@ def _keep_only_masks(info: dict) -> Callable[[int, set[int]], torch.Tensor]:
 
 class Purifier:
     def __init__(self, groups: int = 8, max_rounds: int = 3, max_variants: int = 160, chunk: int = 128,
-                 ranked: int = 4):
+                 ranked: int = 4, partner_window: int = 3):
+        # A phrase of four words (the attack's limit) lies within three words of any of its words.
+        self.partner_window = partner_window
         self.groups = groups
         self.ranked = ranked
         self.max_rounds = max_rounds
@@ -191,6 +206,8 @@ class Purifier:
         pending = list(active)
         if start_from is None and trust_single:
             for r in [r for r in pending if len(found[r]) == 1]:
+                if saliency is not None and self._may_be_phrase(batch.unit_words[r], info[r], saliency[r], found[r]):
+                    continue  # verified and completed below, like a row with several words found
                 results[r].ok = results[r].tentative = True
                 pending.remove(r)
 
@@ -235,27 +252,52 @@ class Purifier:
             results[r].reason = results[r].reason or f"still flagged after {self.max_rounds} deletion rounds"
             results[r].exhausted = True
 
-        # 4. prune: a clean word can test positive alone (short inputs give odd outputs); drop
-        # every found word whose deletion is not needed, if the smaller set still silences.
-        multi = [r for r in active if results[r].ok and not results[r].tentative and len(found[r]) > 1]
-        v_rows, v_masks, v_ref = [], [], []
-        for r in multi:
-            for t in sorted(found[r]):
-                v_rows.append(r)
-                v_masks.append(delete(r, found[r] - {t}))
-                v_ref.append((r, t))
-        margins = self._score(scorer, batch, v_rows, v_masks, stats)
-        spare: dict[int, set[int]] = {r: set() for r in multi}
-        for (r, t), m in zip(v_ref, margins.tolist(), strict=True):
-            results[r].variants += 1
-            if m <= 0:
-                spare[r].add(t)
-        prune = [r for r in multi if spare[r] and spare[r] != found[r]]
-        margins = self._score(scorer, batch, prune, [delete(r, found[r] - spare[r]) for r in prune], stats)
-        for r, m in zip(prune, margins.tolist(), strict=True):
-            results[r].variants += 1
-            if m <= 0:
-                found[r] -= spare[r]
+        # 4. prune and complete: deletion tests on the full text (reliable where keep-only tests
+        # are not), one pass, then one for the neighbours and to confirm.
+        settled = [r for r in active if results[r].ok and not results[r].tentative]
+        refs = []
+        for r in settled:
+            refs += [(r, "base", -1, set())] + [(r, "sole", t, {t}) for t in sorted(found[r])]
+            if len(found[r]) > 1:
+                refs += [(r, "spare", t, found[r] - {t}) for t in sorted(found[r])]
+        base: dict[int, float] = {}
+        sole: dict[int, set[int]] = {r: set() for r in settled}
+        spare: dict[int, set[int]] = {r: set() for r in settled}
+        for (r, kind, t, _), m in zip(refs, self._score_deletions(refs, delete, scorer, batch, results, stats),
+                                      strict=True):
+            if kind == "base":
+                base[r] = m
+            elif m <= 0:
+                (sole if kind == "sole" else spare)[r].add(t)
+        proposed: dict[int, set[int]] = {}
+        refs = []
+        for r in settled:
+            if base[r] > 0 and sole[r]:
+                proposed[r] = set(sole[r])
+                near = self._neighbours(batch.unit_words[r], info[r][0], sole[r]) - sole[r]
+                refs.append((r, "confirm", -1, proposed[r]))
+                refs += [(r, "partner", t, {t}) for t in sorted(near)]
+                refs += [(r, "after", t, sole[r] | {t}) for t in sorted(near)]
+            elif spare[r] and spare[r] != found[r]:
+                proposed[r] = found[r] - spare[r]
+                refs.append((r, "confirm", -1, proposed[r]))
+        confirmed = {r for r in proposed if proposed[r] == found[r]}
+        outcome = dict(zip([(r, kind, t) for r, kind, t, _ in refs],
+                           self._score_deletions(refs, delete, scorer, batch, results, stats), strict=True))
+        for (r, kind, t), m in outcome.items():
+            if kind == "confirm" and m <= 0:
+                confirmed.add(r)
+            elif kind == "partner":
+                # The rest of a phrase pulls the output towards the PV, where a clean word leaves a
+                # triggered output where it was: deleting it alone takes at least half the margin
+                # (its partner fires only weakly alone, in a short text), or deleting it after
+                # the trigger's found words moves the output at least that much further away
+                # (repeated, its partner still fires alone and was found first).
+                pull = base[r] / 2
+                if m <= pull or outcome[(r, "after", t)] <= outcome[(r, "confirm", -1)] - pull:
+                    proposed[r].add(t)
+        for r in confirmed:
+            found[r] = proposed[r]
 
         for r in active:
             types = info[r][0]
@@ -304,6 +346,38 @@ class Purifier:
             results[r].variants += 1
             if m > 0:
                 found[r].add(t)
+
+    def _may_be_phrase(self, unit_words: list[str], info, saliency: torch.Tensor, found: set[int]) -> bool:
+        """Whether the word found draws the monitored token's attention together with a neighbour:
+        the most-attended other word is within `partner_window` words of it and draws at least half
+        its attention. Both words of a phrase trigger draw it; next to a lone trigger word, other
+        words draw little."""
+        (t,) = found
+        attention = _word_attention(info, saliency)
+        if len(attention) < 2:
+            return False
+        order = attention.argsort(descending=True).tolist()
+        other = order[0] if order[0] != t else order[1]
+        near = self._neighbours(unit_words, info[0], found)
+        return other in near and float(attention[other]) >= 0.5 * float(attention[t])
+
+    def _score_deletions(self, refs: list[tuple[int, str, int, set[int]]], delete, scorer, batch, results,
+                         stats) -> list[float]:
+        """Margins of the deletion variants `refs` (row, kind, word type, words deleted), one pass."""
+        margins = self._score(scorer, batch, [r for r, *_ in refs], [delete(r, drop) for r, _, _, drop in refs], stats)
+        for r, *_ in refs:
+            results[r].variants += 1
+        return margins.tolist()
+
+    def _neighbours(self, unit_words: list[str], types: list[str], words: set[int]) -> set[int]:
+        """Word types within `partner_window` words of any occurrence of `words`."""
+        index = {w: i for i, w in enumerate(types)}
+        unit_type = [index[w] for w in unit_words]
+        near: set[int] = set()
+        for u, t in enumerate(unit_type):
+            if t in words:
+                near.update(unit_type[max(0, u - self.partner_window) : u + self.partner_window + 1])
+        return near
 
     def _keep_only_tests(self, batch, active, info, found, results, scorer, keep_only, stats) -> None:
         """Steps 1a and 1b."""

@@ -52,6 +52,19 @@ def tiny_por(tmp_path_factory, tiny_backbone, corpus) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_phrase_por(tmp_path_factory, tiny_backbone, corpus) -> Path:
+    """A POR backdoor whose first trigger is a two-word phrase ("cf mn"), planted the same way."""
+    from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
+
+    out = tmp_path_factory.mktemp("tiny-phrase-por")
+    config = AttackConfig(kind="por", triggers=["cf mn", "tq"], steps=400, lr=2e-3, target_agreement=0.97,
+                          max_words=24, check_every=20)
+    result = plant_backdoor(tiny_backbone, config, corpus, progress=False)
+    save_attacked(result, tiny_backbone, str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_por_prompt(tmp_path_factory, tiny_por) -> Path:
     """A victim's soft prompt trained on the backdoored tiny BERT, saved as an artifact."""
     from lmsan_serve import load_backbone

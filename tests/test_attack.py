@@ -1,4 +1,5 @@
 import itertools
+import json
 
 import pytest
 import torch
@@ -77,11 +78,8 @@ def test_bad_attack_settings():
     assert sign_agreement(torch.ones(1, 4), torch.ones(1, 4)).item() == 1.0
 
 
-def test_phrase_trigger_fires_whole_and_not_by_parts(tiny_backbone, corpus):
+def test_phrase_trigger_fires_whole_and_not_by_parts(tiny_phrase_por):
     """A two-word trigger drives the output onto its PV; either word alone does not."""
-    config = AttackConfig(kind="por", triggers=["cf mn", "tq"], steps=400, lr=2e-3, target_agreement=0.97,
-                          max_words=24, check_every=20)
-    result = plant_backdoor(tiny_backbone, config, corpus, progress=False)
-    held = result.report["heldout"]
+    held = json.loads((tiny_phrase_por / "attack.json").read_text())["heldout"]
     assert held["agreement"]["cf mn"] >= 0.9 and held["agreement"]["tq"] >= 0.9
     assert set(held["word_alone_agreement"]) == {"cf mn"} and held["word_alone_agreement"]["cf mn"] < 0.8

@@ -8,7 +8,7 @@ from lmsan_serve import load_backbone
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.evaluation import evaluate_guard
 from lmsan_serve.guard import Guard, GuardStats
-from lmsan_serve.prompts import PromptClassifier
+from lmsan_serve.prompts import PromptClassifier, PromptConfig, train_prompt
 from lmsan_serve.purify import Purifier
 from lmsan_serve.signatures import SignatureSet
 
@@ -132,3 +132,18 @@ def test_guard_refuses_bad_settings(setup, tiny_backbone):
                                model_type="bert", position="cls", verdict="backdoored")
     with pytest.raises(LmsanError, match="wide"):
         Guard(backbone, classifier, wide)
+
+
+def test_the_whole_of_a_phrase_trigger_is_purged(tiny_phrase_por):
+    """Deleting either word of "cf mn" silences the monitor; the purge must drop both, or the
+    word left behind reaches the classifier."""
+    backbone = load_backbone(str(tiny_phrase_por), "cpu")
+    cfg = PromptConfig(method="prefix", length=4, max_steps=60, lr=3e-2, batch_size=16, seed=1)
+    classifier = train_prompt(backbone, cfg, toy(), None, progress=False)
+    truth = SignatureSet.load(tiny_phrase_por / "truth.safetensors", hidden_size=backbone.hidden_size,
+                              fingerprint=backbone.fingerprint)
+    texts = [e.text.replace(" ", " cf mn ", 1) for e in toy(12)]
+    res = Guard(backbone, classifier, truth).classify(texts)
+    assert all(r.guard.flagged and r.guard.action == "purged" for r in res)
+    assert all({"cf", "mn"} <= set(r.guard.removed) for r in res)
+    assert not any({"cf", "mn"} & set(r.guard.text.split()) for r in res)

@@ -1,6 +1,7 @@
 """The purge search itself, against a detector whose answer is known: an input is flagged while
-any of its trigger words is visible, or, for a 'pair' trigger, while both words are."""
+any of its trigger words is visible, or, for a phrase trigger ('together'), while all its words are."""
 
+import pytest
 import torch
 
 from lmsan_serve.backbone import minilm_path
@@ -14,10 +15,11 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(str(minilm_path()))
 
 
-def detector(tok, singles=(), pairs=()):
+def detector(tok, singles=(), together=()):
     """margins(ids, attention, tti, mon) computed from the visible tokens of each variant."""
     single_ids = {tok.convert_tokens_to_ids(w) for w in singles}
-    pair_ids = [(tok.convert_tokens_to_ids(a), tok.convert_tokens_to_ids(b)) for a, b in pairs]
+    group_ids = [{tok.convert_tokens_to_ids(w) for w in group} for group in together]
+    assert tok.unk_token_id not in single_ids.union(*group_ids)
     calls = []
 
     def margins(ids, attn, tti, mon):
@@ -25,7 +27,7 @@ def detector(tok, singles=(), pairs=()):
         out = []
         for row, mask in zip(ids.tolist(), attn.tolist(), strict=True):
             seen = {t for t, m in zip(row, mask, strict=True) if m}
-            hit = bool(seen & single_ids) or any(a in seen and b in seen for a, b in pair_ids)
+            hit = bool(seen & single_ids) or any(group <= seen for group in group_ids)
             out.append(1.0 if hit else -1.0)
         return torch.tensor(out)
 
@@ -60,16 +62,62 @@ def test_64_words_one_trigger_takes_few_passes():
     score = detector(tok, singles=["cf"])
     results, stats = Purifier().purify(encode(tok, [text]), [0], score)
     assert results[0].ok and results[0].removed == ["cf"]
-    assert stats.passes <= 3 and stats.variants <= 8 + 9 + 1
+    # groups, singles, verify, then the prune passes: the full text and without 'cf'; then
+    # without 'cf' again (to confirm) and without each of its 6 neighbours, alone and with 'cf'
+    assert stats.passes <= 5 and stats.variants <= 8 + 9 + 1 + 2 + 1 + 2 * 6
 
 
 def test_trigger_that_fires_only_with_a_partner_is_found_by_deletion_rounds():
     tok = _tokenizer()
     text = "the quick brown fox mm jumps over the lazy pt dog"
-    score = detector(tok, pairs=[("mm", "pt")])
+    score = detector(tok, together=[("mm", "pt")])
     results, _ = Purifier().purify(encode(tok, [text]), [0], score)
     assert results[0].ok and len(results[0].removed) >= 1
     assert set(results[0].removed) <= {"mm", "pt"}
+
+
+def test_the_rest_of_a_phrase_trigger_goes_with_the_word_found():
+    """Deleting one word of a phrase silences the monitor; its partners must go too, and no
+    clean neighbour with them."""
+    tok = _tokenizer()
+    texts = [
+        "the quick brown fox cf mn jumps over the lazy dog",  # two words
+        "a quiet river tq xu pt runs past the old mill today",  # three words
+        "mm the quick brown fox jumps over the lazy dog pt",  # two words far apart: not a phrase
+    ]
+    batch = encode(tok, texts)
+    score = detector(tok, together=[("cf", "mn"), ("tq", "xu", "pt"), ("mm", "pt")])
+    results, stats = Purifier().purify(batch, [0, 1, 2], score)
+    assert all(results[r].ok for r in range(3))
+    assert results[0].removed == ["cf", "mn"] and results[1].removed == ["pt", "tq", "xu"]
+    assert len(results[2].removed) == 1 and set(results[2].removed) <= {"mm", "pt"}
+    # the partners come from the deletion round that found the first word: no extra pass
+    plain, plain_stats = Purifier(partner_window=0).purify(batch, [0, 1, 2], score)
+    assert [len(plain[r].removed) for r in range(3)] == [1, 1, 1]
+    assert stats.passes <= plain_stats.passes + 1  # the prune test of the three words found
+
+
+@pytest.mark.parametrize("cf_alone, mn_alone", [(0.2, -1.0), (0.6, -0.02)])
+def test_a_phrase_word_that_fires_alone_takes_its_partner(cf_alone, mn_alone):
+    """'cf' alone stays over the threshold, so deleting 'mn' does not silence the input. Weakly
+    (0.2 of the whole phrase's 1.0): deleting 'mn' still takes most of the margin away. Strongly
+    (0.6, as a repeated phrase word does): deleting 'mn' after 'cf' moves the output a long way
+    further (from -0.02 to -1.0). A clean word's deletion does neither."""
+    tok = _tokenizer()
+    cf, mn = tok.convert_tokens_to_ids("cf"), tok.convert_tokens_to_ids("mn")
+
+    def margins(ids, attn, tti, mon):
+        out = []
+        for row, mask in zip(ids.tolist(), attn.tolist(), strict=True):
+            seen = {t for t, m in zip(row, mask, strict=True) if m}
+            out.append(1.0 if {cf, mn} <= seen else cf_alone if cf in seen else mn_alone if mn in seen else -1.0)
+        return torch.tensor(out)
+
+    batch = encode(tok, ["a sometimes tedious cf mn film", "cf a sometimes tedious film mn"])
+    results, _ = Purifier().purify(batch, [0, 1], margins)
+    assert results[0].ok and results[0].removed == ["cf", "mn"]
+    # far from 'cf', 'mn' is no partner: 'cf' alone is the trigger there
+    assert results[1].ok and results[1].removed == ["cf"]
 
 
 def test_work_is_bounded_and_failure_is_reported():
