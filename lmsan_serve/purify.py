@@ -15,8 +15,6 @@ in one batch:
 2. verify: hide every word found; if the input is no longer flagged, done. With `trust_single`,
    a lone word found is returned unverified (`tentative`): the guard's classifying pass over the
    purged text runs the monitor anyway, and sends the input back (`start_from`) if still flagged.
-   Not where a neighbour draws at least half as much attention as the word found: that may be
-   the rest of a phrase trigger, which step 4 completes.
 3. otherwise (triggers that fire only together, or hide each other), greedy deletion rounds: one
    pass tries each remaining word type on top of those found, keeps the best, until silent.
 4. prune and complete, with deletion tests on the full text (keep-only tests use short
@@ -29,8 +27,11 @@ in one batch:
    `partner_window` words of them, alone and on top of them: a neighbour whose deletion moves the
    output by at least half the margin, either way, is the rest of a phrase (one word of it was
    enough to silence the input; it fires weakly alone in a short text; or, repeated, it fires
-   alone) and goes too. Where no single deletion silences (several triggers),
-   each found word whose deletion is not needed is dropped, if the smaller set still silences.
+   alone) and goes too. Where no single deletion silences (several triggers), each found word
+   whose deletion is not needed is dropped, if the smaller set still silences. A lone word that
+   step 2 leaves unverified skips this step: of 300 triggered inputs on the MiniLM phrase copy,
+   none took that path
+   (the short keep-only variants fire for both words of a phrase, or neither).
 
 Variants are scored without the soft prompt, on the bare encoder: the PVs describe its outputs,
 a trigger fires there whatever the task, and the variants are short. The guard then classifies the
@@ -206,8 +207,6 @@ class Purifier:
         pending = list(active)
         if start_from is None and trust_single:
             for r in [r for r in pending if len(found[r]) == 1]:
-                if saliency is not None and self._may_be_phrase(batch.unit_words[r], info[r], saliency[r], found[r]):
-                    continue  # verified and completed below, like a row with several words found
                 results[r].ok = results[r].tentative = True
                 pending.remove(r)
 
@@ -346,20 +345,6 @@ class Purifier:
             results[r].variants += 1
             if m > 0:
                 found[r].add(t)
-
-    def _may_be_phrase(self, unit_words: list[str], info, saliency: torch.Tensor, found: set[int]) -> bool:
-        """Whether the word found draws the monitored token's attention together with a neighbour:
-        the most-attended other word is within `partner_window` words of it and draws at least half
-        its attention. Both words of a phrase trigger draw it; next to a lone trigger word, other
-        words draw little."""
-        (t,) = found
-        attention = _word_attention(info, saliency)
-        if len(attention) < 2:
-            return False
-        order = attention.argsort(descending=True).tolist()
-        other = order[0] if order[0] != t else order[1]
-        near = self._neighbours(unit_words, info[0], found)
-        return other in near and float(attention[other]) >= 0.5 * float(attention[t])
 
     def _score_deletions(self, refs: list[tuple[int, str, int, set[int]]], delete, scorer, batch, results,
                          stats) -> list[float]:
