@@ -30,7 +30,7 @@ in one batch:
    alone) and goes too. Where no single deletion silences (several triggers), each found word
    whose deletion is not needed is dropped, if the smaller set still silences. A lone word that
    step 2 leaves unverified skips this step: of 300 triggered inputs on the MiniLM phrase copy,
-   none took that path (the short keep-only variants fire for both words of a phrase, or neither).
+   none took that path (in the 16 traced, the keep-only tests found both words of a phrase).
 
 Variants are scored without the soft prompt, on the bare encoder: the PVs describe its outputs,
 a trigger fires there whatever the task, and the variants are short. The guard then classifies the
