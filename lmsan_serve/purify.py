@@ -20,10 +20,13 @@ in one batch:
 4. prune and complete, with deletion tests on the full text (keep-only tests use short
    variants, which misfire far more easily: on the MiniLM phrase attack, words like 'not' and
    'lacks' fired alone). Each word found is deleted alone (one pass). Where some of these
-   deletions silence the input, it holds one trigger, and those words are its words: a clean
-   word's deletion leaves the trigger whole, and a phrase trigger, which fires only whole, is
-   silenced by deleting any of its words. The found set becomes those words (confirmed in a second
-   pass), so clean words found by chance are kept. The same second pass deletes each word within
+   deletions silence the input, those words are a trigger's words: a clean word's deletion leaves
+   the trigger whole, and a phrase trigger, which fires only whole, is silenced by deleting any of
+   its words. Found words whose deletion leaves the output where it was (by less than half the
+   margin) are then dropped from the found set (confirmed in a second pass), so clean words found
+   by chance are kept in the text; a found word whose deletion moves the output stays (several
+   triggers: deleting one of three can silence the input when the other two have PVs that cancel
+   out, as POR plants them). The same second pass deletes each word within
    `partner_window` words of them, alone and on top of them: a neighbour whose deletion moves the
    output by at least half the margin, either way, is the rest of a phrase (one word of it was
    enough to silence the input; it fires weakly alone in a short text; or, repeated, it fires
@@ -259,23 +262,29 @@ class Purifier:
             if len(found[r]) > 1:
                 refs += [(r, "spare", t, found[r] - {t}) for t in sorted(found[r])]
         base: dict[int, float] = {}
-        sole: dict[int, set[int]] = {r: set() for r in settled}
+        alone: dict[int, dict[int, float]] = {r: {} for r in settled}
         spare: dict[int, set[int]] = {r: set() for r in settled}
         for (r, kind, t, _), m in zip(refs, self._score_deletions(refs, delete, scorer, batch, results, stats),
                                       strict=True):
             if kind == "base":
                 base[r] = m
+            elif kind == "sole":
+                alone[r][t] = m
             elif m <= 0:
-                (sole if kind == "sole" else spare)[r].add(t)
+                spare[r].add(t)
         proposed: dict[int, set[int]] = {}
         refs = []
         for r in settled:
-            if base[r] > 0 and sole[r]:
-                proposed[r] = set(sole[r])
-                near = self._neighbours(batch.unit_words[r], info[r][0], sole[r]) - sole[r]
+            sole = {t for t, m in alone[r].items() if m <= 0} if base[r] > 0 else set()
+            if sole:
+                # Only found words whose deletion leaves the output where it was are dropped: with
+                # several triggers, deleting one can silence the input (POR plants PV pairs that
+                # cancel out once a third trigger is gone), and the others move it when deleted.
+                proposed[r] = {t for t, m in alone[r].items() if m <= 0 or abs(m - base[r]) >= base[r] / 2}
+                near = self._neighbours(batch.unit_words[r], info[r][0], sole) - proposed[r]
                 refs.append((r, "confirm", -1, proposed[r]))
                 refs += [(r, "partner", t, {t}) for t in sorted(near)]
-                refs += [(r, "after", t, sole[r] | {t}) for t in sorted(near)]
+                refs += [(r, "after", t, proposed[r] | {t}) for t in sorted(near)]
             elif spare[r] and spare[r] != found[r]:
                 proposed[r] = found[r] - spare[r]
                 refs.append((r, "confirm", -1, proposed[r]))

@@ -201,3 +201,23 @@ def test_probe_gate_sums_the_top_words_and_ignores_special_tokens():
     # the same split at half the weight is under the gate: nothing probed
     fired, stats = Purifier().probe(batch, [0, 1], score, attention({0: 0.11}), min_attention=0.4)
     assert fired == [] and stats.passes == 0
+
+
+def test_deleting_one_of_three_triggers_can_silence_and_all_three_still_go():
+    """POR plants PV pairs that cancel out: with 'cf' deleted, 'mn' and 'tq' together stay silent.
+    That single deletion silences the input, yet 'mn' and 'tq' are triggers too: deleting either
+    moves the output (three triggers blend lower than two), where a clean word's deletion does not."""
+    tok = _tokenizer()
+    ids = {w: tok.convert_tokens_to_ids(w) for w in ("cf", "mn", "tq")}
+    blend = {frozenset(): -1.0, frozenset({"mn", "tq"}): -1.0, frozenset({"cf", "mn", "tq"}): 0.3}
+
+    def margins(ids_, attn, tti, mon):
+        out = []
+        for row, mask in zip(ids_.tolist(), attn.tolist(), strict=True):
+            seen = frozenset(w for w, i in ids.items() if i in {t for t, m in zip(row, mask, strict=True) if m})
+            out.append(blend.get(seen, 0.8))  # one trigger alone, or two that do not cancel
+        return torch.tensor(out)
+
+    batch = encode(tok, ["the quick cf brown fox mn jumps over tq the lazy dog"])
+    results, _ = Purifier().purify(batch, [0], margins)
+    assert results[0].ok and results[0].removed == ["cf", "mn", "tq"]
