@@ -17,23 +17,21 @@ in one batch:
    purged text runs the monitor anyway, and sends the input back (`start_from`) if still flagged.
 3. otherwise (triggers that fire only together, or hide each other), greedy deletion rounds: one
    pass tries each remaining word type on top of those found, keeps the best, until silent.
-4. prune and complete, with deletion tests on the full text (keep-only tests use short
-   variants, which misfire far more easily: on the MiniLM phrase attack, words like 'not' and
-   'lacks' fired alone). Each word found is deleted alone (one pass). Where some of these
-   deletions silence the input, those words are a trigger's words: a clean word's deletion leaves
-   the trigger whole, and a phrase trigger, which fires only whole, is silenced by deleting any of
-   its words. Found words whose deletion leaves the output where it was (by less than half the
-   margin) are then dropped from the found set (confirmed in a second pass), so clean words found
-   by chance are kept in the text; a found word whose deletion moves the output stays (several
-   triggers: deleting one of three can silence the input when the other two have PVs that cancel
-   out, as POR plants them). The same second pass deletes each word within
-   `partner_window` words of them, alone and on top of them: a neighbour whose deletion moves the
-   output by at least half the margin, either way, is the rest of a phrase (one word of it was
-   enough to silence the input; it fires weakly alone in a short text; or, repeated, it fires
-   alone) and goes too. Where no single deletion silences (several triggers), each found word
-   whose deletion is not needed is dropped, if the smaller set still silences. A lone word that
-   step 2 leaves unverified skips this step: of 300 triggered inputs on the MiniLM phrase copy,
-   none took that path (in the 16 traced, the keep-only tests found both words of a phrase).
+4. prune and complete, with deletion tests on the full text (keep-only tests use short variants,
+   which misfire far more easily: on the MiniLM phrase attack, words like 'not' and 'lacks' fired
+   alone). Each word found is deleted alone (one pass). Where some of these deletions silence the
+   input, those words are a trigger's words: a clean word's deletion leaves the trigger whole, and
+   a phrase trigger, which fires only whole, is silenced by deleting any of its words. With several
+   words found, each is also kept alone with the others deleted: one that fires there is a trigger
+   too (deleting one of three triggers can silence the input when the other two have PVs that
+   cancel out, as POR plants them, so a single deletion proves nothing about the rest). The found
+   words that do neither are clean and stay in the text (confirmed in a second pass). The same
+   second pass deletes each word within `partner_window` words of them, alone and on top of them: a
+   neighbour whose deletion moves the output by at least half the margin, either way, is the rest
+   of a phrase (one word of it was enough to silence the input; it fires weakly alone in a short
+   text; or, repeated, it fires alone) and goes too. A lone word that step 2 leaves unverified
+   skips this step: of 300 triggered inputs on the MiniLM phrase copy, none took that path (in the
+   16 traced, the keep-only tests found both words of a phrase).
 
 Variants are scored without the soft prompt, on the bare encoder: the PVs describe its outputs,
 a trigger fires there whatever the task, and the variants are short. The guard then classifies the
@@ -275,19 +273,17 @@ class Purifier:
         proposed: dict[int, set[int]] = {}
         refs = []
         for r in settled:
+            # A found word stays if it fires alone in the full text (not spare) or if deleting it
+            # alone silences the input (a trigger's word); one that does neither is clean.
             sole = {t for t, m in alone[r].items() if m <= 0} if base[r] > 0 else set()
-            if sole:
-                # Only found words whose deletion leaves the output where it was are dropped: with
-                # several triggers, deleting one can silence the input (POR plants PV pairs that
-                # cancel out once a third trigger is gone), and the others move it when deleted.
-                proposed[r] = {t for t, m in alone[r].items() if m <= 0 or abs(m - base[r]) >= base[r] / 2}
-                near = self._neighbours(batch.unit_words[r], info[r][0], sole) - proposed[r]
-                refs.append((r, "confirm", -1, proposed[r]))
-                refs += [(r, "partner", t, {t}) for t in sorted(near)]
-                refs += [(r, "after", t, proposed[r] | {t}) for t in sorted(near)]
-            elif spare[r] and spare[r] != found[r]:
-                proposed[r] = found[r] - spare[r]
-                refs.append((r, "confirm", -1, proposed[r]))
+            keep = (found[r] - spare[r]) | sole
+            if not keep:
+                continue
+            proposed[r] = keep
+            refs.append((r, "confirm", -1, keep))
+            near = self._neighbours(batch.unit_words[r], info[r][0], sole) - keep
+            refs += [(r, "partner", t, {t}) for t in sorted(near)]
+            refs += [(r, "after", t, keep | {t}) for t in sorted(near)]
         confirmed = {r for r in proposed if proposed[r] == found[r]}
         outcome = dict(zip([(r, kind, t) for r, kind, t, _ in refs],
                            self._score_deletions(refs, delete, scorer, batch, results, stats), strict=True))

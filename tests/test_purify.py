@@ -205,8 +205,8 @@ def test_probe_gate_sums_the_top_words_and_ignores_special_tokens():
 
 def test_deleting_one_of_three_triggers_can_silence_and_all_three_still_go():
     """POR plants PV pairs that cancel out: with 'cf' deleted, 'mn' and 'tq' together stay silent.
-    That single deletion silences the input, yet 'mn' and 'tq' are triggers too: deleting either
-    moves the output (three triggers blend lower than two), where a clean word's deletion does not."""
+    That single deletion silences the input, yet 'mn' and 'tq' are triggers too: each fires alone
+    in the full text with the other words found deleted, where a clean word does not."""
     tok = _tokenizer()
     ids = {w: tok.convert_tokens_to_ids(w) for w in ("cf", "mn", "tq")}
     blend = {frozenset(): -1.0, frozenset({"mn", "tq"}): -1.0, frozenset({"cf", "mn", "tq"}): 0.3}
