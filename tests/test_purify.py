@@ -15,24 +15,32 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(str(minilm_path()))
 
 
-def detector(tok, singles=(), together=()):
-    """margins(ids, attention, tti, mon) computed from the visible tokens of each variant."""
-    single_ids = {tok.convert_tokens_to_ids(w) for w in singles}
-    group_ids = [{tok.convert_tokens_to_ids(w) for w in group} for group in together]
-    assert tok.unk_token_id not in single_ids.union(*group_ids)
+def scorer(tok, words, margin_of):
+    """margins(ids, attention, tti, mon): `margin_of` the set of `words` visible in each variant."""
+    ids = {w: tok.convert_tokens_to_ids(w) for w in words}
+    assert tok.unk_token_id not in ids.values()
     calls = []
 
-    def margins(ids, attn, tti, mon):
-        calls.append(ids.shape[0])
+    def margins(ids_, attn, tti, mon):
+        calls.append(ids_.shape[0])
         out = []
-        for row, mask in zip(ids.tolist(), attn.tolist(), strict=True):
+        for row, mask in zip(ids_.tolist(), attn.tolist(), strict=True):
             seen = {t for t, m in zip(row, mask, strict=True) if m}
-            hit = bool(seen & single_ids) or any(group <= seen for group in group_ids)
-            out.append(1.0 if hit else -1.0)
+            out.append(margin_of(frozenset(w for w, i in ids.items() if i in seen)))
         return torch.tensor(out)
 
     margins.calls = calls
     return margins
+
+
+def detector(tok, singles=(), together=()):
+    """Flagged (1.0) while any single trigger, or every word of a phrase, is visible; else -1.0."""
+    groups = [frozenset(g) for g in together]
+
+    def margin_of(seen: frozenset) -> float:
+        return 1.0 if seen & set(singles) or any(g <= seen for g in groups) else -1.0
+
+    return scorer(tok, {*singles, *(w for g in groups for w in g)}, margin_of)
 
 
 def test_one_two_three_and_repeated_triggers():
@@ -91,10 +99,10 @@ def test_the_rest_of_a_phrase_trigger_goes_with_the_word_found():
     assert all(results[r].ok for r in range(3))
     assert results[0].removed == ["cf", "mn"] and results[1].removed == ["pt", "tq", "xu"]
     assert len(results[2].removed) == 1 and set(results[2].removed) <= {"mm", "pt"}
-    # the partners come from the deletion round that found the first word: no extra pass
+    # the partner tests share the prune passes, which run without them too
     plain, plain_stats = Purifier(partner_window=0).purify(batch, [0, 1, 2], score)
     assert [len(plain[r].removed) for r in range(3)] == [1, 1, 1]
-    assert stats.passes <= plain_stats.passes + 1  # the prune test of the three words found
+    assert stats.passes == plain_stats.passes
 
 
 @pytest.mark.parametrize("cf_alone, mn_alone", [(0.2, -1.0), (0.6, -0.02)])
@@ -104,14 +112,8 @@ def test_a_phrase_word_that_fires_alone_takes_its_partner(cf_alone, mn_alone):
     (0.6, as a repeated phrase word does): deleting 'mn' after 'cf' moves the output a long way
     further (from -0.02 to -1.0). A clean word's deletion does neither."""
     tok = _tokenizer()
-    cf, mn = tok.convert_tokens_to_ids("cf"), tok.convert_tokens_to_ids("mn")
-
-    def margins(ids, attn, tti, mon):
-        out = []
-        for row, mask in zip(ids.tolist(), attn.tolist(), strict=True):
-            seen = {t for t, m in zip(row, mask, strict=True) if m}
-            out.append(1.0 if {cf, mn} <= seen else cf_alone if cf in seen else mn_alone if mn in seen else -1.0)
-        return torch.tensor(out)
+    alone = {"cf": cf_alone, "mn": mn_alone}
+    margins = scorer(tok, alone, lambda seen: 1.0 if len(seen) == 2 else alone[next(iter(seen))] if seen else -1.0)
 
     batch = encode(tok, ["a sometimes tedious cf mn film", "cf a sometimes tedious film mn"])
     results, _ = Purifier().purify(batch, [0, 1], margins)
@@ -208,15 +210,9 @@ def test_deleting_one_of_three_triggers_can_silence_and_all_three_still_go():
     That single deletion silences the input, yet 'mn' and 'tq' are triggers too: each fires alone
     in the full text with the other words found deleted, where a clean word does not."""
     tok = _tokenizer()
-    ids = {w: tok.convert_tokens_to_ids(w) for w in ("cf", "mn", "tq")}
     blend = {frozenset(): -1.0, frozenset({"mn", "tq"}): -1.0, frozenset({"cf", "mn", "tq"}): 0.3}
-
-    def margins(ids_, attn, tti, mon):
-        out = []
-        for row, mask in zip(ids_.tolist(), attn.tolist(), strict=True):
-            seen = frozenset(w for w, i in ids.items() if i in {t for t, m in zip(row, mask, strict=True) if m})
-            out.append(blend.get(seen, 0.8))  # one trigger alone, or two that do not cancel
-        return torch.tensor(out)
+    # one trigger alone, or two that do not cancel: 0.8
+    margins = scorer(tok, ("cf", "mn", "tq"), lambda seen: blend.get(seen, 0.8))
 
     batch = encode(tok, ["the quick cf brown fox mn jumps over tq the lazy dog"])
     results, _ = Purifier().purify(batch, [0], margins)
