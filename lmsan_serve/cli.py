@@ -386,6 +386,10 @@ def _eval_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bound(fpr_bound: float | None) -> str:
+    return "-" if fpr_bound is None else f"{fpr_bound:.2%} (conformal bound)"
+
+
 def _eval_removal(args: argparse.Namespace) -> int:
     from .removal import parse_tasks, run_removal, write_removal
     from .signatures import SignatureSet
@@ -448,7 +452,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         done = guard.calibrate([e.text for e in calibration], text_pairs(calibration))
         _say(args, f"calibrated on {done.lines} clean inputs: they flagged {done.flag_rate_before:.3f} "
                    f"before, {done.flag_rate_after:.3f} after; {done.combinations_off} PV combinations "
-                   "switched off")
+                   f"switched off; unseen clean inputs flag at most {_bound(done.fpr_bound)}")
     triggers = comma_list(args.triggers) if args.triggers else \
         [r.trigger for r in guard.signatures.meta.pvs if r.trigger]
     if not triggers:

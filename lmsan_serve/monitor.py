@@ -15,6 +15,7 @@ a clean output does not. A combination flags above the strictest threshold of it
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -134,9 +135,9 @@ class Monitor:
         score = scores.gather(1, best[:, None]).squeeze(1)
         return MonitorResult(flagged, best, score, margin)
 
-    def calibrate(self, features: torch.Tensor, target_fpr: float = 0.005) -> Calibration:
-        """Raise thresholds until at most `target_fpr` of `features`, clean outputs of the traffic
-        being served, flag through any PV or combination; thresholds are never lowered.
+    def calibrate(self, features: torch.Tensor, target_fpr: float = 0.005, seed: int = 0) -> Calibration:
+        """Raise thresholds so that at most `target_fpr` of unseen clean outputs of the traffic
+        being served flag through any PV or combination; thresholds are never lowered.
 
         Mining calibrates each PV on generic clean text (WikiText), on the bare encoder. A task's
         soft prompt moves the monitored output, and the combinations, scored on fewer dimensions,
@@ -147,33 +148,38 @@ class Monitor:
         input stays flagged and leaves the thresholds it is over as they were. A combination has
         no cap: where clean inputs of the task agree with it on every dimension it scores (spam
         messages did with a triple of the mined POR PVs), it tells nothing apart there and is
-        switched off (threshold above 1); the PVs and the suspect probe still watch blends."""
+        switched off (threshold above 1); the PVs and the suspect probe still watch blends.
+
+        Thresholds fitted exactly to the highest clean scores do not carry to unseen inputs: 64
+        signatures fitted to 500 SMS inputs at 0.5% flagged 1.6% of 1,000 unseen ones (trigger
+        words left out). So the inputs are split in two (seeded): the thresholds are fitted on one
+        half, then all raised by one margin, taken as a split-conformal quantile of the other
+        half's excess over them, measured in units of 1/sqrt of the dimensions each signature is
+        scored on (twice the spread of a score on random signs), so that a combination scored on
+        24 dimensions moves further than a PV scored on 384.
+        For exchangeable clean traffic the chance that an unseen input flags is then at most
+        `Calibration.fpr_bound` on average over calibration sets, which is `target_fpr` or less
+        from `inputs_for_bound(target_fpr)` inputs on (398 at 0.5%); with fewer, the margin clears
+        the whole held-out half."""
         feats = features.detach().float()
         old = self.thresholds.clone()
         k = self.pvs.shape[0]
         if not k or not len(feats):
             return Calibration(len(feats), old.tolist(), old.tolist(), 0.0, 0.0, self.combinations_off)
         scores = self._scores(feats).cpu()
-        limits = self._limits(torch.device("cpu")).clone()
-        caps = torch.full_like(limits, torch.inf)
-        caps[:k] = limits[:k].clamp(min=PV_CAP)
-        allowed = int(target_fpr * len(feats))
-        before = float((scores > limits).any(dim=1).float().mean())
-        # The union of all signatures must stay under the target, not each one: eight PVs each at
-        # 0.5% flagged 2% of clean AG News. So, one input at a time, the flagged input closest to
-        # passing is let through by raising just the thresholds it is over, until few enough flag;
-        # the inputs left flagged are the most PV-like ones.
-        while True:
-            over = scores > limits  # flagged = over some threshold, as `__call__` decides it
-            flagged = over.any(dim=1)
-            if int(flagged.sum()) <= allowed:
-                break
-            fixable = flagged & ~(over & (scores + 1e-6 > caps)).any(dim=1)
-            if not fixable.any():
-                break  # what is left sits on a PV past its cap: a real trigger, kept flagged
-            margin = torch.where(fixable, (scores - limits).max(dim=1).values, torch.inf)
-            i = int(margin.argmin())
-            limits = torch.where(over[i], scores[i] + 1e-6, limits)
+        start = self._limits(torch.device("cpu")).clone()
+        caps = torch.full_like(start, torch.inf)
+        caps[:k] = start[:k].clamp(min=PV_CAP)
+        before = float((scores > start).any(dim=1).float().mean())
+        order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))
+        check, fit = order[: len(feats) // 2], order[len(feats) // 2 :]
+        limits = _fit_limits(scores[fit], start, caps, target_fpr)
+        scale = self._scales()
+        margin, held_out, bound = _conformal_margin(scores[check], limits, caps, scale, target_fpr)
+        if margin > 0:
+            # never past a PV's cap, nor below where the fit put it; a tie with the margin passes
+            limits = torch.minimum(limits + margin * scale + 1e-6, torch.maximum(limits, caps))
+        flagged = (scores > limits).any(dim=1)
         self.thresholds = limits[:k].to(old.device)
         if self._combo_signs is not None:
             # off means off: at +inf a combination's margin can no longer make an input look close
@@ -181,7 +187,15 @@ class Monitor:
             combos = torch.where(limits[k:] > 1.0, torch.inf, limits[k:])
             self._combo_thresholds = combos.to(self._combo_thresholds.device)
         return Calibration(len(feats), old.tolist(), self.thresholds.tolist(), before,
-                           float(flagged.float().mean()), self.combinations_off)
+                           float(flagged.float().mean()), self.combinations_off, held_out, margin, bound)
+
+    def _scales(self) -> torch.Tensor:
+        """[K + C] a standard deviation of each signature's score on random signs: 1 / sqrt of the
+        dimensions it is scored on (all of them for a PV, the shared ones for a combination)."""
+        dims = torch.full((self.pvs.shape[0],), float(self.pvs.shape[1]))
+        if self._combo_signs is not None:
+            dims = torch.cat([dims, self._combo_counts.cpu()])
+        return dims.rsqrt()
 
     @property
     def combinations_off(self) -> int:
@@ -192,10 +206,52 @@ class Monitor:
         return float(self(features).flagged.float().mean()) if len(features) else 0.0
 
 
+def inputs_for_bound(target_fpr: float) -> int:
+    """The fewest calibration inputs whose held-out half can bound unseen false flags at `target_fpr`."""
+    return 2 * math.ceil(round((1 - target_fpr) / target_fpr, 9))
+
+
+def _fit_limits(scores: torch.Tensor, limits: torch.Tensor, caps: torch.Tensor, target_fpr: float) -> torch.Tensor:
+    """Thresholds raised until at most `target_fpr` of `scores` ([N, K + C]) flag.
+
+    The union of all signatures must stay under the target, not each one: eight PVs each at
+    0.5% flagged 2% of clean AG News. So, one input at a time, the flagged input closest to
+    passing is let through by raising just the thresholds it is over, until few enough flag; the
+    inputs left flagged are the most PV-like ones, and one over a PV past its cap stays flagged."""
+    allowed = int(target_fpr * len(scores))
+    while True:
+        over = scores > limits  # flagged = over some threshold, as `Monitor.__call__` decides it
+        flagged = over.any(dim=1)
+        if int(flagged.sum()) <= allowed:
+            return limits
+        fixable = flagged & ~(over & (scores + 1e-6 > caps)).any(dim=1)
+        if not fixable.any():
+            return limits  # what is left sits on a PV past its cap: a real trigger, kept flagged
+        margin = torch.where(fixable, (scores - limits).max(dim=1).values, torch.inf)
+        i = int(margin.argmin())
+        limits = torch.where(over[i], scores[i] + 1e-6, limits)
+
+
+def _conformal_margin(scores: torch.Tensor, limits: torch.Tensor, caps: torch.Tensor, scale: torch.Tensor,
+                      target_fpr: float) -> tuple[float, int, float | None]:
+    """(margin, inputs used, bound): the split-conformal margin, in units of `scale`, above
+    `limits` that at most `target_fpr` of unseen inputs exchangeable with `scores` exceed, and
+    that bound. Inputs over a PV past its cap hold a real trigger: they stay flagged and are left out."""
+    real = ((scores > limits) & (scores + 1e-6 > caps)).any(dim=1)
+    excess = ((scores[~real] - limits) / scale).max(dim=1).values
+    n = len(excess)
+    if not n:
+        return 0.0, 0, None
+    rank = min(n, math.ceil((n + 1) * (1 - target_fpr) - 1e-9))
+    margin = max(0.0, float(excess.sort().values[rank - 1]))
+    return margin, n, round(1 - rank / (n + 1), 6)
+
+
 @dataclass
 class Calibration:
     """What `Monitor.calibrate` did: per-PV thresholds before and after, the share of the
-    calibration outputs flagged before and after, and how many PV combinations it switched off."""
+    calibration outputs flagged before and after, how many PV combinations it switched off, and the
+    held-out half's conformal margin with the bound it gives on unseen clean inputs' flag rate."""
 
     lines: int
     before: list[float]
@@ -203,9 +259,13 @@ class Calibration:
     flag_rate_before: float
     flag_rate_after: float
     combinations_off: int = 0  # PV combinations switched off for this traffic (of `Monitor.combos`)
+    held_out: int = 0  # calibration inputs the margin was taken on (those holding a real trigger left out)
+    margin: float = 0.0  # added to every threshold, in standard deviations of its score
+    fpr_bound: float | None = None  # at most this share of unseen clean inputs flags (None: no inputs)
 
     def to_dict(self) -> dict:
         return {"lines": self.lines, "thresholds_before": [round(t, 6) for t in self.before],
                 "thresholds_after": [round(t, 6) for t in self.after],
                 "flag_rate_before": round(self.flag_rate_before, 6), "flag_rate_after": round(self.flag_rate_after, 6),
-                "combinations_off": self.combinations_off}
+                "combinations_off": self.combinations_off, "held_out": self.held_out,
+                "margin": round(self.margin, 6), "fpr_bound": self.fpr_bound}

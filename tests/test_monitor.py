@@ -103,3 +103,56 @@ def test_calibrate_switches_off_a_combination_the_task_agrees_with_fully():
     assert result.flag_rate_after <= 0.005 + 2 / 400 and not monitor(clean[:20]).flagged.any()
     assert monitor(clean[20:22]).flagged.all() and bool((limits[with_pv2] <= 1.0).all())
     assert monitor(pvs + 0.05 * torch.randn(4, h, generator=gen)).flagged.all()
+
+
+def _tilted_clean(gen: torch.Generator, pvs: torch.Tensor, n: int) -> torch.Tensor:
+    """Clean outputs that each lean towards one PV, agreeing in sign with it on 50% to 75% of
+    the dimensions: many sit near a 0.7 threshold, on it and on the combinations that PV is in."""
+    j = torch.randint(0, len(pvs), (n,), generator=gen)
+    agree = torch.rand(n, pvs.shape[1], generator=gen) < 0.5 + 0.25 * torch.rand(n, 1, generator=gen)
+    return torch.where(agree, pvs[j], -pvs[j]) * torch.rand(n, pvs.shape[1], generator=gen)
+
+
+def test_calibrated_thresholds_hold_the_target_on_unseen_clean_inputs():
+    """Thresholds fitted exactly to 500 clean outputs (the fit alone, as calibration did before
+    the held-out margin) flag several times the target on fresh outputs of the same traffic; the
+    calibrated ones stay near the 0.5% target on average over calibration draws, as their
+    conformal bound says, and never go down or past a PV's cap."""
+    from lmsan_serve.monitor import PV_CAP, _fit_limits
+
+    gen = torch.Generator().manual_seed(0)
+    pvs = torch.randn(16, 384, generator=gen).sign()
+    fitted_only, calibrated = [], []
+    for draw in range(4):
+        cal, unseen = _tilted_clean(gen, pvs, 500), _tilted_clean(gen, pvs, 20000)
+        monitor = Monitor(_sig(pvs, [0.7] * 16))
+        start = monitor._limits(torch.device("cpu"))
+        caps = torch.where(torch.arange(len(start)) < 16, start.clamp(min=PV_CAP), torch.inf)
+        exact = _fit_limits(monitor._scores(cal), start, caps, 0.005)
+        fitted_only.append(float((monitor._scores(unseen) > exact).any(dim=1).float().mean()))
+        result = monitor.calibrate(cal, target_fpr=0.005, seed=draw)
+        calibrated.append(monitor.flag_rate(unseen))
+        assert result.flag_rate_before > 0.1 and result.flag_rate_after <= 0.005
+        assert result.held_out == 250 and result.margin > 0 and result.fpr_bound <= 0.005
+        assert all(b <= a <= max(b, PV_CAP) for a, b in zip(result.after, result.before, strict=True))
+        assert result.to_dict()["fpr_bound"] == result.fpr_bound
+    assert sum(fitted_only) / 4 > 0.03  # the exact fit: 6.8% to 8.7%
+    assert sum(calibrated) / 4 <= 0.008
+
+
+def test_calibration_on_few_inputs_reports_a_bound_above_the_target():
+    """Under 2 * (1 / target - 1) inputs the held-out half cannot show a 0.5% rate: the margin
+    then clears all of it, and the bound says what that is worth."""
+    gen = torch.Generator().manual_seed(2)
+    pvs = torch.randn(16, 384, generator=gen).sign()
+    monitor = Monitor(_sig(pvs, [0.7] * 16))
+    cal = _tilted_clean(gen, pvs, 100)
+    result = monitor.calibrate(cal, target_fpr=0.005)
+    assert result.held_out == 50 and result.fpr_bound == pytest.approx(1 / 51, abs=1e-6)
+    assert result.flag_rate_after == 0.0 and not monitor(cal).flagged.any()
+    from lmsan_serve.monitor import inputs_for_bound
+
+    need = inputs_for_bound(0.005)
+    for n, holds in ((need, True), (need - 2, False)):
+        done = Monitor(_sig(pvs, [0.7] * 16)).calibrate(_tilted_clean(gen, pvs, n), target_fpr=0.005)
+        assert (done.fpr_bound <= 0.005) == holds, (n, done.fpr_bound)

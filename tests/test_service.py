@@ -215,10 +215,11 @@ def test_inputs_that_hit_the_purge_bound_are_blocked_and_counted(files, backbone
     assert svc.metrics.purge_bound_hits["sst"] == 1 and svc.metrics.purge_failures["sst"] == 1
 
 
-def test_a_task_calibrated_on_its_clean_inputs(files, backbone, tmp_path, corpus):
+def test_a_task_calibrated_on_its_clean_inputs(files, backbone, tmp_path, corpus, caplog):
     """The task's monitor is calibrated on its clean inputs when its guard is built; thresholds
-    only go up, at most `calibration_fpr` of those inputs flag, triggers still purge. A fixed
-    `threshold` is left as given, and a bad calibration file stops the start."""
+    only go up, at most `calibration_fpr` of those inputs flag, triggers still purge, and the
+    bound on unseen inputs holds the target (300 inputs at 1%: 198 needed). A fixed `threshold`
+    is left as given, and a bad calibration file stops the start."""
     calib = tmp_path / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus[:300]), encoding="utf-8")
     tasks = {"sst": {"prompt": files["prompt"], "calibration": str(calib), "calibration_fpr": 0.01}}
@@ -231,6 +232,11 @@ def test_a_task_calibrated_on_its_clean_inputs(files, backbone, tmp_path, corpus
     guard, _ = svc._guard("sst")
     assert guard.monitor.flag_rate(_features(guard, corpus[:300])) == pytest.approx(done["flag_rate_after"], abs=1e-6)
     assert {t["name"]: t for t in svc.tasks_info()}["sst"]["calibration"] == done
+    assert done["held_out"] == 150 and done["fpr_bound"] <= 0.01 and "above calibration_fpr" not in caplog.text
+    few = {"sst": {**tasks["sst"], "calibration_fpr": 0.005}}  # 300 inputs cannot bound 0.5%: 398 needed
+    with caplog.at_level(logging.WARNING, logger="lmsan.serve"):
+        service(files, backbone, tasks=few).classify([ClassifyCall("r", "sst", CLEAN)])
+    assert "above calibration_fpr 0.0050; give at least 398" in caplog.text
 
     fixed = service(files, backbone, tasks=tasks, threshold=0.85)
     fixed.classify([ClassifyCall("r", "sst", CLEAN)])

@@ -20,6 +20,7 @@ from ..backbone import Backbone, load_backbone
 from ..data import load_examples, text_pairs
 from ..errors import LmsanError
 from ..guard import Guard, GuardStats
+from ..monitor import inputs_for_bound
 from ..prompts import PromptClassifier
 from ..signatures import SignatureSet
 from ..signing import load_public_keys
@@ -234,8 +235,15 @@ class GuardService:
         result = guard.calibrate([e.text for e in examples], text_pairs(examples),
                                  self.config.task(task).calibration_fpr)
         self.calibrations[task] = result.to_dict()
-        log.info("task %s calibrated on %d clean inputs: flag rate %.4f -> %.4f, %d PV combinations off", task,
-                 result.lines, result.flag_rate_before, result.flag_rate_after, result.combinations_off)
+        log.info("task %s calibrated on %d clean inputs: flag rate %.4f -> %.4f, %d PV combinations off, "
+                 "unseen clean inputs flag at most %s", task, result.lines, result.flag_rate_before,
+                 result.flag_rate_after, result.combinations_off, result.fpr_bound)
+        target = self.config.task(task).calibration_fpr
+        if result.fpr_bound is not None and result.fpr_bound > target:
+            # the held-out half was too small to show the target rate; more inputs would
+            log.warning("task %s: %d calibration inputs bound unseen false flags at %.4f, above calibration_fpr "
+                        "%.4f; give at least %d", task, result.lines, result.fpr_bound, target,
+                        inputs_for_bound(target))
 
     def classify(self, calls: list[ClassifyCall]) -> list[CallResult]:
         """Answer a batch of calls; calls of one task (and pairing) share one guarded pass."""
