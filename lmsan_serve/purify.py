@@ -76,39 +76,59 @@ class PurifyStats:
     variants: int = 0  # variant rows scored in total
 
 
-def _row_info(batch: EncodedBatch, r: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(word types, token -> word-type index or -1 for tokens that are not user words, tokens present)."""
-    words = batch.unit_words[r]
-    types = list(dict.fromkeys(words))
-    type_index = {w: i for i, w in enumerate(types)}
-    unit_type = torch.tensor([type_index[w] for w in words] + [-1], dtype=torch.long)
-    units = batch.units[r].cpu()
-    tok_type = unit_type[torch.where(units >= 0, units, len(words))].to(batch.input_ids.device)
-    # Soft-prompt slots are left out: variants are scored on the bare encoder, whose outputs
-    # the PVs describe, and short variants are cheap.
-    present = batch.attention_mask[r].bool().clone()
-    present[1 : 1 + batch.prompt_len] = False
-    return types, tok_type, present
+@dataclass
+class RowWords:
+    """The user words of one row of a batch, as variants address them: word types (distinct
+    lower-cased words, in order of first occurrence), each token's type, and the tokens present."""
 
+    types: list[str]
+    unit_type: list[int]  # word unit -> type index
+    tok_type: torch.Tensor  # [L] token -> type index, -1 for tokens that are not user words
+    present: torch.Tensor  # [L] bool: tokens a variant may keep (soft-prompt slots left out)
 
-def _word_attention(info: tuple[list[str], torch.Tensor, torch.Tensor], saliency: torch.Tensor) -> torch.Tensor:
-    """Attention the monitored token gives each word type of a row (its strongest token); special
-    tokens and soft-prompt slots are left out, and a type with no token present scores -inf."""
-    types, tok_type, present = info
-    sal = saliency.to(tok_type.device).float()
-    words = (tok_type >= 0) & present
-    score = torch.full((len(types),), float("-inf"), device=tok_type.device)
-    return score.scatter_reduce(0, tok_type[words], sal[words], reduce="amax")
+    @classmethod
+    def of(cls, batch: EncodedBatch, r: int) -> RowWords:
+        words = batch.unit_words[r]
+        types = list(dict.fromkeys(words))
+        index = {w: i for i, w in enumerate(types)}
+        unit_type = [index[w] for w in words]
+        units = batch.units[r].cpu()
+        table = torch.tensor(unit_type + [-1], dtype=torch.long)
+        tok_type = table[torch.where(units >= 0, units, len(words))].to(batch.input_ids.device)
+        # Soft-prompt slots are left out: variants are scored on the bare encoder, whose outputs
+        # the PVs describe, and short variants are cheap.
+        present = batch.attention_mask[r].bool().clone()
+        present[1 : 1 + batch.prompt_len] = False
+        return cls(types, unit_type, tok_type, present)
 
+    def _selected(self, chosen: set[int]) -> torch.Tensor:
+        sel = torch.zeros(len(self.types) + 1, dtype=torch.bool, device=self.tok_type.device)
+        sel[list(chosen)] = True
+        return sel[self.tok_type]  # index -1 reads the spare slot, which stays False
 
-def _keep_only_masks(info: dict) -> Callable[[int, set[int]], torch.Tensor]:
-    def keep_only(r: int, keep: set[int]) -> torch.Tensor:
-        types, tok_type, attn = info[r]
-        sel = torch.zeros(len(types) + 1, dtype=torch.bool, device=tok_type.device)
-        sel[list(keep)] = True
-        return (attn & ((tok_type < 0) | sel[tok_type])).long()
+    def keep_only(self, keep: set[int]) -> torch.Tensor:
+        """Attention mask of the variant that keeps the word types `keep` and the special tokens."""
+        return (self.present & ((self.tok_type < 0) | self._selected(keep))).long()
 
-    return keep_only
+    def delete(self, drop: set[int]) -> torch.Tensor:
+        """Attention mask of the variant with every copy of the word types `drop` deleted."""
+        return (self.present & ~((self.tok_type >= 0) & self._selected(drop))).long()
+
+    def attention(self, saliency: torch.Tensor) -> torch.Tensor:
+        """Attention the monitored token gives each word type (its strongest token); special
+        tokens and soft-prompt slots are left out, and a type with no token present scores -inf."""
+        sal = saliency.to(self.tok_type.device).float()
+        words = (self.tok_type >= 0) & self.present
+        score = torch.full((len(self.types),), float("-inf"), device=self.tok_type.device)
+        return score.scatter_reduce(0, self.tok_type[words], sal[words], reduce="amax")
+
+    def neighbours(self, chosen: set[int], window: int) -> set[int]:
+        """Word types within `window` words of any occurrence of the types `chosen`."""
+        near: set[int] = set()
+        for u, t in enumerate(self.unit_type):
+            if t in chosen:
+                near.update(self.unit_type[max(0, u - window) : u + window + 1])
+        return near
 
 
 class Purifier:
@@ -174,21 +194,12 @@ class Purifier:
         correctness: every later step is unchanged."""
         stats = PurifyStats()
         results: dict[int, PurifyResult] = {}
-        info = {}
+        info = {r: RowWords.of(batch, r) for r in rows}
         for r in rows:
-            info[r] = _row_info(batch, r)
             results[r] = PurifyResult(ok=False)
-            if not info[r][0]:
+            if not info[r].types:
                 results[r].reason = "no user words to remove"
-        keep_only = _keep_only_masks(info)
-
-        def delete(r: int, drop: set[int]) -> torch.Tensor:
-            types, tok_type, attn = info[r]
-            sel = torch.zeros(len(types) + 1, dtype=torch.bool, device=tok_type.device)
-            sel[list(drop)] = True
-            return (attn & ~((tok_type >= 0) & sel[tok_type])).long()
-
-        active = [r for r in rows if info[r][0]]
+        active = [r for r in rows if info[r].types]
         found: dict[int, set[int]] = {r: set() for r in rows}
         if start_from is not None:
             for r in active:
@@ -198,12 +209,12 @@ class Purifier:
                     results[r].grouped = start_from[r].grouped
             # a ranked test found one trigger but the text stayed flagged: look for the others
             self._keep_only_tests(batch, [r for r in active if not results[r].grouped], info, found, results,
-                                  scorer, keep_only, stats)
+                                  scorer, stats)
         else:
             rest = active
             if saliency is not None and self.ranked > 0:
-                rest = self._ranked_tests(active, info, found, results, saliency, batch, scorer, keep_only, stats)
-            self._keep_only_tests(batch, rest, info, found, results, scorer, keep_only, stats)
+                rest = self._ranked_tests(active, info, found, results, saliency, batch, scorer, stats)
+            self._keep_only_tests(batch, rest, info, found, results, scorer, stats)
         pending = list(active)
         if start_from is None and trust_single:
             for r in [r for r in pending if len(found[r]) == 1]:
@@ -218,14 +229,14 @@ class Purifier:
             for r in pending:
                 if round_no == 0:
                     v_rows.append(r)
-                    v_masks.append(delete(r, found[r]))
+                    v_masks.append(info[r].delete(found[r]))
                     v_ref.append((r, None))
                     continue
-                rest = [t for t in range(len(info[r][0])) if t not in found[r]]
+                rest = [t for t in range(len(info[r].types)) if t not in found[r]]
                 budget = self.max_variants - results[r].variants
                 for t in rest[: max(0, budget)]:
                     v_rows.append(r)
-                    v_masks.append(delete(r, found[r] | {t}))
+                    v_masks.append(info[r].delete(found[r] | {t}))
                     v_ref.append((r, t))
             margins = self._score(scorer, batch, v_rows, v_masks, stats)
             best: dict[int, tuple[float, int | None]] = {}
@@ -262,7 +273,7 @@ class Purifier:
         base: dict[int, float] = {}
         alone: dict[int, dict[int, float]] = {r: {} for r in settled}
         spare: dict[int, set[int]] = {r: set() for r in settled}
-        for (r, kind, t, _), m in zip(refs, self._score_deletions(refs, delete, scorer, batch, results, stats),
+        for (r, kind, t, _), m in zip(refs, self._score_deletions(refs, info, scorer, batch, results, stats),
                                       strict=True):
             if kind == "base":
                 base[r] = m
@@ -281,12 +292,12 @@ class Purifier:
                 continue
             proposed[r] = keep
             refs.append((r, "confirm", -1, keep))
-            near = self._neighbours(batch.unit_words[r], info[r][0], sole) - keep
+            near = info[r].neighbours(sole, self.partner_window) - keep
             refs += [(r, "partner", t, {t}) for t in sorted(near)]
             refs += [(r, "after", t, keep | {t}) for t in sorted(near)]
         confirmed = {r for r in proposed if proposed[r] == found[r]}
         outcome = dict(zip([(r, kind, t) for r, kind, t, _ in refs],
-                           self._score_deletions(refs, delete, scorer, batch, results, stats), strict=True))
+                           self._score_deletions(refs, info, scorer, batch, results, stats), strict=True))
         for (r, kind, t), m in outcome.items():
             if kind == "confirm" and m <= 0:
                 confirmed.add(r)
@@ -303,7 +314,7 @@ class Purifier:
             found[r] = proposed[r]
 
         for r in active:
-            types = info[r][0]
+            types = info[r].types
             drop_words = {types[t] for t in found[r]}
             results[r].removed = sorted(drop_words)
             results[r].drop_units = {u for u, w in enumerate(batch.unit_words[r]) if w in drop_words}
@@ -319,56 +330,45 @@ class Purifier:
         stats = PurifyStats()
         result = {}
         for r in rows:
-            info = _row_info(batch, r)
-            if info[0] and float(_word_attention(info, saliency[r]).clamp(min=0).topk(
-                    min(top, len(info[0]))).values.sum()) >= min_attention:
-                result[r] = info
+            words = RowWords.of(batch, r)
+            if words.types and float(words.attention(saliency[r]).clamp(min=0).topk(
+                    min(top, len(words.types))).values.sum()) >= min_attention:
+                result[r] = words
         if not result:
             return [], stats
-        keep_only = _keep_only_masks(result)
         found: dict[int, set[int]] = {r: set() for r in result}
         outcome = {r: PurifyResult(ok=False) for r in result}
-        self._ranked_tests(list(result), result, found, outcome, saliency, batch, scorer, keep_only, stats, top)
+        self._ranked_tests(list(result), result, found, outcome, saliency, batch, scorer, stats, top)
         return [r for r in result if found[r]], stats
 
-    def _ranked_tests(self, active, info, found, results, saliency, batch, scorer, keep_only, stats,
+    def _ranked_tests(self, active, info, found, results, saliency, batch, scorer, stats,
                       top: int | None = None) -> list[int]:
         """Step 0: the highest-ranked word types alone; returns the rows where none fired."""
         ranked: dict[int, list[int]] = {}
         for r in active:
-            ranked[r] = _word_attention(info[r], saliency[r]).argsort(descending=True)[: top or self.ranked].tolist()
-        self._test_singles(ranked, batch, found, results, scorer, keep_only, stats)
+            ranked[r] = info[r].attention(saliency[r]).argsort(descending=True)[: top or self.ranked].tolist()
+        self._test_singles(ranked, info, batch, found, results, scorer, stats)
         return [r for r in active if not found[r]]
 
-    def _test_singles(self, candidates: dict[int, list[int]], batch, found, results, scorer, keep_only,
-                      stats) -> None:
+    def _test_singles(self, candidates: dict[int, list[int]], info, batch, found, results, scorer, stats) -> None:
         """Keep-only tests of single word types, one batched pass; the ones that fire are found."""
         refs = [(r, t) for r, types in candidates.items() for t in types]
-        margins = self._score(scorer, batch, [r for r, _ in refs], [keep_only(r, {t}) for r, t in refs], stats)
+        margins = self._score(scorer, batch, [r for r, _ in refs], [info[r].keep_only({t}) for r, t in refs], stats)
         for (r, t), m in zip(refs, margins.tolist(), strict=True):
             results[r].variants += 1
             if m > 0:
                 found[r].add(t)
 
-    def _score_deletions(self, refs: list[tuple[int, str, int, set[int]]], delete, scorer, batch, results,
+    def _score_deletions(self, refs: list[tuple[int, str, int, set[int]]], info, scorer, batch, results,
                          stats) -> list[float]:
         """Margins of the deletion variants `refs` (row, kind, word type, words deleted), one pass."""
-        margins = self._score(scorer, batch, [r for r, *_ in refs], [delete(r, drop) for r, _, _, drop in refs], stats)
+        masks = [info[r].delete(drop) for r, _, _, drop in refs]
+        margins = self._score(scorer, batch, [r for r, *_ in refs], masks, stats)
         for r, *_ in refs:
             results[r].variants += 1
         return margins.tolist()
 
-    def _neighbours(self, unit_words: list[str], types: list[str], words: set[int]) -> set[int]:
-        """Word types within `partner_window` words of any occurrence of `words`."""
-        index = {w: i for i, w in enumerate(types)}
-        unit_type = [index[w] for w in unit_words]
-        near: set[int] = set()
-        for u, t in enumerate(unit_type):
-            if t in words:
-                near.update(unit_type[max(0, u - self.partner_window) : u + self.partner_window + 1])
-        return near
-
-    def _keep_only_tests(self, batch, active, info, found, results, scorer, keep_only, stats) -> None:
+    def _keep_only_tests(self, batch, active, info, found, results, scorer, stats) -> None:
         """Steps 1a and 1b."""
         for r in active:
             results[r].grouped = True
@@ -376,13 +376,13 @@ class Purifier:
         groups: dict[int, list[list[int]]] = {}
         v_rows, v_masks, v_ref = [], [], []
         for r in active:
-            n = len(info[r][0])
+            n = len(info[r].types)
             g = min(self.groups, n)
             bounds = [round(i * n / g) for i in range(g + 1)]
             groups[r] = [list(range(bounds[i], bounds[i + 1])) for i in range(g)]
             for gi, members in enumerate(groups[r]):
                 v_rows.append(r)
-                v_masks.append(keep_only(r, set(members)))
+                v_masks.append(info[r].keep_only(set(members)))
                 v_ref.append((r, gi))
         margins = self._score(scorer, batch, v_rows, v_masks, stats)
         positive: dict[int, list[int]] = {r: [] for r in active}
@@ -394,8 +394,8 @@ class Purifier:
         # 1b. keep-only tests on each word type of a flagged group.
         singles: dict[int, list[int]] = {}
         for r in active:
-            if len(groups[r]) == len(info[r][0]):  # groups were single types already
+            if len(groups[r]) == len(info[r].types):  # groups were single types already
                 found[r].update(positive[r][: self.max_variants])
             else:
                 singles[r] = positive[r][: self.max_variants]
-        self._test_singles(singles, batch, found, results, scorer, keep_only, stats)
+        self._test_singles(singles, info, batch, found, results, scorer, stats)
