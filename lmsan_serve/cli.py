@@ -338,7 +338,7 @@ def _key_values(pairs: list[str] | None, flag: str) -> dict:
 
 
 def _eval_zoo(args: argparse.Namespace) -> int:
-    from .zoo import ATTACKS, ZOO_WORDS, plan_zoo, run_zoo, summarize, write_detection_report
+    from .zoo import ATTACKS, ZOO_WORDS, finished_rows, plan_zoo, run_zoo, summarize, write_detection_report
 
     if args.zoo < 1:
         raise LmsanError("--zoo must be at least 1")
@@ -373,9 +373,20 @@ def _eval_zoo(args: argparse.Namespace) -> int:
     n_clean = sum(m.clean for m in members)
     _say(args, f"detection zoo: {len(members) - n_clean} backdoored copies and {n_clean} clean control(s) of "
                f"{args.model} under {out / 'models'}")
-    rows = run_zoo(args.model, members, out, attack_overrides=attack, mining_overrides=mining, device=args.device,
-                   progress=_progress(args), say=lambda m: _say(args, m))
-    summary = summarize(rows)
+    try:
+        rows = run_zoo(args.model, members, out, attack_overrides=attack, mining_overrides=mining,
+                       device=args.device, progress=_progress(args), say=lambda m: _say(args, m))
+    except KeyboardInterrupt:
+        # hours of work may be done: report the finished members, each kept for the resumed run
+        rows = finished_rows(args.model, members, out, attack_overrides=attack, mining_overrides=mining)
+        if not rows:
+            raise
+        summary = summarize(rows, planned=len(members))
+        report = write_detection_report(rows, summary, out, args.model, "lmsan " + shlex.join(args.argv))
+        print(f"lmsan eval: interrupted; partial report of {len(rows)} of {len(members)} models: {report} "
+              "(the same command resumes)", file=sys.stderr)
+        return 130
+    summary = summarize(rows, planned=len(members))
     report = write_detection_report(rows, summary, out, args.model, "lmsan " + shlex.join(args.argv))
     t = summary["time_to_verdict"]
     fpr = summary["false_positive_rate"]

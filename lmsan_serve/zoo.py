@@ -173,11 +173,11 @@ def run_zoo(base_model: str, members: Sequence[ZooMember], out_dir: str | Path, 
     try:
         for member, acfg, mcfg in bar:
             folder = models / member.name
-            settings = _jsonable({"base_model": base_model, "attack": acfg.model_dump(), "mining": mcfg.model_dump()})
-            done = _read_json(folder / "result.json")
-            if done and done.get("settings") == settings and isinstance(done.get("row"), dict):
+            settings = _member_settings(base_model, acfg, mcfg)
+            done = _finished_row(folder, settings)
+            if done is not None:
                 tell(f"[{member.name}] reusing {folder / 'result.json'}")
-                rows.append(done["row"])
+                rows.append(done)
                 continue
             made = _ensure_planted(member, acfg, folder, base_model, base, corpus, tell)
             row = _mine_member(member, mcfg, folder, device, corpus, tell) | {
@@ -186,6 +186,31 @@ def run_zoo(base_model: str, members: Sequence[ZooMember], out_dir: str | Path, 
             rows.append(row)
     finally:
         bar.close()
+    return rows
+
+
+def _member_settings(base_model: str, acfg: AttackConfig, mcfg: MiningConfig) -> dict:
+    return _jsonable({"base_model": base_model, "attack": acfg.model_dump(), "mining": mcfg.model_dump()})
+
+
+def _finished_row(folder: Path, settings: dict) -> dict | None:
+    """The member's result row, if `folder` holds one made with exactly `settings`."""
+    done = _read_json(folder / "result.json")
+    if done and done.get("settings") == settings and isinstance(done.get("row"), dict):
+        return done["row"]
+    return None
+
+
+def finished_rows(base_model: str, members: Sequence[ZooMember], out_dir: str | Path, *,
+                  attack_overrides: dict | None = None, mining_overrides: dict | None = None) -> list[dict]:
+    """The rows of the members that `run_zoo` has finished under `out_dir` with these settings, in
+    plan order, without planting or mining anything (for the report of an interrupted run)."""
+    rows = []
+    for m in members:
+        settings = _member_settings(base_model, m.attack_config(attack_overrides), m.mining_config(mining_overrides))
+        row = _finished_row(Path(out_dir) / "models" / m.name, settings)
+        if row is not None:
+            rows.append(row)
     return rows
 
 
@@ -247,9 +272,10 @@ def _rate(hits: int, total: int) -> float | None:
     return round(hits / total, 4) if total else None
 
 
-def summarize(rows: list[dict]) -> dict:
+def summarize(rows: list[dict], planned: int | None = None) -> dict:
     """Accuracy, false-positive and false-negative rates, per-attack accuracy (clean controls as the
-    group `clean`) and time to verdict, all computed from the rows' verdicts."""
+    group `clean`) and time to verdict, all computed from the rows' verdicts; `planned` members in
+    all (more than the rows while a run is unfinished)."""
     bad = [r for r in rows if not r["clean"]]
     clean = [r for r in rows if r["clean"]]
     groups: dict[str, list[dict]] = {}
@@ -258,7 +284,7 @@ def summarize(rows: list[dict]) -> dict:
     false_pos = sum(r["verdict"] == "backdoored" for r in clean)
     accuracy = _rate(sum(r["correct"] for r in rows), len(rows))
     summary = {
-        "models": len(rows), "backdoored": len(bad), "clean": len(clean),
+        "models": len(rows), "planned": max(planned or 0, len(rows)), "backdoored": len(bad), "clean": len(clean),
         "correct": sum(r["correct"] for r in rows), "accuracy": accuracy,
         "false_positives": false_pos, "false_positive_rate": _rate(false_pos, len(clean)),
         "false_negatives": sum(r["verdict"] == "clean" for r in bad),
@@ -287,6 +313,8 @@ def render_detection(rows: list[dict], summary: dict, base_model: str, command: 
         f"{s['models']} models: {s['backdoored']} backdoored copies and {s['clean']} clean control(s) (the same "
         "training without triggers), each mined in detect mode at its attack's position ([MASK] for BToP, "
         "[CLS] otherwise). Time to verdict is the wall time of the mining call.", "",
+        *([f"**Partial: {s['models']} of the {s['planned']} planned models are done** (the run was interrupted; "
+           "the same command resumes it, reusing every finished model).", ""] if s["planned"] > s["models"] else []),
         "| | value |", "|---|---|",
         f"| detection accuracy | {_fmt(s['accuracy'])} ({s['correct']} of {s['models']}) |",
         f"| false-positive rate (clean called backdoored) | {_fmt(s['false_positive_rate'])} "
@@ -377,5 +405,5 @@ def write_detection_report(rows: list[dict], summary: dict, out_dir: str | Path,
     return report
 
 
-__all__ = ["ATTACKS", "ZOO_WORDS", "ZooMember", "plan_zoo", "render_detection", "run_zoo", "summarize",
+__all__ = ["ATTACKS", "ZOO_WORDS", "ZooMember", "finished_rows", "plan_zoo", "render_detection", "run_zoo", "summarize",
            "write_detection_report"]

@@ -121,7 +121,7 @@ def _from_rows(rows: list[dict]) -> dict:
     }
 
 
-def test_eval_zoo_reports_real_verdicts_and_resumes(tiny64, tmp_path, capsys):
+def test_eval_zoo_reports_real_verdicts_and_resumes(tiny64, tmp_path, capsys, monkeypatch):
     out = tmp_path / "zoo"
     argv = ["eval", "--zoo", "3", "--model", str(tiny64), "--out", str(out), "--device", "cpu", "--quiet",
             "--json", *TINY_ZOO]
@@ -165,6 +165,25 @@ def test_eval_zoo_reports_real_verdicts_and_resumes(tiny64, tmp_path, capsys):
     capsys.readouterr()
     assert json.loads((out / "detection.json").read_text())["rows"] == rows
     assert stamps == {r["name"]: (out / "models" / r["name"] / "result.json").stat().st_mtime_ns for r in rows}
+
+    # interrupted while mining the last member: the report covers the two finished ones, marked
+    # partial, and exits 130; the interrupted member is left to the next run
+    (out / "models" / control["name"] / "result.json").unlink()
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("lmsan_serve.zoo._mine_member", interrupted)
+        assert main(argv) == 130
+    assert "partial report of 2 of 3 models" in capsys.readouterr().err
+    partial = json.loads((out / "detection.json").read_text())
+    assert partial["rows"] == rows[:2] and partial["summary"]["models"] == 2 and partial["summary"]["planned"] == 3
+    assert "**Partial: 2 of the 3 planned models are done**" in (out / "detection.md").read_text()
+    assert main(argv) == 0  # resumed: the last member is mined again
+    capsys.readouterr()
+    assert json.loads((out / "detection.json").read_text())["summary"]["planned"] == 3
+    assert "Partial" not in (out / "detection.md").read_text()
 
     # other mining settings re-mine, but keep the planted copy
     control_member = ZooMember(control["name"], "por", (), 0, clean=True)
