@@ -156,3 +156,36 @@ def test_calibration_on_few_inputs_reports_a_bound_above_the_target():
     for n, holds in ((need, True), (need - 2, False)):
         done = Monitor(_sig(pvs, [0.7] * 16)).calibrate(_tilted_clean(gen, pvs, n), target_fpr=0.005)
         assert (done.fpr_bound <= 0.005) == holds, (n, done.fpr_bound)
+
+
+def test_the_held_out_margin_keeps_catching_blends_of_three_triggers():
+    """Clean outputs that lean towards the signs two PVs share (up to 95% agreement there) flag
+    4% of unseen ones through pair combinations under the exact fit; with the held-out margin
+    under 1%. The margin switches some pairs off, yet blends of three PVs, which no PV flags,
+    all still flag through the combinations left."""
+    from lmsan_serve.monitor import PV_CAP, _fit_limits
+
+    gen = torch.Generator().manual_seed(0)
+    k, h = 8, 384
+    pvs = torch.randn(k, h, generator=gen).sign()
+
+    def clean(n: int) -> torch.Tensor:
+        x = torch.randn(n, h, generator=gen)
+        for i in range(n):
+            a, b = torch.randperm(k, generator=gen)[:2].tolist()
+            agree = torch.rand(h, generator=gen) < 0.5 + 0.45 * float(torch.rand(1, generator=gen))
+            x[i] = torch.where(pvs[a] == pvs[b], torch.where(agree, pvs[a], -pvs[a]) * x[i].abs(), x[i])
+        return x
+
+    cal, unseen = clean(500), clean(5000)
+    blends = torch.stack([pvs[torch.randperm(k, generator=gen)[:3]].sum(0) for _ in range(100)])
+    blends = blends + 0.3 * torch.randn(blends.shape, generator=gen)
+    monitor = Monitor(_sig(pvs, [0.85] * k))
+    start = monitor._limits(torch.device("cpu"))
+    caps = torch.where(torch.arange(len(start)) < k, start.clamp(min=PV_CAP), torch.inf)
+    exact = _fit_limits(monitor._scores(cal), start, caps, 0.005)
+    assert float((monitor._scores(unseen) > exact).any(dim=1).float().mean()) > 0.02
+    result = monitor.calibrate(cal, target_fpr=0.005)
+    assert monitor.flag_rate(unseen) < 0.01 and 0 < result.combinations_off < len(monitor.combos)
+    assert not (sign_agreement(blends, pvs) > monitor.thresholds).any()  # no PV catches a blend
+    assert monitor(blends).flagged.all()
