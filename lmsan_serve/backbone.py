@@ -257,7 +257,9 @@ def load_backbone(name: str, device: str | torch.device | None = None) -> Backbo
 
     dev = resolve_device(device)
     source: str | Path = minilm_path() if name == MINILM else name
-    if name != MINILM and not Path(name).exists() and (name.startswith((".", "/", "~")) or os.sep * 2 in name):
+    # a hub id is `name` or `owner/name`: more path parts than that can only be a missing folder
+    if name != MINILM and not Path(name).exists() and (name.startswith((".", "/", "~")) or os.sep * 2 in name
+                                                        or name.count("/") > 1):
         raise LmsanError(f"model folder not found: {name}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))

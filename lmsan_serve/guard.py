@@ -107,10 +107,10 @@ class Guard:
 
     @torch.no_grad()
     def calibrate(self, texts: list[str], text_pairs: list[str] | None = None, target_fpr: float = 0.005,
-                  batch_size: int = 32) -> Calibration:
+                  batch_size: int = 32, held_out: bool = True) -> Calibration:
         """Raise the monitor's thresholds on clean inputs of the task this guard serves, scored the
-        way requests are (through the soft prompt), so that at most `target_fpr` of them flag (see
-        `Monitor.calibrate`)."""
+        way requests are (through the soft prompt), so that at most `target_fpr` of unseen clean
+        inputs flag (see `Monitor.calibrate`)."""
         if self.monitor is None:
             raise LmsanError("calibration needs a signature set (this guard is off)")
         if not texts:
@@ -123,7 +123,7 @@ class Guard:
             batch = self.classifier.encode(self.backbone, texts[s : s + batch_size], pairs)
             out = self.classifier.forward_batch(self.backbone, batch)
             feats.append(self._features(out.hidden, batch.monitor_index))
-        return self.monitor.calibrate(torch.cat(feats), target_fpr)
+        return self.monitor.calibrate(torch.cat(feats), target_fpr, held_out=held_out)
 
     def _features(self, hidden: torch.Tensor, monitor_index: torch.Tensor) -> torch.Tensor:
         assert self.signatures is not None

@@ -135,7 +135,8 @@ class Monitor:
         score = scores.gather(1, best[:, None]).squeeze(1)
         return MonitorResult(flagged, best, score, margin)
 
-    def calibrate(self, features: torch.Tensor, target_fpr: float = 0.005, seed: int = 0) -> Calibration:
+    def calibrate(self, features: torch.Tensor, target_fpr: float = 0.005, seed: int = 0,
+                  held_out: bool = True) -> Calibration:
         """Raise thresholds so that at most `target_fpr` of unseen clean outputs of the traffic
         being served flag through any PV or combination; thresholds are never lowered.
 
@@ -160,7 +161,8 @@ class Monitor:
         For exchangeable clean traffic the chance that an unseen input flags is then at most
         `Calibration.fpr_bound` on average over calibration sets, which is `target_fpr` or less
         from `inputs_for_bound(target_fpr)` inputs on (398 at 0.5%); with fewer, the margin clears
-        the whole held-out half."""
+        the whole held-out half. `held_out=False` fits the thresholds to all the inputs exactly,
+        with no margin and no bound (the calibration before the margin, kept for comparison)."""
         feats = features.detach().float()
         old = self.thresholds.clone()
         k = self.pvs.shape[0]
@@ -172,10 +174,10 @@ class Monitor:
         caps[:k] = start[:k].clamp(min=PV_CAP)
         before = float((scores > start).any(dim=1).float().mean())
         order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))
-        check, fit = order[: len(feats) // 2], order[len(feats) // 2 :]
+        check, fit = (order[: len(feats) // 2], order[len(feats) // 2 :]) if held_out else (order[:0], order)
         limits = _fit_limits(scores[fit], start, caps, target_fpr)
         scale = self._scales()
-        margin, held_out, bound = _conformal_margin(scores[check], limits, caps, scale, target_fpr)
+        margin, n_held, bound = _conformal_margin(scores[check], limits, caps, scale, target_fpr)
         if margin > 0:
             # never past a PV's cap, nor below where the fit put it; a tie with the margin passes
             limits = torch.minimum(limits + margin * scale + 1e-6, torch.maximum(limits, caps))
@@ -187,7 +189,7 @@ class Monitor:
             combos = torch.where(limits[k:] > 1.0, torch.inf, limits[k:])
             self._combo_thresholds = combos.to(self._combo_thresholds.device)
         return Calibration(len(feats), old.tolist(), self.thresholds.tolist(), before,
-                           float(flagged.float().mean()), self.combinations_off, held_out, margin, bound)
+                           float(flagged.float().mean()), self.combinations_off, n_held, margin, bound)
 
     def _scales(self) -> torch.Tensor:
         """[K + C] a standard deviation of each signature's score on random signs: 1 / sqrt of the

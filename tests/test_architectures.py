@@ -100,3 +100,5 @@ def test_backbone_family(arch, tokenizer, tmp_path):
 def test_missing_model_folder():
     with pytest.raises(LmsanError, match="not found"):
         load_backbone("./no/such/model", "cpu")
+    with pytest.raises(LmsanError, match="model folder not found: lmsan-out/no/por"):
+        load_backbone("lmsan-out/no/por", "cpu")  # three parts: no hub id has them

@@ -118,18 +118,18 @@ def test_calibrated_thresholds_hold_the_target_on_unseen_clean_inputs():
     the held-out margin) flag several times the target on fresh outputs of the same traffic; the
     calibrated ones stay near the 0.5% target on average over calibration draws, as their
     conformal bound says, and never go down or past a PV's cap."""
-    from lmsan_serve.monitor import PV_CAP, _fit_limits
+    from lmsan_serve.monitor import PV_CAP
 
     gen = torch.Generator().manual_seed(0)
     pvs = torch.randn(16, 384, generator=gen).sign()
     fitted_only, calibrated = [], []
     for draw in range(4):
         cal, unseen = _tilted_clean(gen, pvs, 500), _tilted_clean(gen, pvs, 20000)
+        exact = Monitor(_sig(pvs, [0.7] * 16))
+        done = exact.calibrate(cal, target_fpr=0.005, held_out=False)
+        assert done.held_out == 0 and done.margin == 0.0 and done.fpr_bound is None
+        fitted_only.append(exact.flag_rate(unseen))
         monitor = Monitor(_sig(pvs, [0.7] * 16))
-        start = monitor._limits(torch.device("cpu"))
-        caps = torch.where(torch.arange(len(start)) < 16, start.clamp(min=PV_CAP), torch.inf)
-        exact = _fit_limits(monitor._scores(cal), start, caps, 0.005)
-        fitted_only.append(float((monitor._scores(unseen) > exact).any(dim=1).float().mean()))
         result = monitor.calibrate(cal, target_fpr=0.005, seed=draw)
         calibrated.append(monitor.flag_rate(unseen))
         assert result.flag_rate_before > 0.1 and result.flag_rate_after <= 0.005
@@ -163,8 +163,6 @@ def test_the_held_out_margin_keeps_catching_blends_of_three_triggers():
     4% of unseen ones through pair combinations under the exact fit; with the held-out margin
     under 1%. The margin switches some pairs off, yet blends of three PVs, which no PV flags,
     all still flag through the combinations left."""
-    from lmsan_serve.monitor import PV_CAP, _fit_limits
-
     gen = torch.Generator().manual_seed(0)
     k, h = 8, 384
     pvs = torch.randn(k, h, generator=gen).sign()
@@ -180,11 +178,10 @@ def test_the_held_out_margin_keeps_catching_blends_of_three_triggers():
     cal, unseen = clean(500), clean(5000)
     blends = torch.stack([pvs[torch.randperm(k, generator=gen)[:3]].sum(0) for _ in range(100)])
     blends = blends + 0.3 * torch.randn(blends.shape, generator=gen)
+    exact = Monitor(_sig(pvs, [0.85] * k))
+    exact.calibrate(cal, target_fpr=0.005, held_out=False)
+    assert exact.flag_rate(unseen) > 0.02
     monitor = Monitor(_sig(pvs, [0.85] * k))
-    start = monitor._limits(torch.device("cpu"))
-    caps = torch.where(torch.arange(len(start)) < k, start.clamp(min=PV_CAP), torch.inf)
-    exact = _fit_limits(monitor._scores(cal), start, caps, 0.005)
-    assert float((monitor._scores(unseen) > exact).any(dim=1).float().mean()) > 0.02
     result = monitor.calibrate(cal, target_fpr=0.005)
     assert monitor.flag_rate(unseen) < 0.01 and 0 < result.combinations_off < len(monitor.combos)
     assert not (sign_agreement(blends, pvs) > monitor.thresholds).any()  # no PV catches a blend
