@@ -25,7 +25,8 @@ class TaskConfig(BaseModel):
     mode: Mode | None = Field(default=None, description="guard mode for this task; default: the app's mode")
     calibration: str | None = Field(default=None, description=(
         "clean inputs of this task (JSONL with `text`, optional `text_pair`): the monitor's thresholds are "
-        "raised on them, scored through this task's prompt, so that at most `calibration_fpr` of them flag"))
+        "raised on them, scored through this task's prompt, so that at most `calibration_fpr` of unseen clean "
+        "inputs flag (398 inputs or more bound that at 0.5%; README, Per-task calibration)"))
     calibration_fpr: float = Field(default=0.005, gt=0.0, lt=1.0)
 
 
