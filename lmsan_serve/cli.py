@@ -373,6 +373,7 @@ def _eval_zoo(args: argparse.Namespace) -> int:
     n_clean = sum(m.clean for m in members)
     _say(args, f"detection zoo: {len(members) - n_clean} backdoored copies and {n_clean} clean control(s) of "
                f"{args.model} under {out / 'models'}")
+    interrupted = False
     try:
         rows = run_zoo(args.model, members, out, attack_overrides=attack, mining_overrides=mining,
                        device=args.device, progress=_progress(args), say=lambda m: _say(args, m))
@@ -381,13 +382,13 @@ def _eval_zoo(args: argparse.Namespace) -> int:
         rows = finished_rows(args.model, members, out, attack_overrides=attack, mining_overrides=mining)
         if not rows:
             raise
-        summary = summarize(rows, planned=len(members))
-        report = write_detection_report(rows, summary, out, args.model, "lmsan " + shlex.join(args.argv))
+        interrupted = True
+    summary = summarize(rows, planned=len(members))
+    report = write_detection_report(rows, summary, out, args.model, "lmsan " + shlex.join(args.argv))
+    if interrupted:
         print(f"lmsan eval: interrupted; partial report of {len(rows)} of {len(members)} models: {report} "
               "(the same command resumes)", file=sys.stderr)
         return 130
-    summary = summarize(rows, planned=len(members))
-    report = write_detection_report(rows, summary, out, args.model, "lmsan " + shlex.join(args.argv))
     t = summary["time_to_verdict"]
     fpr = summary["false_positive_rate"]
     _emit(args, f"report: {report}\ndetection accuracy {summary['accuracy']:.3f} ({summary['correct']} of "

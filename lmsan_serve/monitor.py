@@ -192,8 +192,9 @@ class Monitor:
                            float(flagged.float().mean()), self.combinations_off, n_held, margin, bound)
 
     def _scales(self) -> torch.Tensor:
-        """[K + C] a standard deviation of each signature's score on random signs: 1 / sqrt of the
-        dimensions it is scored on (all of them for a PV, the shared ones for a combination)."""
+        """[K + C] the unit of the calibration margin for each signature: 1 / sqrt of the dimensions
+        it is scored on (all of them for a PV, the shared ones for a combination), twice the
+        standard deviation of its score on random signs."""
         dims = torch.full((self.pvs.shape[0],), float(self.pvs.shape[1]))
         if self._combo_signs is not None:
             dims = torch.cat([dims, self._combo_counts.cpu()])
@@ -213,6 +214,12 @@ def inputs_for_bound(target_fpr: float) -> int:
     return 2 * math.ceil(round((1 - target_fpr) / target_fpr, 9))
 
 
+def _on_capped_pv(scores: torch.Tensor, limits: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+    """[N] inputs over a threshold that sits at its cap: they hold a real trigger, and calibration
+    raises nothing for them."""
+    return ((scores > limits) & (scores + 1e-6 > caps)).any(dim=1)
+
+
 def _fit_limits(scores: torch.Tensor, limits: torch.Tensor, caps: torch.Tensor, target_fpr: float) -> torch.Tensor:
     """Thresholds raised until at most `target_fpr` of `scores` ([N, K + C]) flag.
 
@@ -226,7 +233,7 @@ def _fit_limits(scores: torch.Tensor, limits: torch.Tensor, caps: torch.Tensor, 
         flagged = over.any(dim=1)
         if int(flagged.sum()) <= allowed:
             return limits
-        fixable = flagged & ~(over & (scores + 1e-6 > caps)).any(dim=1)
+        fixable = flagged & ~_on_capped_pv(scores, limits, caps)
         if not fixable.any():
             return limits  # what is left sits on a PV past its cap: a real trigger, kept flagged
         margin = torch.where(fixable, (scores - limits).max(dim=1).values, torch.inf)
@@ -239,7 +246,7 @@ def _conformal_margin(scores: torch.Tensor, limits: torch.Tensor, caps: torch.Te
     """(margin, inputs used, bound): the split-conformal margin, in units of `scale`, above
     `limits` that at most `target_fpr` of unseen inputs exchangeable with `scores` exceed, and
     that bound. Inputs over a PV past its cap hold a real trigger: they stay flagged and are left out."""
-    real = ((scores > limits) & (scores + 1e-6 > caps)).any(dim=1)
+    real = _on_capped_pv(scores, limits, caps)
     excess = ((scores[~real] - limits) / scale).max(dim=1).values
     n = len(excess)
     if not n:
@@ -262,7 +269,7 @@ class Calibration:
     flag_rate_after: float
     combinations_off: int = 0  # PV combinations switched off for this traffic (of `Monitor.combos`)
     held_out: int = 0  # calibration inputs the margin was taken on (those holding a real trigger left out)
-    margin: float = 0.0  # added to every threshold, in standard deviations of its score
+    margin: float = 0.0  # added to every threshold, in units of 1/sqrt of the dimensions it scores
     fpr_bound: float | None = None  # at most this share of unseen clean inputs flags (None: no inputs)
 
     def to_dict(self) -> dict:

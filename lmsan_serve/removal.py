@@ -215,7 +215,7 @@ def render_markdown(res: dict, command: str) -> str:
     if calibrated:
         lines += ["", "Per-task calibration (on the task's clean calibration inputs):", "",
                   "| task | inputs | flagged before | flagged after | PV thresholds raised | combinations off | "
-                  "held-out margin (sd) | bound on unseen false flags |",
+                  "held-out margin (1/sqrt dims) | bound on unseen false flags |",
                   "|---|---|---|---|---|---|---|---|"]
         for title, c in calibrated.items():
             raised = sum(a > b + 1e-9 for a, b in zip(c["thresholds_after"], c["thresholds_before"], strict=True))

@@ -232,13 +232,12 @@ class GuardService:
         examples = self._calibration_inputs.get(task)
         if not examples or guard.monitor is None or self.settings.threshold is not None:
             return
-        result = guard.calibrate([e.text for e in examples], text_pairs(examples),
-                                 self.config.task(task).calibration_fpr)
+        target = self.config.task(task).calibration_fpr
+        result = guard.calibrate([e.text for e in examples], text_pairs(examples), target)
         self.calibrations[task] = result.to_dict()
         log.info("task %s calibrated on %d clean inputs: flag rate %.4f -> %.4f, %d PV combinations off, "
                  "unseen clean inputs flag at most %s", task, result.lines, result.flag_rate_before,
                  result.flag_rate_after, result.combinations_off, result.fpr_bound)
-        target = self.config.task(task).calibration_fpr
         if result.fpr_bound is not None and result.fpr_bound > target:
             # the held-out half was too small to show the target rate; more inputs would
             log.warning("task %s: %d calibration inputs bound unseen false flags at %.4f, above calibration_fpr "
