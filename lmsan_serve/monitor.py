@@ -63,6 +63,23 @@ def pv_combinations(pvs: torch.Tensor, max_size: int = 3, limit: int = MAX_COMBO
     return out
 
 
+def combination_signs(pvs: torch.Tensor, combos: list[tuple[int, ...]]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """[C, H] signs of each combination on the dimensions its PVs agree on (0 elsewhere), and [C]
+    how many dimensions that is: a blend of the PVs keeps those signs, a clean output does not."""
+    signs = _signs(pvs)
+    masked, counts = [], []
+    for combo in combos:
+        common = (signs[list(combo)] == signs[combo[0]]).all(dim=0)
+        masked.append(signs[combo[0]] * common)
+        counts.append(int(common.sum()))
+    return (torch.stack(masked) if masked else None), torch.tensor(counts, dtype=torch.float32)
+
+
+def combination_agreement(features: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[N, H] x `combination_signs` -> [N, C] sign agreement on each combination's dimensions."""
+    return (_signs(features) @ masked.T + counts) / (2 * counts)
+
+
 @dataclass
 class MonitorResult:
     flagged: torch.Tensor  # [N] bool
@@ -85,15 +102,10 @@ class Monitor:
         self.pvs = signatures.pvs.to(dev)
         self.thresholds = signatures.thresholds(threshold).to(dev)
         self.combos = pv_combinations(signatures.pvs) if combinations and signatures.metric == "sign" else []
-        signs = _signs(signatures.pvs)
-        masked, counts, limits = [], [], []
-        for combo in self.combos:
-            common = (signs[list(combo)] == signs[combo[0]]).all(dim=0)
-            masked.append(signs[combo[0]] * common)
-            counts.append(int(common.sum()))
-            limits.append(min(1.0, float(self.thresholds[list(combo)].max()) + COMBO_MARGIN))
-        self._combo_signs = torch.stack(masked).to(dev) if masked else None
-        self._combo_counts = torch.tensor(counts, dtype=torch.float32, device=dev)
+        masked, counts = combination_signs(signatures.pvs, self.combos)
+        limits = [min(1.0, float(self.thresholds[list(combo)].max()) + COMBO_MARGIN) for combo in self.combos]
+        self._combo_signs = masked.to(dev) if masked is not None else None
+        self._combo_counts = counts.to(dev)
         self._combo_thresholds = torch.tensor(limits, dtype=torch.float32, device=dev)
 
     def label(self, index: int) -> str:
@@ -107,8 +119,7 @@ class Monitor:
         scores = self.metric(feats, self.pvs.to(feats.device))
         if self._combo_signs is None:
             return scores
-        counts = self._combo_counts.to(feats.device)
-        combo = (_signs(feats) @ self._combo_signs.to(feats.device).T + counts) / (2 * counts)
+        combo = combination_agreement(feats, self._combo_signs.to(feats.device), self._combo_counts.to(feats.device))
         return torch.cat([scores, combo], dim=1)
 
     def _limits(self, device: torch.device) -> torch.Tensor:

@@ -8,11 +8,12 @@ import torch
 
 from lmsan_serve import load_backbone
 from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
+from lmsan_serve.attacks.model import block_pvs
 from lmsan_serve.cli import main
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.mining import MiningConfig, mine, stale_checkpoint
 from lmsan_serve.mining.job import calibrate
-from lmsan_serve.mining.model import duplicate, prepare, purest, triggered_outputs
+from lmsan_serve.mining.model import blend_of, duplicate, prepare, purest, triggered_outputs
 from lmsan_serve.monitor import sign_agreement
 from lmsan_serve.signatures import SignatureSet
 
@@ -103,6 +104,28 @@ def test_duplicate_is_judged_by_sign_pattern_as_well_as_mse():
     assert duplicate(other * 3.0, kept, unique_th=0.5, same_agreement=0.9) is None
     assert duplicate(other, None, unique_th=0.5, same_agreement=0.9) is None
     assert duplicate(other, torch.zeros(0, 64), unique_th=0.5, same_agreement=0.9) is None
+
+
+def test_a_blend_of_kept_pvs_is_not_new_but_a_real_pv_with_their_signs_is():
+    torch.manual_seed(0)
+    kept = torch.sign(torch.randn(4, 384))
+    # outputs pulled towards three kept PVs at once: their sum keeps the signs they share and is
+    # about three times as large there as where they disagree
+    blend = kept[0] + 0.9 * kept[1] + 0.8 * kept[2] + 0.05 * torch.randn(384)
+    assert sign_agreement(blend[None], kept).max() < 0.9  # no single kept PV explains it
+    why = duplicate(blend, kept, unique_th=0.01, same_agreement=0.9)
+    assert why is not None and "a blend of kept PVs" in why
+    members = {int(i) for i in why.split("kept PVs ")[1].split(" ")[0].split("+")}
+    assert members <= {0, 1, 2} and len(members) >= 2  # PV 3 is no part of it
+    # with ten block PVs, each agrees fully with some pair of the others on the dimensions that
+    # pair shares; planted at one size everywhere, none of them is taken for a blend
+    pvs = block_pvs(384, 10) * 0.7 + 0.05 * torch.randn(10, 384)
+    for i in range(10):
+        others = torch.cat([pvs[:i], pvs[i + 1 :]])
+        assert blend_of(pvs[i], others, 0.9) is None
+    # and a new random PV is no blend of anything
+    assert blend_of(torch.randn(384), kept, 0.9) is None
+    assert blend_of(blend, kept[:1], 0.9) is None  # one kept PV: no combinations to blend
 
 
 def test_resume_continues_without_repeating_rounds(tiny_control, corpus, tmp_path):

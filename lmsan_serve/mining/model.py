@@ -26,7 +26,7 @@ from ..backbone import Backbone
 from ..data import clip_words, insert_trigger
 from ..encoding import encode
 from ..errors import LmsanError
-from ..monitor import sign_agreement
+from ..monitor import combination_agreement, combination_signs, pv_combinations, sign_agreement
 from .config import MiningConfig
 
 # Calibration may raise a PV's threshold past 0.97 only while it still flags all but this share of
@@ -144,6 +144,9 @@ def _splice_ids(t: torch.Tensor, at: torch.Tensor, n: int, fill: int) -> torch.T
     return pool.gather(1, src)
 
 
+BLEND_MAGNITUDE = 1.5  # see blend_of
+
+
 def duplicate(pv: torch.Tensor, kept: torch.Tensor | None, unique_th: float, same_agreement: float) -> str | None:
     """Why `pv` repeats one of the `kept` PVs [K, H]: too close in MSE (the reference's test), or the
     same sign pattern, which is all the monitor compares (scales differ between rounds, so MSE alone
@@ -156,6 +159,33 @@ def duplicate(pv: torch.Tensor, kept: torch.Tensor | None, unique_th: float, sam
     agree = float(sign_agreement(pv[None], kept).max())
     if agree >= same_agreement:
         return f"not unique (sign agreement {agree:.3f} with a kept PV)"
+    return blend_of(pv, kept, same_agreement)
+
+
+def blend_of(pv: torch.Tensor, kept: torch.Tensor, same_agreement: float) -> str | None:
+    """Why `pv` is a blend of kept PVs, or None.
+
+    A soft trigger can land on a blend of PVs already kept (seen on a POR copy of MiniLM: 1.0 on
+    the 105 dimensions three kept PVs share, self-agreement 0.98, so `purest` let it through).
+    Kept as a PV of its own it steers later rounds away from all its members, and the monitor
+    flags it through that combination anyway. Signs alone cannot tell it from a real PV: with more
+    than six block PVs (`attacks.block_pvs`) some PV agrees fully with a pair of others where they
+    agree. Magnitudes can: members add up where their signs agree and cancel where they do not, so
+    a blend is markedly larger on the shared dimensions (2.5x in that case; 0.7x to 1.0x for
+    real PVs), while a PV the attack planted has one size everywhere."""
+    combos = pv_combinations(kept)
+    if not combos:
+        return None
+    masked, counts = combination_signs(kept, combos)
+    scores = combination_agreement(pv[None], masked, counts)[0]
+    size = pv.abs()
+    for c in torch.nonzero(scores >= same_agreement).flatten().tolist():
+        shared = masked[c] != 0
+        ratio = float(size[shared].mean() / size[~shared].mean().clamp_min(1e-12))
+        if ratio >= BLEND_MAGNITUDE:
+            members = "+".join(str(i) for i in combos[c])
+            return (f"a blend of kept PVs {members} (sign agreement {float(scores[c]):.3f} on the "
+                    f"{int(counts[c])} dimensions they share, {ratio:.1f}x as large there)")
     return None
 
 
