@@ -107,7 +107,7 @@ class Guard:
 
     @torch.no_grad()
     def calibrate(self, texts: list[str], text_pairs: list[str] | None = None, target_fpr: float = 0.005,
-                  batch_size: int = 32, held_out: bool = True) -> Calibration:
+                  batch_size: int = 32, held_out: bool = False) -> Calibration:
         """Raise the monitor's thresholds on clean inputs of the task this guard serves, scored the
         way requests are (through the soft prompt), so that at most `target_fpr` of unseen clean
         inputs flag (see `Monitor.calibrate`)."""

@@ -147,7 +147,7 @@ class Monitor:
         return MonitorResult(flagged, best, score, margin)
 
     def calibrate(self, features: torch.Tensor, target_fpr: float = 0.005, seed: int = 0,
-                  held_out: bool = True) -> Calibration:
+                  held_out: bool = False) -> Calibration:
         """Raise thresholds so that at most `target_fpr` of unseen clean outputs of the traffic
         being served flag through any PV or combination; thresholds are never lowered.
 
@@ -162,18 +162,22 @@ class Monitor:
         messages did with a triple of the mined POR PVs), it tells nothing apart there and is
         switched off (threshold above 1); the PVs and the suspect probe still watch blends.
 
-        Thresholds fitted exactly to the highest clean scores do not carry to unseen inputs: 64
-        signatures fitted to 500 SMS inputs at 0.5% flagged 1.6% of 1,000 unseen ones (trigger
-        words left out). So the inputs are split in two (seeded): the thresholds are fitted on one
-        half, then all raised by one margin, taken as a split-conformal quantile of the other
-        half's excess over them, measured in units of 1/sqrt of the dimensions each signature is
-        scored on (twice the spread of a score on random signs), so that a combination scored on
-        24 dimensions moves further than a PV scored on 384.
+        By default (`held_out=False`) the thresholds are fitted to all the inputs exactly. That
+        does not carry fully to unseen inputs: 64 signatures fitted to 500 SMS inputs at 0.5%
+        flagged 1.6% of 1,000 unseen ones (trigger words left out). `held_out=True` bounds that:
+        the inputs are split in two (seeded), the thresholds are fitted on one half, then all
+        raised by one margin, taken as a split-conformal quantile of the other half's excess over
+        them, measured in units of 1/sqrt of the dimensions each signature is scored on (twice the
+        spread of a score on random signs), so that a combination scored on 24 dimensions moves
+        further than a PV scored on 384.
         For exchangeable clean traffic the chance that an unseen input flags is then at most
         `Calibration.fpr_bound` on average over calibration sets, which is `target_fpr` or less
         from `inputs_for_bound(target_fpr)` inputs on (398 at 0.5%); with fewer, the margin clears
-        the whole held-out half. `held_out=False` fits the thresholds to all the inputs exactly,
-        with no margin and no bound (the calibration before the margin, kept for comparison)."""
+        the whole held-out half. It is not the default because on the real tasks it cost recall:
+        at 500 inputs the margin is the largest excess of the held-out half, one outlier sets it,
+        and in units of 1/sqrt(dims) it switches off combinations that alone catch some trigger
+        (POR `minilm`, mined signatures: SMS spam ASR with the guard 0.875, RTE 0.072, against
+        0.000 on both with the exact fit; README, Per-task calibration)."""
         feats = features.detach().float()
         old = self.thresholds.clone()
         k = self.pvs.shape[0]

@@ -130,7 +130,7 @@ def test_calibrated_thresholds_hold_the_target_on_unseen_clean_inputs():
         assert done.held_out == 0 and done.margin == 0.0 and done.fpr_bound is None
         fitted_only.append(exact.flag_rate(unseen))
         monitor = Monitor(_sig(pvs, [0.7] * 16))
-        result = monitor.calibrate(cal, target_fpr=0.005, seed=draw)
+        result = monitor.calibrate(cal, target_fpr=0.005, seed=draw, held_out=True)
         calibrated.append(monitor.flag_rate(unseen))
         assert result.flag_rate_before > 0.1 and result.flag_rate_after <= 0.005
         assert result.held_out == 250 and result.margin > 0 and result.fpr_bound <= 0.005
@@ -147,14 +147,15 @@ def test_calibration_on_few_inputs_reports_a_bound_above_the_target():
     pvs = torch.randn(16, 384, generator=gen).sign()
     monitor = Monitor(_sig(pvs, [0.7] * 16))
     cal = _tilted_clean(gen, pvs, 100)
-    result = monitor.calibrate(cal, target_fpr=0.005)
+    result = monitor.calibrate(cal, target_fpr=0.005, held_out=True)
     assert result.held_out == 50 and result.fpr_bound == pytest.approx(1 / 51, abs=1e-6)
     assert result.flag_rate_after == 0.0 and not monitor(cal).flagged.any()
     from lmsan_serve.monitor import inputs_for_bound
 
     need = inputs_for_bound(0.005)
     for n, holds in ((need, True), (need - 2, False)):
-        done = Monitor(_sig(pvs, [0.7] * 16)).calibrate(_tilted_clean(gen, pvs, n), target_fpr=0.005)
+        done = Monitor(_sig(pvs, [0.7] * 16)).calibrate(_tilted_clean(gen, pvs, n), target_fpr=0.005,
+                                                            held_out=True)
         assert (done.fpr_bound <= 0.005) == holds, (n, done.fpr_bound)
 
 
@@ -182,7 +183,7 @@ def test_the_held_out_margin_keeps_catching_blends_of_three_triggers():
     exact.calibrate(cal, target_fpr=0.005, held_out=False)
     assert exact.flag_rate(unseen) > 0.02
     monitor = Monitor(_sig(pvs, [0.85] * k))
-    result = monitor.calibrate(cal, target_fpr=0.005)
+    result = monitor.calibrate(cal, target_fpr=0.005, held_out=True)
     assert monitor.flag_rate(unseen) < 0.01 and 0 < result.combinations_off < len(monitor.combos)
     assert not (sign_agreement(blends, pvs) > monitor.thresholds).any()  # no PV catches a blend
     assert monitor(blends).flagged.all()
