@@ -217,12 +217,19 @@ def test_inputs_that_hit_the_purge_bound_are_blocked_and_counted(files, backbone
 
 def test_a_task_calibrated_on_its_clean_inputs(files, backbone, tmp_path, corpus, caplog):
     """The task's monitor is calibrated on its clean inputs when its guard is built; thresholds
-    only go up, at most `calibration_fpr` of those inputs flag, triggers still purge, and the
-    bound on unseen inputs holds the target (300 inputs at 1%: 198 needed). A fixed `threshold`
-    is left as given, and a bad calibration file stops the start."""
+    only go up, at most `calibration_fpr` of those inputs flag, and triggers still purge. By
+    default the fit is exact; with `calibration_margin` the bound on unseen inputs holds the
+    target (300 inputs at 1%: 198 needed), or a warning says how many to give. A fixed
+    `threshold` is left as given, and a bad calibration file stops the start."""
     calib = tmp_path / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus[:300]), encoding="utf-8")
-    tasks = {"sst": {"prompt": files["prompt"], "calibration": str(calib), "calibration_fpr": 0.01}}
+    exact = {"sst": {"prompt": files["prompt"], "calibration": str(calib), "calibration_fpr": 0.01}}
+    plain = service(files, backbone, tasks=exact)
+    assert [r["guard"]["action"] for r in plain.classify([ClassifyCall("r", "sst", CLEAN + TRIGGERED)])[0].results] \
+        == ["pass"] * 3 + ["purged"] * 3
+    fitted = plain.calibrations["sst"]
+    assert fitted["held_out"] == 0 and fitted["fpr_bound"] is None and fitted["flag_rate_after"] <= 0.01 + 1e-9
+    tasks = {"sst": {**exact["sst"], "calibration_margin": True}}
     svc = service(files, backbone, tasks=tasks)
     out = svc.classify([ClassifyCall("r", "sst", CLEAN + TRIGGERED)])[0]
     assert [r["guard"]["action"] for r in out.results] == ["pass"] * 3 + ["purged"] * 3

@@ -232,8 +232,10 @@ class GuardService:
         examples = self._calibration_inputs.get(task)
         if not examples or guard.monitor is None or self.settings.threshold is not None:
             return
-        target = self.config.task(task).calibration_fpr
-        result = guard.calibrate([e.text for e in examples], text_pairs(examples), target)
+        spec = self.config.task(task)
+        target = spec.calibration_fpr
+        result = guard.calibrate([e.text for e in examples], text_pairs(examples), target,
+                                 held_out=spec.calibration_margin)
         self.calibrations[task] = result.to_dict()
         log.info("task %s calibrated on %d clean inputs: flag rate %.4f -> %.4f, %d PV combinations off, "
                  "unseen clean inputs flag at most %s", task, result.lines, result.flag_rate_before,
