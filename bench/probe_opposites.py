@@ -3,14 +3,14 @@ mode missed, without forging one where nothing is planted?
 
 All three attacks plant block PVs in opposite pairs (`lmsan_serve.attacks.block_pvs`). Search mode
 on the demo's POR copy keeps 5 PVs and misses `pt`'s, the opposite of `cf`'s (README, Results,
-mining). For each target this trains one soft trigger like a fuzz round (same initialisation
-rule, learning rate, epochs, batches and splice), but with the loss the MSE of the triggered
-outputs to the target, then applies the mining filters' measures on held-out clean lines: the
-collapse test (dispersion, must be under `max_dispersion`) and `purest`'s self-agreement (must
-be at least `min_self_agreement`). The control target is random signs at the same size, which no
-attack planted.
+mining). For each target this trains one soft trigger like a fuzz round (same initial trigger,
+base learning rate without the round's early boost, epochs, batches and splice), but with the
+loss the MSE of the triggered outputs to the target, then applies the mining filters' measures
+on held-out clean lines: the collapse test (dispersion, must be under `max_dispersion`) and
+`purest`'s self-agreement (must be at least `min_self_agreement`). The control target is random
+signs at the same size, which no attack planted.
 
-    .venv/bin/python bench/probe_opposites.py      # about 5 minutes on 2 cores
+    .venv/bin/python bench/probe_opposites.py      # 6 targets, 72 to 99 s each on 2 shared cores
 
 Needs the POR copy and its search signatures (`bench/bench_mine.py --attacks por --skip-reference
 --search-rounds 16` writes both under runs/bench-mine/por). A probe, not part of `lmsan mine`.
@@ -30,16 +30,21 @@ from lmsan_serve import load_backbone
 from lmsan_serve.data import load_corpus
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.mining import MiningConfig
-from lmsan_serve.mining.model import _triggered, collapse, prepare, resolved_lr, triggered_outputs
+from lmsan_serve.mining.model import (
+    _triggered,
+    collapse,
+    initial_trigger,
+    prepare,
+    resolved_lr,
+    triggered_outputs,
+)
 from lmsan_serve.monitor import sign_agreement
 from lmsan_serve.signatures import SignatureSet
 
 
 def aim(backbone, prepared, config: MiningConfig, target: torch.Tensor, seed: int) -> torch.Tensor:
     """A soft trigger trained to drive the monitored outputs onto `target`."""
-    emb = backbone.model.get_input_embeddings().weight.detach()
-    rows = [(70 * seed + 10 * i) % emb.shape[0] for i in range(config.prompt_len)]
-    trigger = nn.Parameter(emb[rows].clone())
+    trigger = nn.Parameter(initial_trigger(backbone.model.get_input_embeddings().weight.detach(), config, seed))
     optim = torch.optim.Adam([trigger], lr=resolved_lr(backbone, config))
     rng = random.Random(seed)
     n, bs = prepared.input_ids.shape[0], config.batch_size

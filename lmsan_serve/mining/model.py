@@ -147,6 +147,12 @@ def _splice_ids(t: torch.Tensor, at: torch.Tensor, n: int, fill: int) -> torch.T
 BLEND_MAGNITUDE = 1.5  # see blend_of
 
 
+def initial_trigger(emb: torch.Tensor, config: MiningConfig, seed: int) -> torch.Tensor:
+    """[prompt_len, H] the soft trigger a round starts from: token embedding rows fixed by `seed`."""
+    rows = [(70 * seed + 10 * i) % emb.shape[0] for i in range(config.prompt_len)]
+    return emb[rows].clone()
+
+
 def duplicate(pv: torch.Tensor, kept: torch.Tensor | None, unique_th: float, same_agreement: float) -> str | None:
     """Why `pv` repeats one of the `kept` PVs [K, H]: too close in MSE (the reference's test), or the
     same sign pattern, which is all the monitor compares (scales differ between rounds, so MSE alone
@@ -204,9 +210,7 @@ def fuzz_round(
     started = time.time()
     model = backbone.model
     emb = model.get_input_embeddings().weight.detach()
-    vocab = emb.shape[0]
-    rows = [(70 * seed + 10 * i) % vocab for i in range(config.prompt_len)]
-    trigger = nn.Parameter(emb[rows].clone())
+    trigger = nn.Parameter(initial_trigger(emb, config, seed))
     lr = resolved_lr(backbone, config)
     optim = torch.optim.Adam([trigger], lr=lr * config.lr_boost)
     boosted = config.lr_boost > 1
