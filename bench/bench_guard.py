@@ -4,11 +4,17 @@ Two figures, each measured in one run on the same inputs so that the ratios are 
 a noisy machine:
 
 1. Monitor: our `Monitor` (one product of sign matrices) against the reference's Python loop over
-   samples and PVs, on real output vectors of the guarded model, single-threaded. Both must make
-   identical flag decisions and best-PV choices; the script fails otherwise.
+   samples and PVs, on real output vectors of the guarded model, single-threaded. The reference
+   scores single PVs only, so the like-for-like check runs our monitor on single PVs too: every
+   per-PV score bit for bit, every flag and best PV the same. The monitor the guard runs also
+   scores combinations of PVs: it must keep every single-PV flag, and the inputs only a
+   combination flags are counted apart. The script fails on any mismatch.
 2. Purge: our `Purifier` (through `Guard` in enforce mode) against the reference purge (delete one
    word per forward pass, left to right, stop at the first deletion that silences the monitor), on
    SST-2 (or WikiText) text clipped to 16/64/128 words with one trigger at a random position.
+
+`--quick` runs both on the tiny backdoored BERT of bench/tiny_artifacts.py, guarded with the
+signatures mined from it, with fewer inputs and repeats: it checks that the script runs.
 
 Run `python bench/bench_guard.py --help`; see bench/README.md for what it prints.
 """
@@ -37,9 +43,13 @@ from lmsan_serve.data import load_corpus, load_examples, shipped
 from lmsan_serve.encoding import normalize_text
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.guard import Guard, GuardResult, GuardStats
-from lmsan_serve.monitor import Monitor, MonitorResult
+from lmsan_serve.mining import RECOVERED
+from lmsan_serve.monitor import Monitor, sign_agreement
 from lmsan_serve.prompts import PromptClassifier, PromptConfig, train_prompt
 from lmsan_serve.signatures import SignatureSet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_artifacts import quick_artifacts  # noqa: E402  (a sibling file, not a package)
 
 DEMO_DIR = Path("lmsan-out/demo")
 BENCH_DIR = Path("lmsan-out/bench")
@@ -148,10 +158,11 @@ class PlainPass:
 
 
 def reference_monitor(features: torch.Tensor, pvs: torch.Tensor, thresholds: torch.Tensor
-                      ) -> tuple[list[bool], list[int], list[float]]:
+                      ) -> tuple[list[bool], list[int], list[list[float]]]:
     """The reference monitor: per sample, per PV, the share of dimensions whose signs agree, flag
-    above the threshold. Best PV: the one furthest over its threshold, else the highest score
-    (first on ties), which is the rule `Monitor` documents. Returns flags, best PVs, their scores."""
+    above the threshold. It scores single PVs only, never combinations of them. Best PV: the one
+    furthest over its threshold, else the highest score (first on ties), which is the rule
+    `Monitor` documents. Returns flags, best PVs and every sample's per-PV scores."""
     flagged, best, scores = [], [], []
     for x in features:
         row = []
@@ -168,7 +179,7 @@ def reference_monitor(features: torch.Tensor, pvs: torch.Tensor, thresholds: tor
         hit = best_margin > 0
         flagged.append(hit)
         best.append(best_margin_k if hit else best_k)
-        scores.append(row[best[-1]])
+        scores.append(row)
     return flagged, best, scores
 
 
@@ -178,12 +189,16 @@ class MonitorBench:
     batch_size: int
     hidden: int
     pvs: int
+    combinations: int  # PV combinations our deployed monitor also scores (the reference scores none)
     threads: int
-    vectors_flagged: int
-    ours_ms: float  # median ms per batch
+    vectors_flagged: int  # by a single PV: the reference's decision, which ours must match
+    combination_only: int  # flagged by our deployed monitor through a PV combination alone
+    ours_ms: float  # median ms per batch, our Monitor on single PVs: the same work as the reference
     reference_ms: float
-    speedup: float
-    identical: bool
+    speedup: float  # reference / ours, like for like
+    ours_with_combinations_ms: float  # the monitor the guard runs: single PVs and their combinations
+    speedup_with_combinations: float
+    identical: bool  # per-PV scores bit for bit, single-PV flags and best PVs, and no flag lost
     mismatches: list[str] = field(default_factory=list)
 
 
@@ -196,53 +211,88 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def bench_monitor(plain: PlainPass, sig: SignatureSet, triggers: list[str], sentences: list[str],
-                  n_batches: int, repeats: int, seed: int) -> MonitorBench:
-    """Real output vectors (half of them triggered), scored by both monitors on one thread."""
+def monitor_inputs(plain: PlainPass, triggers: list[str], sentences: list[str], n: int, seed: int) -> torch.Tensor:
+    """[n, H] real output vectors of the guarded model; every other one has a trigger inserted."""
     rng = random.Random(seed)
-    size = 32
     texts = []
-    for i in range(n_batches * size):
+    for i in range(n):
         s = rng.choice(sentences)
         if i % 2:
             words = s.split()
             words.insert(rng.randint(0, len(words)), triggers[(i // 2) % len(triggers)])
             s = " ".join(words)
         texts.append(s)
-    feats = plain.features(texts)
-    monitor = Monitor(sig)  # on the CPU, like the loop
-    pvs, thresholds = monitor.pvs, monitor.thresholds
+    return plain.features(texts)
+
+
+def compare_monitors(single: Monitor, deployed: Monitor, x: torch.Tensor, where: str) -> tuple[list[str], int, int]:
+    """Like with like: our single-PV monitor against the reference loop (every per-PV score bit for
+    bit, flag, best PV), then our deployed monitor, which also scores PV combinations: it must keep
+    every single-PV flag and name the same PV there; what it flags beyond that must be named by a
+    combination. Returns the mismatches, the single-PV flags and the combination-only flags.
+
+    Scores match exactly: (H + s.p) / 2H and mean(s == p) are the same rational number, rounded once."""
+    ref_flag, ref_best, ref_scores = reference_monitor(x, single.pvs, single.thresholds)
+    ours_scores = single.metric(x, single.pvs).tolist()
+    ours, full = single(x), deployed(x)
+    k = single.pvs.shape[0]
+    mismatches, combo_only = [], 0
+    for i in range(len(x)):
+        row = f"{where} row {i}"
+        if ours_scores[i] != ref_scores[i]:
+            mismatches.append(f"{row}: per-PV scores {ours_scores[i]}, reference {ref_scores[i]}")
+        o = (bool(ours.flagged[i]), int(ours.best[i]), float(ours.score[i]))
+        r = (ref_flag[i], ref_best[i], ref_scores[i][ref_best[i]])
+        if o != r:
+            mismatches.append(f"{row}: single-PV flag/best/score {o}, reference {r}")
+        flag, best = bool(full.flagged[i]), int(full.best[i])
+        if ref_flag[i] and (not flag or best != ref_best[i]):
+            mismatches.append(f"{row}: deployed monitor flag/best {(flag, best)}, reference {(True, ref_best[i])}")
+        elif flag and not ref_flag[i]:
+            combo_only += 1
+            if best < k:
+                mismatches.append(f"{row}: flagged by the deployed monitor only, but it names PV {best}")
+    return mismatches, sum(ref_flag), combo_only
+
+
+def bench_monitor(plain: PlainPass, sig: SignatureSet, triggers: list[str], sentences: list[str],
+                  n_batches: int, repeats: int, seed: int) -> MonitorBench:
+    """Real output vectors (half of them triggered), scored by the monitors on one thread."""
+    if sig.metric != "sign":
+        raise LmsanError(f"{sig.path}: the reference monitor scores sign agreement; this file uses {sig.metric}")
+    size = 32
+    feats = monitor_inputs(plain, triggers, sentences, n_batches * size, seed)
+    single = Monitor(sig, combinations=False)  # on the CPU, like the loop
+    deployed = Monitor(sig)  # what the guard runs
+    pvs, thresholds = single.pvs, single.thresholds
     batches = [feats[i * size : (i + 1) * size] for i in range(n_batches)]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         mismatches: list[str] = []
-        flagged_total = 0
+        flagged_total = combo_total = 0
         for b, x in enumerate(batches):
-            ours: MonitorResult = monitor(x)
-            ref_flag, ref_best, ref_score = reference_monitor(x, pvs, thresholds)
-            flagged_total += sum(ref_flag)
-            for i in range(len(x)):
-                # Scores must match exactly too: (H + s.p) / 2H and mean(s == p) are the same
-                # rational number, rounded once.
-                o = (bool(ours.flagged[i]), int(ours.best[i]), float(ours.score[i]))
-                r = (ref_flag[i], ref_best[i], ref_score[i])
-                if o != r:
-                    mismatches.append(f"batch {b} row {i}: ours flag/best/score {o}, reference {r}")
+            bad, flagged, combo = compare_monitors(single, deployed, x, f"batch {b}")
+            mismatches += bad
+            flagged_total += flagged
+            combo_total += combo
         for _ in range(3):  # warm-up
-            monitor(batches[0])
+            single(batches[0])
+            deployed(batches[0])
             reference_monitor(batches[0], pvs, thresholds)
-        ours_ms = statistics.median(_median_ms(lambda x=x: monitor(x), repeats * 10) for x in batches)
+        ours_ms = statistics.median(_median_ms(lambda x=x: single(x), repeats * 10) for x in batches)
+        full_ms = statistics.median(_median_ms(lambda x=x: deployed(x), repeats * 10) for x in batches)
         ref_ms = statistics.median(
             _median_ms(lambda x=x: reference_monitor(x, pvs, thresholds), repeats) for x in batches
         )
     finally:
         torch.set_num_threads(threads)
     return MonitorBench(
-        batches=n_batches, batch_size=size, hidden=int(feats.shape[1]), pvs=int(pvs.shape[0]), threads=1,
-        vectors_flagged=flagged_total, ours_ms=ours_ms, reference_ms=ref_ms, speedup=ref_ms / ours_ms,
-        identical=not mismatches, mismatches=mismatches[:10],
+        batches=n_batches, batch_size=size, hidden=int(feats.shape[1]), pvs=int(pvs.shape[0]),
+        combinations=len(deployed.combos), threads=1, vectors_flagged=flagged_total, combination_only=combo_total,
+        ours_ms=ours_ms, reference_ms=ref_ms, speedup=ref_ms / ours_ms, ours_with_combinations_ms=full_ms,
+        speedup_with_combinations=ref_ms / full_ms, identical=not mismatches, mismatches=mismatches[:10],
     )
 
 
@@ -440,17 +490,22 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def render(mon: MonitorBench, purge: list[LengthBench]) -> str:
+    vectors = mon.batches * mon.batch_size
     out = [
         f"Monitor: {mon.batches} batches of {mon.batch_size} x {mon.hidden} output vectors, {mon.pvs} PVs, "
-        f"1 thread ({mon.vectors_flagged} of {mon.batches * mon.batch_size} vectors flagged)",
+        f"1 thread ({mon.vectors_flagged} of {vectors} vectors flagged by a single PV)",
         "",
         _table(["monitor", "ms / batch"], [
             ["reference (loop over samples x PVs)", f"{mon.reference_ms:.3f}"],
             ["lmsan `Monitor` (one sign-matrix product)", f"{mon.ours_ms:.3f}"],
             ["speedup", f"{mon.speedup:.0f}x"],
+            [f"lmsan `Monitor` + {mon.combinations} PV combinations (what the guard runs)",
+             f"{mon.ours_with_combinations_ms:.3f}"],
         ]),
         "",
-        f"Identical flag decisions and best-PV choices: {'yes' if mon.identical else 'NO'}",
+        f"Identical per-PV scores, flag decisions and best-PV choices: {'yes' if mon.identical else 'NO'} "
+        f"({vectors} vectors, {mon.vectors_flagged} flagged); flagged only through a PV combination, which the "
+        f"reference does not score: {mon.combination_only}",
         "",
         "Purge (per triggered input, flagged inputs only; times include the first classifying pass):",
         "",
@@ -529,8 +584,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "lmsan-out/demo/por, else lmsan-out/bench/por, made on demand)")
     ap.add_argument("--prompt", help="prompt folder from `lmsan train-prompt` (default: a cached "
                     "SST-2 prompt for the model, else one trained into lmsan-out/bench/)")
+    ap.add_argument("--signatures", help="signature file the guard uses (default: the model's planted PVs, "
+                    "truth.safetensors); inputs carry only the triggers whose PV it covers")
     ap.add_argument("--inputs", type=int, help="triggered inputs per length (default 30, 10 with --quick)")
-    ap.add_argument("--quick", action="store_true", help="fewer inputs and repeats")
+    ap.add_argument("--quick", action="store_true", help="a tiny backdoored BERT, its victim prompt and mined "
+                    "signatures (bench/tiny_artifacts.py), fewer inputs and repeats: checks that the script "
+                    "runs (the timings mean little)")
+    ap.add_argument("--cache", help="with --quick: folder for the tiny artifacts, reused when already built "
+                    "(default: a temporary folder)")
     ap.add_argument("--lengths", default="16,64,128", help="input lengths in words, comma-separated")
     ap.add_argument("--source", choices=["sst2", "wikitext"], default="sst2",
                     help="text to build inputs from")
@@ -539,6 +600,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="cpu, cuda or auto (the monitor part always runs on the CPU)")
     ap.add_argument("--json", metavar="PATH", help="also write a JSON summary here")
     args = ap.parse_args(argv)
+    if args.quick and (args.model or args.prompt or args.signatures):
+        ap.error("--quick builds its own tiny model, prompt and signatures; drop --model, --prompt and --signatures")
+    if args.cache and not args.quick:
+        ap.error("--cache applies to --quick only")
     if args.inputs is None:
         args.inputs = 10 if args.quick else 30
     if args.inputs < 1:
@@ -552,71 +617,138 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is first imported
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = parse_args(argv)
-    load_start = _loadavg()
-    try:
-        model_dir = resolve_model(args.model)
-        say(f"model: {model_dir}")
-        backbone = load_backbone(str(model_dir), args.device)
-        classifier = resolve_prompt(args.prompt, backbone)
-        sig = SignatureSet.load(model_dir / "truth.safetensors", hidden_size=backbone.hidden_size,
-                                fingerprint=backbone.fingerprint)
-    except LmsanError as exc:
-        say(f"error: {exc}")
-        return 2
-    triggers = [r.trigger for r in sig.meta.pvs if r.trigger]
+@dataclass
+class Setup:
+    """What one run guards: the model, its prompt, the signature set, and which triggers it covers."""
+
+    model_dir: Path
+    backbone: Backbone
+    classifier: PromptClassifier
+    sig: SignatureSet
+    truth: SignatureSet  # the planted PVs: which triggers exist, and which of them `sig` covers
+    triggers: list[str]
+    missed: list[str]  # planted triggers whose PV `sig` does not cover: left out of the inputs
+
+
+def covered_triggers(truth: SignatureSet, sig: SignatureSet) -> tuple[list[str], list[str]]:
+    """Planted triggers whose PV some signature matches (sign agreement >= RECOVERED, as mining
+    counts a recovered PV), and the others: an input holding one the set cannot see measures
+    nothing about the purge."""
+    named = [(i, r.trigger) for i, r in enumerate(truth.meta.pvs) if r.trigger]
+    if not named:
+        raise LmsanError(f"{truth.path} names no triggers (a --clean control model?)")
+    if not len(sig):
+        return [], [t for _, t in named]
+    best = sign_agreement(truth.pvs, sig.pvs).max(dim=1).values
+    covered = [t for i, t in named if float(best[i]) >= RECOVERED]
+    return covered, [t for _, t in named if t not in covered]
+
+
+def load_setup(model_dir: Path, prompt: str | None, signatures: str | None, device: str) -> Setup:
+    """Load the model, prompt and signature set; refuse a set that covers none of the triggers."""
+    backbone = load_backbone(str(model_dir), device)
+    classifier = resolve_prompt(prompt, backbone)
+    truth = SignatureSet.load(model_dir / "truth.safetensors", hidden_size=backbone.hidden_size,
+                              fingerprint=backbone.fingerprint)
+    sig = truth if signatures is None else SignatureSet.load(signatures, hidden_size=backbone.hidden_size,
+                                                             fingerprint=backbone.fingerprint)
+    triggers, missed = covered_triggers(truth, sig)
     if not triggers:
-        say(f"error: {sig.path} names no triggers (a --clean control model?)")
-        return 2
-    guard = Guard(backbone, classifier, sig, mode="enforce")
+        raise LmsanError(f"{sig.path} covers none of the planted triggers {missed}")
+    return Setup(model_dir, backbone, classifier, sig, truth, triggers, missed)
+
+
+def run(args: argparse.Namespace, setup: Setup) -> tuple[MonitorBench, list[LengthBench]]:
+    """Both parts of the benchmark on one setup."""
+    guard = Guard(setup.backbone, setup.classifier, setup.sig, mode="enforce")
     plain = PlainPass(guard)
     sst2 = [e.text for e in load_examples(shipped("sst2/dev.jsonl"))]
     source = sst2 if args.source == "sst2" else load_corpus()
-
-    say(f"[1/2] monitor: real output vectors, {len(sig)} PVs, single thread")
-    mon = bench_monitor(plain, sig, triggers, sst2, n_batches=2 if args.quick else 4,
+    say(f"[1/2] monitor: real output vectors, {len(setup.sig)} PVs, single thread")
+    mon = bench_monitor(plain, setup.sig, setup.triggers, sst2, n_batches=2 if args.quick else 4,
                         repeats=10 if args.quick else 30, seed=args.seed)
     purge = []
     rng = random.Random(args.seed)
     for n in args.lengths:
         say(f"[2/2] purge: {args.inputs} inputs of {n} words ({torch.get_num_threads()} threads)")
-        cases = build_cases(plain, source, n, args.inputs, triggers, rng)
+        cases = build_cases(plain, source, n, args.inputs, setup.triggers, rng)
         purge.append(bench_length(guard, plain, n, cases))
+    return mon, purge
 
-    report = render(mon, purge)
+
+def summarize(args: argparse.Namespace, setup: Setup, mon: MonitorBench, purge: list[LengthBench], cmd: str,
+              load: tuple[float | None, float | None]) -> dict:
+    """The JSON summary: settings, machine, and both parts' figures."""
+    return {
+        "command": cmd,
+        "quick": args.quick,
+        "model": str(setup.model_dir),
+        "signatures": str(setup.sig.path),
+        "truth": str(setup.truth.path),
+        "triggers": setup.triggers,
+        "missed_triggers": setup.missed,
+        "device": str(setup.backbone.device),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "load_average": {"start": load[0], "end": load[1]},
+        "source": args.source,
+        "seed": args.seed,
+        "monitor": asdict(mon),
+        "purge": [{**asdict(p), "speedup_mean": p.speedup_mean, "speedup_p50": p.speedup_p50} for p in purge],
+    }
+
+
+def bench(args: argparse.Namespace, model_dir: Path, prompt: str | None, signatures: str | None) -> int:
+    """Run, print and write the benchmark on one model; 1 when the monitors disagree."""
+    load_start = _loadavg()
+    try:
+        say(f"model: {model_dir}")
+        setup = load_setup(model_dir, prompt, signatures, args.device)
+    except LmsanError as exc:
+        say(f"error: {exc}")
+        return 2
+    if setup.missed:
+        say(f"note: {setup.sig.path} does not cover the triggers {setup.missed}; they are left out of the inputs")
+    mon, purge = run(args, setup)
     cmd = command_line()
-    print(report)
+    print(render(mon, purge))
     load_end = _loadavg()
-    print(f"\nmodel {model_dir} ({len(triggers)} triggers), source {args.source}, seed {args.seed}, "
-          f"device {backbone.device}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} threads for the purge part; 1-min load average {load_start} at start, "
-          f"{load_end} at end (absolute ms grow with load, the side-by-side ratios much less)")
+    print(f"\nmodel {model_dir} ({len(setup.triggers)} triggers covered, {len(setup.missed)} not), signatures "
+          f"{setup.sig.path}, source {args.source}, seed {args.seed}, device {setup.backbone.device}, "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads for the purge part; "
+          f"1-min load average {load_start} at start, {load_end} at end (absolute ms grow with load, the "
+          "side-by-side ratios much less)")
     print(f"command: {cmd}")
     if args.json:
-        summary = {
-            "command": cmd,
-            "model": str(model_dir),
-            "device": str(backbone.device),
-            "torch": torch.__version__,
-            "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "load_average": {"start": load_start, "end": load_end},
-            "source": args.source,
-            "seed": args.seed,
-            "monitor": asdict(mon),
-            "purge": [{**asdict(p), "speedup_mean": p.speedup_mean, "speedup_p50": p.speedup_p50}
-                      for p in purge],
-        }
+        summary = summarize(args, setup, mon, purge, cmd, (load_start, load_end))
         Path(args.json).write_text(json.dumps(summary, indent=2))
         say(f"wrote {args.json}")
     if not mon.identical:
         say("FAIL: the monitors disagree:\n  " + "\n  ".join(mon.mismatches))
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is first imported
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    if not args.quick:
+        try:
+            model_dir = resolve_model(args.model)
+        except LmsanError as exc:
+            say(f"error: {exc}")
+            return 2
+        return bench(args, model_dir, args.prompt, args.signatures)
+    torch.set_num_threads(1)  # a tiny model gains nothing from threads; a busy machine loses with them
+    try:
+        with quick_artifacts(args.cache) as art:
+            return bench(args, Path(art.model), art.prompt, art.mined)
+    except LmsanError as exc:
+        say(f"error: {exc}")
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ differ only by the guard. The script then measures, in one run:
    p50 ratio (target <= 3x); also a mixed stream (10% triggered) where both kinds share batches.
    Every triggered answer is checked: flagged, purged, trigger named.
 
+`--quick` serves the tiny backdoored BERT of bench/tiny_artifacts.py instead, guarded with its
+mined signatures, with a few dozen requests per phase: it checks that the script runs end to end.
+
 Run `python bench/bench_serve.py --help`; see bench/README.md.
 """
 
@@ -30,14 +33,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_guard import _loadavg, command_line, resolve_model, resolve_prompt_dir, say
-
 from lmsan_serve.backbone import load_backbone
 from lmsan_serve.data import clip_words, insert_trigger, load_examples, shipped
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.serving import parse_config
 from lmsan_serve.serving.run import free_port, start, stop
 from lmsan_serve.signatures import SignatureSet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_guard import _loadavg, command_line, covered_triggers, resolve_model, resolve_prompt_dir, say  # noqa: E402
+from tiny_artifacts import quick_artifacts  # noqa: E402  (sibling files, not a package)
 
 
 @dataclass
@@ -120,16 +125,35 @@ def drive(host: str, port: int, items: list[Item], concurrency: int) -> float:
     return time.perf_counter() - t0
 
 
-def run(args: argparse.Namespace) -> dict:
-    model_dir = resolve_model(args.model)
-    backbone = load_backbone(str(model_dir), "cpu")
-    prompt_dir = resolve_prompt_dir(args.prompt, backbone)
-    sig_path = model_dir / "truth.safetensors"
-    triggers = [r.trigger for r in SignatureSet.load(sig_path).meta.pvs if r.trigger]
-    if not triggers:
-        raise LmsanError(f"{sig_path}: no trigger words recorded; cannot build triggered traffic")
-    del backbone  # the replica loads its own copy
+@dataclass
+class Served:
+    """What the endpoint serves: model, prompt, the signature file it guards with, and the triggers
+    that file covers (triggered traffic carries only those)."""
 
+    model: Path
+    prompt: Path
+    signatures: Path
+    triggers: list[str]
+    missed: list[str]
+
+
+def resolve_served(model: str | None, prompt: str | None, signatures: str | None) -> Served:
+    """--model/--prompt/--signatures, else the demo's (or our own) artifacts, guarded with the planted PVs."""
+    model_dir = resolve_model(model)
+    backbone = load_backbone(str(model_dir), "cpu")
+    prompt_dir = resolve_prompt_dir(prompt, backbone)
+    sig_path = Path(signatures) if signatures else model_dir / "truth.safetensors"
+    truth = SignatureSet.load(model_dir / "truth.safetensors", hidden_size=backbone.hidden_size)
+    sig = SignatureSet.load(sig_path, hidden_size=backbone.hidden_size, fingerprint=backbone.fingerprint)
+    triggers, missed = covered_triggers(truth, sig)
+    if not triggers:
+        raise LmsanError(f"{sig_path}: covers none of the planted triggers {missed}; cannot build triggered traffic")
+    return Served(model_dir, prompt_dir, sig_path, triggers, missed)
+
+
+def run(args: argparse.Namespace, served: Served) -> dict:
+    """Start the endpoint on loopback, drive the three phases, stop it; the results as a dict."""
+    model_dir, prompt_dir, sig_path, triggers = served.model, served.prompt, served.signatures, served.triggers
     rng = random.Random(args.seed)
     sentences = [clip_words(e.text, args.words) for e in load_examples(shipped("sst2/dev.jsonl"))]
     rng.shuffle(sentences)
@@ -151,14 +175,15 @@ def run(args: argparse.Namespace) -> dict:
     })
     say(f"starting the endpoint on 127.0.0.1 (model {model_dir}, prompt {prompt_dir}) ...")
     t0 = time.perf_counter()
-    endpoint = start(config, port=free_port(), metrics_port=None, num_cpus=os.cpu_count(), replicas=args.replicas)
+    endpoint = start(config, port=free_port(), metrics_port=None, num_cpus=args.num_cpus or os.cpu_count(),
+                     replicas=args.replicas)
     ready_s = time.perf_counter() - t0
     host, port = "127.0.0.1", int(endpoint.url.rsplit(":", 1)[1])
     try:
         say("warming up ...")
         warm = Phase("warmup")
-        drive(host, port, [Item(t, s, None, warm) for t in ("sst2", "sst2-off") for s in clean(40)],
-              args.concurrency)
+        warmup = clean(8 if args.quick else 40)
+        drive(host, port, [Item(t, s, None, warm) for t in ("sst2", "sst2-off") for s in warmup], args.concurrency)
 
         off, on = Phase("clean, mode off"), Phase("clean, mode enforce")
         per_round = max(1, args.requests // args.rounds)
@@ -193,11 +218,16 @@ def run(args: argparse.Namespace) -> dict:
         stop(endpoint)
 
     phases = [off, on, clean_ref, trig_only, mixed_clean, mixed_trig]
+    # what was sent per phase, answered or not: a test compares it with the requests answered
+    sent = {off.name: per_round * args.rounds, on.name: per_round * args.rounds,
+            clean_ref.name: 2 * (n // 2), trig_only.name: 2 * (n // 2),
+            mixed_clean.name: args.mixed, mixed_trig.name: len(items) - args.mixed}
     return {
         "command": command_line(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_1m": _loadavg()},
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
-        "model": str(model_dir), "prompt": str(prompt_dir), "ready_seconds": round(ready_s, 1),
+        "model": str(model_dir), "prompt": str(prompt_dir), "signatures": str(sig_path), "triggers": triggers,
+        "missed_triggers": served.missed, "ready_seconds": round(ready_s, 1),
         "phases": {p.name: p.summary() for p in phases},
         "throughput_ratio": round(on.throughput / off.throughput, 4) if off.throughput else None,
         "throughput_ratio_rounds": [round(x, 4) for x in round_ratios],
@@ -206,6 +236,7 @@ def run(args: argparse.Namespace) -> dict:
         "triggered_vs_clean_p50": round(trig_only.pct(0.5) / clean_ref.pct(0.5), 3),
         "mixed_triggered_vs_clean_p50": round(mixed_trig.pct(0.5) / mixed_clean.pct(0.5), 3),
         "mixed_rps": round((mixed_clean.requests + mixed_trig.requests) / mixed_s, 2),
+        "requests_sent": sent,
         "errors": sum(p.errors for p in phases),
         "false_flags": off.flagged + on.flagged + clean_ref.flagged + mixed_clean.flagged,
         "triggered_purged": f"{trig_only.purged_right + mixed_trig.purged_right}/"
@@ -241,36 +272,59 @@ def render(res: dict) -> str:
     ])
 
 
+# --quick: bounded request counts, so that Ray starting and stopping is most of the run
+QUICK = {"requests": 40, "rounds": 2, "triggered": 16, "mixed": 30, "concurrency": 4, "words": 32}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="backdoored model folder from `lmsan attack` (default: the demo's)")
     p.add_argument("--prompt", help="prompt folder trained on that model (default: the demo's)")
-    p.add_argument("--requests", type=int, default=1000, help="clean requests per mode (default 1000)")
-    p.add_argument("--rounds", type=int, default=10, help="alternations between the modes (default 10)")
-    p.add_argument("--triggered", type=int, default=200, help="triggered requests, and as many clean (default 200)")
-    p.add_argument("--mixed", type=int, default=400, help="clean requests in the mixed stream (default 400)")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--words", type=int, default=64, help="clip inputs to this many words (default 64)")
+    p.add_argument("--signatures", help="signature file the endpoint guards with (default: the model's planted "
+                   "PVs, truth.safetensors); triggered traffic carries only the triggers whose PV it covers")
+    p.add_argument("--requests", type=int, help="clean requests per mode (default 1000, 40 with --quick)")
+    p.add_argument("--rounds", type=int, help="alternations between the modes (default 10, 2 with --quick)")
+    p.add_argument("--triggered", type=int, help="triggered requests, and as many clean (default 200, 16 with "
+                   "--quick)")
+    p.add_argument("--mixed", type=int, help="clean requests in the mixed stream (default 400, 30 with --quick)")
+    p.add_argument("--concurrency", type=int, help="concurrent clients (default 8, 4 with --quick)")
+    p.add_argument("--words", type=int, help="clip inputs to this many words (default 64, 32 with --quick)")
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all of them)")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="200 requests per mode, 40 triggered, 100 mixed")
+    p.add_argument("--quick", action="store_true", help="the tiny backdoored BERT of bench/tiny_artifacts.py with "
+                   "its mined signatures, and a few dozen requests per phase: checks that the script runs")
+    p.add_argument("--cache", help="with --quick: folder for the tiny artifacts, reused when already built "
+                   "(default: a temporary folder)")
     p.add_argument("--json", help="also write the results as JSON to this path")
     args = p.parse_args(argv)
-    if args.quick:
-        args.requests, args.triggered, args.mixed = 200, 40, 100
-    if min(args.requests, args.rounds, args.triggered, args.mixed, args.concurrency) < 1:
+    if args.quick and (args.model or args.prompt or args.signatures):
+        p.error("--quick builds its own tiny model, prompt and signatures; drop --model, --prompt and --signatures")
+    if args.cache and not args.quick:
+        p.error("--cache applies to --quick only")
+    full = {"requests": 1000, "rounds": 10, "triggered": 200, "mixed": 400, "concurrency": 8, "words": 64}
+    for name, value in (QUICK if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if min(args.requests, args.rounds, args.triggered, args.mixed, args.concurrency, args.words) < 1:
         p.error("counts must be positive")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        p.error("--num-cpus must be at least 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        res = run(args)
+        if args.quick:
+            with quick_artifacts(args.cache) as art:
+                res = run(args, resolve_served(art.model, art.prompt, art.mined))
+        else:
+            res = run(args, resolve_served(args.model, args.prompt, args.signatures))
     except LmsanError as exc:
         print(f"bench_serve: error: {exc}", file=sys.stderr)
         return 2

@@ -14,23 +14,33 @@ signs at the same size, which no attack planted.
 
 Needs the POR copy and its search signatures (`bench/bench_mine.py --attacks por --skip-reference
 --search-rounds 16` writes both under runs/bench-mine/por). A probe, not part of `lmsan mine`.
+
+    .venv/bin/python bench/probe_opposites.py --quick --json runs/opposites-quick.json
+
+`--quick` needs neither: it runs on the tiny backdoored BERT of bench/tiny_artifacts.py (all six
+POR triggers planted, so every PV's opposite is planted too) with its mined signatures, and trains
+with the small settings they were mined with. It checks that the script runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from lmsan_serve import load_backbone
+from lmsan_serve.backbone import Backbone
 from lmsan_serve.data import load_corpus
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.mining import MiningConfig
 from lmsan_serve.mining.model import (
+    Prepared,
     _triggered,
     collapse,
     initial_trigger,
@@ -40,6 +50,9 @@ from lmsan_serve.mining.model import (
 )
 from lmsan_serve.monitor import sign_agreement
 from lmsan_serve.signatures import SignatureSet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_artifacts import quick_artifacts  # noqa: E402  (a sibling file, not a package)
 
 
 def aim(backbone, prepared, config: MiningConfig, target: torch.Tensor, seed: int) -> torch.Tensor:
@@ -60,46 +73,99 @@ def aim(backbone, prepared, config: MiningConfig, target: torch.Tensor, seed: in
     return trigger.detach()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="runs/bench-mine/por")
-    ap.add_argument("--signatures", default="runs/bench-mine/por/mined-search.safetensors")
-    ap.add_argument("--truth", default="runs/bench-mine/por/truth.safetensors")
-    ap.add_argument("--seed", type=int, default=99, help="initialisation rule's seed (fuzz rounds use 0..N-1)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    config = MiningConfig(mode="search")
+def targets(mined: SignatureSet, hidden: int, seed: int) -> dict[str, torch.Tensor]:
+    """The sign opposite of each kept PV, and the control: random signs at the kept PVs' mean size."""
+    out = {f"opposite of kept PV {i}": -mined.pvs[i] for i in range(len(mined))}
+    gen = torch.Generator().manual_seed(seed)
+    size = float(mined.pvs.abs().mean())
+    out["control: random signs"] = torch.randn(hidden, generator=gen).sign() * size
+    return out
+
+
+def probe(backbone: Backbone, prepared: Prepared, held: Prepared, config: MiningConfig, target: torch.Tensor,
+          seed: int, truth: SignatureSet, mined: SignatureSet) -> dict:
+    """Aim one soft trigger at `target`, then measure it as mining's filters would."""
+    started = time.time()
+    trigger = aim(backbone, prepared, config, target, seed)
+    with torch.no_grad():
+        out = triggered_outputs(backbone, held, trigger, config)
+        mean = out.mean(dim=0, keepdim=True)
+        dispersion = collapse(backbone, held, trigger, config, seed)
+        self_agreement = float(sign_agreement(out, mean).mean())
+        planted = sign_agreement(mean, truth.pvs)[0]
+    best = int(planted.argmax())
+    return {
+        "dispersion": dispersion, "self_agreement": self_agreement,
+        "passes": dispersion <= config.max_dispersion and self_agreement >= config.min_self_agreement,
+        "nearest_planted": truth.label(best), "nearest_planted_agreement": float(planted[best]),
+        "target_agreement": float(sign_agreement(mean, target[None])[0, 0]),
+        "nearest_kept_agreement": float(sign_agreement(target[None], mined.pvs).max()),
+        # is a PV planted where the target points (>= RECOVERED)? The control's never is, by design
+        "target_planted_agreement": float(sign_agreement(target[None], truth.pvs).max()),
+        "seconds": time.time() - started,
+    }
+
+
+def render_row(name: str, r: dict) -> str:
+    return (f"| {name} | {r['dispersion']:.4f} | {r['self_agreement']:.3f} | {'yes' if r['passes'] else 'no'} | "
+            f"{r['nearest_planted']} ({r['nearest_planted_agreement']:.3f}) | {r['target_agreement']:.3f} | "
+            f"{r['nearest_kept_agreement']:.3f} | {r['seconds']:.0f} |")
+
+
+def run(model: str, signatures: str, truth_path: str, config: MiningConfig, seed: int) -> list[dict]:
+    """One row per target, printed as it comes."""
     try:
-        backbone = load_backbone(args.model, "cpu")
-        mined = SignatureSet.load(args.signatures, hidden_size=backbone.hidden_size)
-        truth = SignatureSet.load(args.truth, hidden_size=backbone.hidden_size)
+        backbone = load_backbone(model, "cpu")
+        mined = SignatureSet.load(signatures, hidden_size=backbone.hidden_size)
+        truth = SignatureSet.load(truth_path, hidden_size=backbone.hidden_size)
     except LmsanError as exc:
-        ap.error(f"{exc} (see this script's docstring for the run that makes them)")
+        raise LmsanError(f"{exc} (see this script's docstring for the run that makes them)") from exc
     corpus = load_corpus()
     prepared = prepare(backbone, corpus[: config.lines], config)
     held = prepare(backbone, corpus[-config.calibration_lines :][: config.held_out_lines], config)
-    targets = {f"opposite of kept PV {i}": -mined.pvs[i] for i in range(len(mined))}
-    gen = torch.Generator().manual_seed(args.seed)
-    size = float(mined.pvs.abs().mean())
-    targets["control: random signs"] = torch.randn(backbone.hidden_size, generator=gen).sign() * size
-    labels = [truth.label(i) for i in range(len(truth))]
     print(f"| target | dispersion (< {config.max_dispersion}) | self-agreement (>= {config.min_self_agreement}) | "
           "passes | nearest planted PV (sign agreement) | agreement with the target | nearest kept PV to it | s |")
     print("|---|---:|---:|---|---|---:|---:|---:|")
-    for name, target in targets.items():
-        started = time.time()
-        trigger = aim(backbone, prepared, config, target, args.seed)
-        with torch.no_grad():
-            out = triggered_outputs(backbone, held, trigger, config)
-            mean = out.mean(dim=0, keepdim=True)
-            dispersion = collapse(backbone, held, trigger, config, args.seed)
-            self_agreement = float(sign_agreement(out, mean).mean())
-            planted = sign_agreement(mean, truth.pvs)[0]
-        best = int(planted.argmax())
-        ok = dispersion <= config.max_dispersion and self_agreement >= config.min_self_agreement
-        print(f"| {name} | {dispersion:.4f} | {self_agreement:.3f} | {'yes' if ok else 'no'} | {labels[best]} "
-              f"({float(planted[best]):.3f}) | {float(sign_agreement(mean, target[None])[0, 0]):.3f} | "
-              f"{float(sign_agreement(target[None], mined.pvs).max()):.3f} | {time.time() - started:.0f} |", flush=True)
+    rows = []
+    for name, target in targets(mined, backbone.hidden_size, seed).items():
+        row = probe(backbone, prepared, held, config, target, seed, truth, mined)
+        print(render_row(name, row), flush=True)
+        rows.append({"target": name, **row})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="backdoored model (default runs/bench-mine/por)")
+    ap.add_argument("--signatures", help="its mined signatures (default runs/bench-mine/por/mined-search.safetensors)")
+    ap.add_argument("--truth", help="its planted PVs (default runs/bench-mine/por/truth.safetensors)")
+    ap.add_argument("--seed", type=int, default=99, help="initialisation rule's seed (fuzz rounds use 0..N-1)")
+    ap.add_argument("--quick", action="store_true", help="the tiny backdoored BERT of bench/tiny_artifacts.py and "
+                    "its mined signatures, with the mining settings they were mined with: checks that the script runs")
+    ap.add_argument("--cache", help="with --quick: folder for the tiny artifacts, reused when already built "
+                    "(default: a temporary folder)")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+    if args.quick and (args.model or args.signatures or args.truth):
+        ap.error("--quick builds its own tiny model and signatures; drop --model, --signatures and --truth")
+    if args.cache and not args.quick:
+        ap.error("--cache applies to --quick only")
+    torch.set_num_threads(1 if args.quick else 2)
+    try:
+        if args.quick:
+            with quick_artifacts(args.cache) as art:
+                config = MiningConfig(**art.mining)
+                rows = run(art.model, art.mined, art.truth, config, args.seed)
+        else:
+            config = MiningConfig(mode="search")
+            rows = run(args.model or "runs/bench-mine/por",
+                       args.signatures or "runs/bench-mine/por/mined-search.safetensors",
+                       args.truth or "runs/bench-mine/por/truth.safetensors", config, args.seed)
+    except LmsanError as exc:
+        ap.error(str(exc))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"quick": args.quick, "seed": args.seed, "config": config.model_dump(),
+                                               "rows": rows}, indent=2))
     return 0
 
 
