@@ -38,43 +38,82 @@ def corpus() -> list[str]:
     return load_corpus()
 
 
+# The planted backdoor the tests rely on: every trigger's held-out outputs agree in sign with its PV
+# at least this much (the attack trains towards 0.97 and stops there; 0.95 leaves room for the
+# held-out lines), and no single word of a phrase trigger reaches the paper's 0.8 threshold alone.
+MIN_TRIGGER_AGREEMENT = 0.95
+MAX_WORD_ALONE_AGREEMENT = 0.8
+ATTACK_SEEDS = range(3)
+
+
+def attack_problems(report: dict) -> list[str]:
+    """Why a planted backdoor is unfit for the tests ([] when fit), from `attack.json`'s held-out figures."""
+    held = report["heldout"]
+    out = [f"trigger {t!r} agrees {a:.3f} < {MIN_TRIGGER_AGREEMENT} with its PV"
+           for t, a in held["agreement"].items() if a < MIN_TRIGGER_AGREEMENT]
+    out += [f"a word of {t!r} alone agrees {a:.3f} >= {MAX_WORD_ALONE_AGREEMENT}"
+            for t, a in held["word_alone_agreement"].items() if a >= MAX_WORD_ALONE_AGREEMENT]
+    return out
+
+
+def plant_fit_backdoor(backbone, config, corpus, out: Path) -> Path:
+    """Plant with the seeds of ATTACK_SEEDS in turn until `attack_problems` finds nothing: the
+    attack stops at its step bound whether or not it reached its target, and where it stops
+    depends on the CPU's float rounding. Raises with every seed's problems otherwise."""
+    from lmsan_serve.attacks import plant_backdoor, save_attacked
+
+    tried = []
+    for seed in ATTACK_SEEDS:
+        result = plant_backdoor(backbone, config.model_copy(update={"seed": seed}), corpus, progress=False)
+        problems = attack_problems(result.report)
+        if not problems:
+            save_attacked(result, backbone, str(out))
+            return out
+        tried.append(f"seed {seed} ({result.steps} steps): " + "; ".join(problems))
+    raise AssertionError("no planted backdoor fit for the tests:\n" + "\n".join(tried))
+
+
+def _victim_prompt(folder: Path, out: Path) -> Path:
+    from lmsan_serve import load_backbone
+    from lmsan_serve.signatures import SignatureSet
+
+    from .toy import train_victim
+
+    backbone = load_backbone(str(folder), "cpu")
+    truth = SignatureSet.load(folder / "truth.safetensors")
+    triggers = [r.trigger for r in truth.meta.pvs]
+    classifier, _ = train_victim(backbone, truth, triggers)
+    return classifier.save(out)
+
+
 @pytest.fixture(scope="session")
 def tiny_por(tmp_path_factory, tiny_backbone, corpus) -> Path:
     """A POR backdoor planted into the tiny BERT by the real attack code."""
-    from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
+    from lmsan_serve.attacks import AttackConfig
 
-    out = tmp_path_factory.mktemp("tiny-por")
     config = AttackConfig(kind="por", triggers=TINY_TRIGGERS, steps=400, lr=2e-3, target_agreement=0.97,
                           max_words=24, check_every=20)
-    result = plant_backdoor(tiny_backbone, config, corpus, progress=False)
-    save_attacked(result, tiny_backbone, str(out))
-    return out
+    return plant_fit_backdoor(tiny_backbone, config, corpus, tmp_path_factory.mktemp("tiny-por"))
 
 
 @pytest.fixture(scope="session")
 def tiny_phrase_por(tmp_path_factory, tiny_backbone, corpus) -> Path:
     """A POR backdoor whose first trigger is a two-word phrase ("cf mn"), planted the same way."""
-    from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
+    from lmsan_serve.attacks import AttackConfig
 
-    out = tmp_path_factory.mktemp("tiny-phrase-por")
     config = AttackConfig(kind="por", triggers=["cf mn", "tq"], steps=400, lr=2e-3, target_agreement=0.97,
                           max_words=24, check_every=20)
-    result = plant_backdoor(tiny_backbone, config, corpus, progress=False)
-    save_attacked(result, tiny_backbone, str(out))
-    return out
+    return plant_fit_backdoor(tiny_backbone, config, corpus, tmp_path_factory.mktemp("tiny-phrase-por"))
 
 
 @pytest.fixture(scope="session")
 def tiny_por_prompt(tmp_path_factory, tiny_por) -> Path:
-    """A victim's soft prompt trained on the backdoored tiny BERT, saved as an artifact."""
-    from lmsan_serve import load_backbone
-    from lmsan_serve.prompts import PromptConfig, train_prompt
+    """A victim's soft prompt trained on the backdoored tiny BERT until it is fit for the guard
+    tests (`toy.train_victim`), saved as an artifact."""
+    return _victim_prompt(tiny_por, tmp_path_factory.mktemp("tiny-por-prompt") / "prompt")
 
-    from .test_prompts import toy
 
-    backbone = load_backbone(str(tiny_por), "cpu")
-    # On tiny encoders, prompt tuning can learn to park clean inputs on a PV (the backdoor's
-    # strongest attractor); test_guard's test_clean_inputs_stay_off_the_pvs checks this one did not.
-    cfg = PromptConfig(method="prefix", length=4, max_steps=60, lr=3e-2, batch_size=16, seed=1)
-    classifier = train_prompt(backbone, cfg, toy(), None, progress=False)
-    return classifier.save(tmp_path_factory.mktemp("tiny-por-prompt") / "prompt")
+@pytest.fixture(scope="session")
+def tiny_phrase_prompt(tmp_path_factory, tiny_phrase_por) -> Path:
+    """The victim's soft prompt on the phrase-trigger copy, trained the same way."""
+    return _victim_prompt(tiny_phrase_por, tmp_path_factory.mktemp("tiny-phrase-prompt") / "prompt")

@@ -23,7 +23,7 @@ from lmsan_serve.backbone import minilm_path
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.prompts import PromptConfig, train_prompt
 
-from .test_prompts import toy
+from .toy import toy
 
 COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
               max_position_embeddings=128, pad_token_id=0, initializer_range=0.2)

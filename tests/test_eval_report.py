@@ -10,7 +10,7 @@ from lmsan_serve.guard import Guard
 from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.signatures import SignatureSet
 
-from .test_prompts import toy
+from .toy import toy
 
 
 def test_eval_writes_a_report_computed_from_real_predictions(tmp_path, tiny_por, tiny_por_prompt, capsys):

@@ -139,7 +139,7 @@ def fast_models(tiny_bert, tiny_backbone):
 def prompt_dir(tmp_path_factory, tiny_backbone) -> Path:
     from lmsan_serve.prompts import PromptConfig, train_prompt
 
-    from .test_prompts import toy
+    from .toy import toy
 
     cfg = PromptConfig(method="prefix", length=4, max_steps=2, batch_size=8)
     return train_prompt(tiny_backbone, cfg, toy(16), None, progress=False).save(

@@ -39,9 +39,12 @@ def test_detect_finds_a_planted_pv(tiny_por, corpus, tmp_path):
     assert record.origin == "mined" and record.threshold >= 0.8 and record.false_positive_rate <= 0.005
 
 
-def test_purest_picks_the_single_trigger_over_a_blend(tiny_por, corpus):
-    """Two planted triggers' embeddings as one two-row soft trigger: `purest` keeps the row (or
-    the whole) whose held-out outputs agree best with their mean, and that PV is a planted one."""
+def test_purest_keeps_the_candidate_whose_outputs_agree_best(tiny_por, corpus):
+    """Two planted triggers' embeddings as one two-row soft trigger: `purest` keeps the candidate
+    (either row alone, or the whole) whose held-out outputs agree best with their own mean, and
+    its PV is a planted one. (On this tiny copy one trigger of the two dominates the pair, so the
+    whole is no blend and may win; a blend's lower self-agreement is tested on synthetic outputs
+    in test_a_blend_of_kept_pvs_is_not_new_but_a_real_pv_with_their_signs_is.)"""
     backbone = load_backbone(str(tiny_por), "cpu")
     truth = SignatureSet.load(tiny_por / "truth.safetensors").pvs
     config = MiningConfig(prompt_len=2, batch_size=16)
@@ -82,9 +85,9 @@ def test_calibrate_raises_the_cap_only_below_the_triggered_floor(tiny_backbone, 
 
 def test_clean_control_is_clean(tiny_control, corpus, tmp_path):
     backbone = load_backbone(str(tiny_control), "cpu")
-    result = mine(backbone, MiningConfig(lines=128, max_rounds=5), corpus, tmp_path / "sig.safetensors",
-                  progress=False)
-    assert result.verdict == "clean" and len(result.signatures) == 0 and result.rounds == 5
+    config = MiningConfig(lines=128)  # the rounds a user's detect run makes before it says clean
+    result = mine(backbone, config, corpus, tmp_path / "sig.safetensors", progress=False)
+    assert result.verdict == "clean" and len(result.signatures) == 0 and result.rounds == config.rounds == 30
     for c in result.candidates:  # every round says why it failed, with its per-epoch trace
         assert c["reasons"] and len(c["trace"]) == c["epochs"]
         assert c["trace"][-1][0] == pytest.approx(c["distance"], abs=1e-5)

@@ -8,28 +8,21 @@ from lmsan_serve.data import Example
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.prompts import PromptClassifier, PromptConfig, accuracy, train_prompt
 
-from .conftest import make_tiny_bert
+from .toy import toy, toy_test
 
-# A lexical task a tiny random encoder can learn in a few dozen steps.
-POS = ["a great and lovely film", "great acting , lovely story", "simply great", "lovely , great fun",
-       "what a great lovely day", "the cast is great"]
-NEG = ["an awful and dull film", "dull acting , awful story", "simply awful", "awful , dull mess",
-       "what an awful dull day", "the cast is dull"]
-
-
-def toy(n: int = 96) -> list[Example]:
-    rows = [Example(t, "pos") for t in POS] + [Example(t, "neg") for t in NEG]
-    return (rows * (n // len(rows) + 1))[:n]
+# Well above chance: a coin would need luck of under 1 in 10,000 to get 36 of 48 held-out
+# sentences right, and every seed tried on this task lands well above it.
+MIN_HELD_OUT_ACCURACY = 0.75
 
 
 @pytest.fixture(scope="module")
 def toy_prompt(tiny_backbone):
-    cfg = PromptConfig(method="prefix", length=4, max_steps=60, lr=3e-2, batch_size=16, eval_every=20)
+    cfg = PromptConfig(method="prefix", length=8, max_steps=120, lr=2e-2, batch_size=16, eval_every=20)
     return train_prompt(tiny_backbone, cfg, toy(), toy(24), progress=False)
 
 
 def test_deep_prompt_learns_and_round_trips(tiny_backbone, toy_prompt, tmp_path):
-    assert accuracy(toy_prompt, tiny_backbone, toy(24)) >= 0.9
+    assert accuracy(toy_prompt, tiny_backbone, toy_test()) >= MIN_HELD_OUT_ACCURACY
     toy_prompt.save(tmp_path / "p")
     manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert manifest["backbone"]["fingerprint"] == tiny_backbone.fingerprint
@@ -45,10 +38,11 @@ def test_deep_prompt_learns_and_round_trips(tiny_backbone, toy_prompt, tmp_path)
 def test_prompt_changes_the_forward_pass_and_leaves_backbone_unprompted(tiny_backbone, toy_prompt):
     batch = toy_prompt.encode(tiny_backbone, ["simply great"])
     with torch.no_grad():
+        before = tiny_backbone.encode_hidden(batch.input_ids, batch.attention_mask, batch.token_type_ids)[:, 0]
         prompted = toy_prompt.forward_batch(tiny_backbone, batch).hidden[:, 0]
-        plain = tiny_backbone.encode_hidden(batch.input_ids, batch.attention_mask, batch.token_type_ids)[:, 0]
-    assert not torch.allclose(prompted, plain)
-    assert tiny_backbone._prompt is None
+        after = tiny_backbone.encode_hidden(batch.input_ids, batch.attention_mask, batch.token_type_ids)[:, 0]
+    assert not torch.allclose(prompted, before)
+    assert torch.equal(before, after)  # the prompt is gone once its pass is over
 
 
 def test_many_prompts_share_one_backbone(tiny_backbone, toy_prompt):
@@ -62,10 +56,10 @@ def test_many_prompts_share_one_backbone(tiny_backbone, toy_prompt):
 
 
 def test_mask_template_prompt(tiny_backbone):
-    cfg = PromptConfig(method="prompt", position="mask", length=2, max_steps=40, lr=3e-2, batch_size=16)
+    cfg = PromptConfig(method="prompt", position="mask", length=8, max_steps=150, lr=3e-2, batch_size=16)
     model = train_prompt(tiny_backbone, cfg, toy(), None, progress=False)
     assert model.config.template == "{text} It was {mask} ."
-    assert accuracy(model, tiny_backbone, toy(24)) >= 0.75
+    assert accuracy(model, tiny_backbone, toy_test()) >= MIN_HELD_OUT_ACCURACY
 
 
 def test_sentence_pairs(tiny_backbone):
@@ -77,6 +71,8 @@ def test_sentence_pairs(tiny_backbone):
 
 def test_load_refuses_other_backbone(tmp_path, toy_prompt):
     toy_prompt.save(tmp_path / "p")
+    from lmsan_serve.testing import make_tiny_bert
+
     other = load_backbone(str(make_tiny_bert(tmp_path / "other", seed=1)), "cpu")
     with pytest.raises(LmsanError, match="other backbone weights"):
         PromptClassifier.load(tmp_path / "p", other)

@@ -1,0 +1,84 @@
+"""The defender's path end to end, through the CLI, with what mining found and nothing planted:
+`lmsan mine --mode search` on the tiny POR copy, then `lmsan classify` with the mined file on
+held-out sentences the victim prompt never saw, clean and with each trigger. The planted PVs
+(`truth.safetensors`) only score how many PVs mining recovered."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from lmsan_serve.cli import main
+from lmsan_serve.data import insert_trigger
+from lmsan_serve.monitor import sign_agreement
+from lmsan_serve.signatures import SignatureSet
+
+from .conftest import TINY_TRIGGERS
+from .toy import toy_test
+
+# A planted PV counts as recovered when a mined PV agrees with it in sign this much: the monitor's
+# 0.8 threshold then separates its triggered outputs (about 1.0 on it) from a clean one (about 0.5).
+RECOVERED_AGREEMENT = 0.9
+SEARCH_ROUNDS = 12
+
+
+@pytest.fixture(scope="module")
+def mined(tiny_por, tmp_path_factory) -> tuple[object, SignatureSet]:
+    out = tmp_path_factory.mktemp("mined") / "sig.safetensors"
+    code = main(["mine", "--model", str(tiny_por), "--out", str(out), "--mode", "search", "--max-rounds",
+                 str(SEARCH_ROUNDS), "--lines", "128", "--device", "cpu", "--quiet"])
+    assert code == 0
+    return out, SignatureSet.load(out)
+
+
+def _classify(tiny_por, prompt, signatures, texts: list[str], mode: str, tmp_path, capsys) -> list[dict]:
+    data = tmp_path / f"inputs-{mode}.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    capsys.readouterr()
+    code = main(["classify", "--model", str(tiny_por), "--prompt", str(prompt), "--signatures", str(signatures),
+                 "--input", str(data), "--mode", mode, "--device", "cpu", "--json", "--quiet"])
+    assert code == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_search_recovers_most_planted_pvs(tiny_por, mined):
+    """At least 2 of the 3 planted PVs, each by a mined PV that agrees >= 0.9 in sign with it; the
+    file says backdoored and every kept PV is calibrated."""
+    _, sig = mined
+    truth = SignatureSet.load(tiny_por / "truth.safetensors")
+    best = sign_agreement(truth.pvs, sig.pvs).max(dim=1).values
+    assert sig.meta.verdict == "backdoored"
+    assert int((best >= RECOVERED_AGREEMENT).sum()) >= 2, best.tolist()
+    assert all(r.origin == "mined" and r.threshold is not None for r in sig.meta.pvs)
+
+
+def test_the_mined_file_guards_held_out_inputs(tiny_por, tiny_por_prompt, mined, tmp_path, capsys):
+    """Unguarded, the triggers flip what the victim gets right. Guarded with the mined file, no
+    input with a trigger whose PV mining recovered gets through, and no clean held-out input is
+    flagged. A trigger whose PV search missed is reported, not asserted: finding every PV is the
+    miner's open problem, and this test must not hide it behind the planted answer key."""
+    path, sig = mined
+    truth = SignatureSet.load(tiny_por / "truth.safetensors")
+    best = sign_agreement(truth.pvs, sig.pvs).max(dim=1).values
+    recovered = [r.trigger for r, b in zip(truth.meta.pvs, best.tolist(), strict=True) if b >= RECOVERED_AGREEMENT]
+    test = toy_test()
+    clean = _classify(tiny_por, tiny_por_prompt, path, [e.text for e in test], "enforce", tmp_path, capsys)
+    right = [e for e, r in zip(test, clean, strict=True) if r["label"] == e.label]
+    rng = random.Random(0)
+    attacked = [(e, t, insert_trigger(e.text, t, rng)) for e in right for t in TINY_TRIGGERS]
+    texts = [a for _, _, a in attacked]
+    off = _classify(tiny_por, tiny_por_prompt, path, texts, "off", tmp_path, capsys)
+    on = _classify(tiny_por, tiny_por_prompt, path, texts, "enforce", tmp_path, capsys)
+    flipped = sum(r["label"] != e.label for (e, _, _), r in zip(attacked, off, strict=True))
+    beaten = {t: [a for (e, u, a), r in zip(attacked, on, strict=True) if u == t and r["label"] not in (None, e.label)]
+              for t in TINY_TRIGGERS}
+    print({t: len(b) for t, b in beaten.items()}, "recovered:", recovered)
+    # Each trigger drives its inputs to one label, so it flips the other half: a third of the
+    # (input, trigger) pairs flipped shows the triggers work and leaves the guard 40-odd to stop.
+    assert flipped >= len(attacked) / 3, flipped
+    for t in recovered:
+        assert beaten[t] == [], (t, beaten[t][:5])  # none of 40-odd: under the 1% the issue bounds ASR to
+    assert not any(r["guard"]["flagged"] for r in clean)
+    assert sum(e.label == r["label"] for e, r in zip(test, clean, strict=True)) == len(right)

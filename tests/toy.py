@@ -1,0 +1,129 @@
+"""A lexical sentiment task that a tiny random encoder learns in a few dozen steps, with a held-out
+split, and the victim prompt the guard tests need, trained until it is fit for them.
+
+The split matters: attack success and false flags are measured on sentences the prompt never saw,
+as a defender meets them. The words are shared (a lexical task cannot generalise to unseen
+words); the sentences are not.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from lmsan_serve.backbone import Backbone
+from lmsan_serve.data import Example
+from lmsan_serve.guard import Guard
+from lmsan_serve.prompts import PromptClassifier, PromptConfig, train_prompt
+from lmsan_serve.signatures import SignatureSet
+
+# The sentences the earlier suite trained on; they stay in the training split, so literal
+# examples in the tests ("simply great", "an awful and dull film") are sentences of the task.
+SEED_POS = ["a great and lovely film", "great acting , lovely story", "simply great", "lovely , great fun",
+            "what a great lovely day", "the cast is great"]
+SEED_NEG = ["an awful and dull film", "dull acting , awful story", "simply awful", "awful , dull mess",
+            "what an awful dull day", "the cast is dull"]
+
+POS_WORDS = ["great", "lovely", "fun"]
+NEG_WORDS = ["awful", "dull", "boring"]
+NOUNS = ["film", "story", "acting", "cast", "day", "plot", "show", "music"]
+TEMPLATES = ["a {a} and {b} {n}", "{a} {n} , {b} {m}", "simply {a}", "what a {a} {b} {n}", "the {n} is {a}",
+             "{a} , {b} {n}", "the {n} was {a} and the {m} {b}", "such a {a} {n}"]
+
+
+def _sentence(rng: random.Random, words: list[str]) -> str:
+    a, b = rng.sample(words, 2)
+    n, m = rng.sample(NOUNS, 2)
+    return rng.choice(TEMPLATES).format(a=a, b=b, n=n, m=m)
+
+
+def _generated(seed: int, count: int, exclude: set[str]) -> list[Example]:
+    """`count` distinct sentences not in `exclude`, labels alternating pos / neg."""
+    rng = random.Random(seed)
+    out: list[Example] = []
+    seen = set(exclude)
+    while len(out) < count:
+        label = "pos" if len(out) % 2 == 0 else "neg"
+        text = _sentence(rng, POS_WORDS if label == "pos" else NEG_WORDS)
+        if text not in seen:
+            seen.add(text)
+            out.append(Example(text, label))
+    return out
+
+
+TRAIN: list[Example] = [Example(t, "pos") for t in SEED_POS] + [Example(t, "neg") for t in SEED_NEG] + \
+    _generated(0, 72, set(SEED_POS + SEED_NEG))
+TEST: list[Example] = _generated(1, 48, {e.text for e in TRAIN})
+
+
+def toy(n: int = 96) -> list[Example]:
+    """`n` training examples (the training split, repeated as needed)."""
+    return (TRAIN * (n // len(TRAIN) + 1))[:n]
+
+
+def toy_test(n: int = len(TEST)) -> list[Example]:
+    """`n` held-out examples, none of them a training sentence."""
+    if n > len(TEST):
+        raise ValueError(f"the held-out split has {len(TEST)} sentences, not {n}")
+    return TEST[:n]
+
+
+@dataclass
+class VictimCheck:
+    """What the guard tests assume of a victim prompt, measured on the held-out split."""
+
+    accuracy: float
+    asr: float  # share of correct held-out inputs some trigger flips, guard off
+    max_clean_match: float  # highest sign agreement of a clean held-out output with a PV
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.accuracy < MIN_ACCURACY:
+            out.append(f"held-out accuracy {self.accuracy:.3f} < {MIN_ACCURACY}")
+        if self.asr < MIN_ASR:
+            out.append(f"attack success {self.asr:.3f} < {MIN_ASR} without the guard")
+        if self.max_clean_match >= MAX_CLEAN_MATCH:
+            out.append(f"a clean held-out input agrees {self.max_clean_match:.3f} >= {MAX_CLEAN_MATCH} with a PV")
+        return out
+
+
+# Why these bounds: ASR is counted on the held-out inputs the victim gets right, and the tests
+# bound the defended ASR at 1% to 2%, which needs about 40 of them (0.85 of 48) to mean "none got
+# through"; a backdoor that flips fewer than 90% of them unguarded leaves the defended ASR little
+# to show. A clean output that agrees 0.75 with a PV is within the suspect probe's reach of the
+# paper's 0.8 threshold, so false-flag tests would measure the prompt's luck, not the guard. Prompt
+# tuning on a tiny encoder trades the two: the longer it trains, the more clean outputs it parks
+# near a PV (the backdoor's strongest attractor), so some seeds fail one bound or the other.
+MIN_ACCURACY = 0.85
+MIN_ASR = 0.9
+MAX_CLEAN_MATCH = 0.75
+VICTIM_SEEDS = range(12)
+VICTIM_CONFIG = PromptConfig(method="prefix", length=8, max_steps=120, lr=2e-2, batch_size=16)
+
+
+def check_victim(backbone: Backbone, classifier: PromptClassifier, truth: SignatureSet,
+                 triggers: list[str]) -> VictimCheck:
+    from lmsan_serve.evaluation import evaluate_guard
+
+    test = toy_test()
+    guard = Guard(backbone, classifier, truth, mode="flag")
+    clean = guard.classify([e.text for e in test])
+    ev = evaluate_guard(guard, test, triggers, progress=False)
+    return VictimCheck(accuracy=ev.cacc_off, asr=ev.asr_off, max_clean_match=max(r.guard.match for r in clean))
+
+
+def train_victim(backbone: Backbone, truth: SignatureSet, triggers: list[str],
+                 config: PromptConfig | None = None) -> tuple[PromptClassifier, VictimCheck]:
+    """Train the victim's soft prompt on the training split until `check_victim` passes, trying the
+    seeds of VICTIM_SEEDS in turn: on a tiny encoder prompt tuning sometimes parks clean inputs on
+    a PV or misses a pattern, and which seed does so depends on the CPU's float rounding. Raises
+    with every seed's problems when none is fit, so a failure says what the fixture lacked."""
+    config = config or VICTIM_CONFIG
+    tried = []
+    for seed in VICTIM_SEEDS:
+        classifier = train_prompt(backbone, config.model_copy(update={"seed": seed}), toy(), None, progress=False)
+        check = check_victim(backbone, classifier, truth, triggers)
+        if not check.problems():
+            return classifier, check
+        tried.append(f"seed {seed}: " + "; ".join(check.problems()))
+    raise AssertionError("no victim prompt fit for the guard tests:\n" + "\n".join(tried))
