@@ -13,9 +13,12 @@ Three phases against one app with two replicas of the classifier:
    times with backoff; classification is idempotent). Reports requests lost after retries and
    how long Serve took to bring the replica back.
 
-Every triggered answer is checked (flagged and purged, trigger named). The short form runs in the
-test suite (`tests/test_soak.py`); the long form is `python bench/bench_soak.py` (10 minutes of
-soak, 16 clients, on the demo's backdoored minilm). See bench/README.md.
+Every answer is checked. A triggered input must come back flagged and purged with its trigger
+named; a clean input must come back with the label the prompt gives it unguarded (computed up
+front, in this process), and a clean input that comes back flagged is counted as a false flag.
+The script exits 1 if a request was lost or an answer was wrong. The short form runs in the test
+suite (`tests/test_soak.py`); the long form is `python bench/bench_soak.py` (10 minutes of soak,
+16 clients, on the demo's backdoored minilm). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ from pathlib import Path
 RETRY_STATUSES = (502, 503, 504)  # what the proxy answers while a replica is gone or restarting
 RETRIES = 3
 BACKOFF_S = 0.5
+# The endpoint batches an input with whatever else is in flight, and padding to another length
+# moves its label scores by float rounding: an input whose two best labels are this close could
+# change label between batches without anything being wrong, so it is left out of the clean pool.
+MIN_LABEL_MARGIN = 2e-3
 
 
 @dataclass
@@ -45,6 +52,9 @@ class Tally:
     lost: int = 0  # failed after every retry
     retried: int = 0  # requests that needed at least one retry
     wrong: int = 0  # 200, but a triggered input not purged with its trigger named
+    wrong_clean: int = 0  # 200, but a clean input's label is not its unguarded label
+    false_flags: int = 0  # clean inputs answered as flagged
+    clean_answered: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -55,7 +65,8 @@ class Tally:
     def summary(self, seconds: float) -> dict:
         n = len(self.latencies_ms)
         return {"requests": n + self.lost, "answered": n, "lost": self.lost, "retried": self.retried,
-                "wrong": self.wrong, "rps": round(n / seconds, 2) if seconds else None,
+                "wrong": self.wrong, "wrong_clean": self.wrong_clean, "false_flags": self.false_flags,
+                "clean_answered": self.clean_answered, "rps": round(n / seconds, 2) if seconds else None,
                 "p50_ms": self.pct(0.5), "p99_ms": self.pct(0.99), "seconds": round(seconds, 1),
                 "first_try_statuses": {str(k): v for k, v in sorted(self.statuses.items())}}
 
@@ -84,9 +95,22 @@ def post_with_retry(host: str, port: int, body: bytes, conn: list) -> tuple[int,
     return status, data, RETRIES
 
 
-def load(host: str, port: int, task: str, clean: list[str], triggered: list[tuple[str, str]], clients: int,
-         seconds: float, tally: Tally, stop: threading.Event | None = None) -> float:
-    """`clients` threads send one input per request for `seconds` (or until `stop`); 1 in 10 triggered."""
+def check_answer(tally: Tally, result: dict, trigger: str | None, label: str | None) -> None:
+    """Count one answered input (under `tally.lock`): a triggered one must be purged with its
+    `trigger` named; a clean one must keep its unguarded `label` and not be flagged."""
+    guard = result["guard"]
+    if trigger is not None:
+        tally.wrong += not (guard["action"] == "purged" and trigger in guard["removed"])
+        return
+    tally.clean_answered += 1
+    tally.false_flags += bool(guard["flagged"])
+    tally.wrong_clean += result["label"] != label
+
+
+def load(host: str, port: int, task: str, clean: list[tuple[str, str]], triggered: list[tuple[str, str]],
+         clients: int, seconds: float, tally: Tally, stop: threading.Event | None = None) -> float:
+    """`clients` threads send one input per request for `seconds` (or until `stop`); 1 in 10
+    triggered. `clean` holds (text, unguarded label), `triggered` (text, trigger)."""
     stop = stop or threading.Event()
     deadline = time.monotonic() + seconds
 
@@ -94,11 +118,11 @@ def load(host: str, port: int, task: str, clean: list[str], triggered: list[tupl
         rng = random.Random(k)
         conn: list = [None]
         while time.monotonic() < deadline and not stop.is_set():
-            trig = None
+            trig = label = None
             if rng.random() < 0.1:
                 text, trig = rng.choice(triggered)
             else:
-                text = rng.choice(clean)
+                text, label = rng.choice(clean)
             body = json.dumps({"task": task, "inputs": [text]}).encode()
             t0 = time.perf_counter()
             status, data, retries = post_with_retry(host, port, body, conn)
@@ -110,9 +134,7 @@ def load(host: str, port: int, task: str, clean: list[str], triggered: list[tupl
                     continue
                 tally.latencies_ms.append(ms)
                 tally.retried += int(retries > 0)
-                guard = data["results"][0]["guard"]
-                if trig is not None and not (guard["action"] == "purged" and trig in guard["removed"]):
-                    tally.wrong += 1
+                check_answer(tally, data["results"][0], trig, label)
         if conn[0] is not None:
             conn[0].close()
 
@@ -123,6 +145,24 @@ def load(host: str, port: int, task: str, clean: list[str], triggered: list[tupl
     for t in threads:
         t.join()
     return time.perf_counter() - t0
+
+
+def clean_pool(model: str, prompt: str, texts: list[str], batch_size: int = 32) -> list[tuple[str, str]]:
+    """(text, label) for each of `texts`, the label the prompt gives it with the guard off,
+    computed here before the endpoint starts; near ties (MIN_LABEL_MARGIN) are left out."""
+    from lmsan_serve import load_backbone
+    from lmsan_serve.guard import Guard
+    from lmsan_serve.prompts import PromptClassifier
+
+    backbone = load_backbone(model, "cpu")
+    plain = Guard(backbone, PromptClassifier.load(prompt, backbone), None, mode="off")
+    pool = []
+    for s in range(0, len(texts), batch_size):
+        for text, r in zip(texts[s : s + batch_size], plain.classify(texts[s : s + batch_size]), strict=True):
+            top = sorted(r.scores.values(), reverse=True)
+            if len(top) < 2 or top[0] - top[1] >= MIN_LABEL_MARGIN:
+                pool.append((text, r.label))
+    return pool
 
 
 def replica_processes() -> dict[int, int]:
@@ -168,15 +208,16 @@ def run(model: str, prompt: str, truth: Path, work: Path, *, clients: int, soak_
     shutil.copy(truth, sig)
     triggers = [r.trigger for r in SignatureSet.load(sig).meta.pvs if r.trigger]
     rng = random.Random(seed)
-    clean = [" ".join(e.text.split()[:48]) for e in load_examples(shipped("sst2/dev.jsonl"))[:300]]
-    triggered = [(insert_trigger(rng.choice(clean), t, rng), t) for t in triggers for _ in range(20)]
+    texts = [" ".join(e.text.split()[:48]) for e in load_examples(shipped("sst2/dev.jsonl"))[:300]]
+    clean = clean_pool(model, prompt, texts)
+    triggered = [(insert_trigger(rng.choice(clean)[0], t, rng), t) for t in triggers for _ in range(20)]
     config = parse_config({"model": model, "signatures": str(sig), "watch_interval_s": 0.5, "device": "cpu",
                            "tasks": {"sst": prompt}})
     say(f"starting the endpoint with {replicas} replicas ...")
     endpoint = start(config, port=free_port(), metrics_port=None, num_cpus=max(2, os.cpu_count() or 2),
                      replicas=replicas)
     host, port = "127.0.0.1", int(endpoint.url.rsplit(":", 1)[1])
-    res: dict = {"clients": clients, "replicas": replicas, "model": model}
+    res: dict = {"clients": clients, "replicas": replicas, "model": model, "clean_pool": len(clean)}
     try:
         load(host, port, "sst", clean, triggered, clients, min(10.0, phase_s), Tally())  # warm up
         # 1. soak
@@ -235,7 +276,9 @@ def run(model: str, prompt: str, truth: Path, work: Path, *, clients: int, soak_
         back_s = None
         while time.monotonic() - killed_at < 180:
             alive = replica_processes()
-            if victims[0] not in alive and len(alive) >= replicas and running_replicas() >= replicas:
+            # back = a replica process that was not there before the kill, and Serve counting them all
+            # as running (right after the kill Serve still counts the dead one)
+            if set(alive) - set(victims) and len(alive) >= replicas and running_replicas() >= replicas:
                 back_s = round(time.monotonic() - killed_at, 1)
                 break
             time.sleep(0.5)
@@ -246,22 +289,31 @@ def run(model: str, prompt: str, truth: Path, work: Path, *, clients: int, soak_
                                                  "running_replicas": running_replicas()}
     finally:
         stop(endpoint)
-    res["lost_total"] = sum(res[k]["lost"] for k in ("soak", "reload", "kill") if k in res)
+    phases = [res[k] for k in ("soak", "reload", "kill") if k in res]
+    res["lost_total"] = sum(p["lost"] for p in phases)
+    res["wrong_total"] = sum(p["wrong"] + p["wrong_clean"] for p in phases)
+    res["false_flags_total"] = sum(p["false_flags"] for p in phases)
     return res
+
+
+def _answers(phase: dict) -> str:
+    """What a phase's answers were worth: wrong triggered and clean answers, and false flags."""
+    return (f"wrong {phase['wrong']} triggered / {phase['wrong_clean']} of {phase['clean_answered']} clean, "
+            f"false flags {phase['false_flags']}")
 
 
 def render(res: dict) -> str:
     s, r, k = res["soak"], res["reload"], res["kill"]
     return "\n".join([
         f"soak: {res['clients']} clients, {res['replicas']} replicas, {s['seconds']} s: {s['answered']} answered "
-        f"({s['rps']} req/s), lost {s['lost']}, wrong {s['wrong']}, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms",
+        f"({s['rps']} req/s), lost {s['lost']}, {_answers(s)}, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms",
         f"  replica RSS MB start {sorted(s['rss_start_mb'].values())} end {sorted(s['rss_end_mb'].values())} "
         f"(growth {s['rss_growth_mb']} MB; total per minute {s['rss_total_mb_per_minute']})",
-        f"reload under load: {r['answered']} answered, lost {r['lost']}, wrong {r['wrong']}; reloads ok "
+        f"reload under load: {r['answered']} answered, lost {r['lost']}, {_answers(r)}; reloads ok "
         f"{r['reloads_ok']}, failed {r['reloads_failed']}; set kept during the bad file: "
         f"{r['loaded_during_bad_file']}",
         f"replica kill: {k['answered']} answered, lost {k['lost']} after retries, retried {k['retried']}, "
-        f"wrong {k['wrong']}; replica back after {k['replica_back_after_s']} s "
+        f"{_answers(k)}; replica back after {k['replica_back_after_s']} s "
         f"(running {k['running_replicas']}/{res['replicas']})",
     ])
 
@@ -287,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))
-    return 0 if res["lost_total"] == 0 else 1
+    return 0 if res["lost_total"] == 0 and res["wrong_total"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def reference_splice(embeds: torch.Tensor, attention_mask: torch.Tensor, token_t
                      trigger: torch.Tensor, at: Sequence[int]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Insert `trigger` [n, E] into each row before token `at[b]`, one sample at a time as the
-    reference does (`lmsan_serve.mining.model._splice` is the vectorised equivalent). The
+    reference does (`lmsan_serve.mining.model.splice` is the vectorised equivalent). The
     trigger's attention is 1 and its token type 0."""
     n = trigger.shape[0]
     out_e, out_a, out_t = [], [], []

@@ -586,6 +586,17 @@ def _trusted_flag(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _parser_and_commands()[0]
+
+
+def subcommands() -> list[str]:
+    """The `lmsan` subcommand names, in the order `lmsan --help` lists them: what deployment files
+    and scripts that run `lmsan X` can be checked against."""
+    return list(_parser_and_commands()[1].choices or ())
+
+
+def _parser_and_commands() -> tuple[argparse.ArgumentParser, argparse.Action]:
+    """The `lmsan` parser and its subcommands action (whose `choices` map names to parsers)."""
     parser = argparse.ArgumentParser(
         prog="lmsan",
         description="Guard prompt-tuned language models against task-agnostic backdoors "
@@ -793,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="Prometheus export port (default: a free one)")
     _common(p, model=False)
     p.set_defaults(func=cmd_demo)
-    return parser
+    return parser, sub
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,17 +115,27 @@ class Guard:
             raise LmsanError("calibration needs a signature set (this guard is off)")
         if not texts:
             raise LmsanError("calibration needs clean inputs of the task (got none)")
+        feats = self.features(texts, text_pairs, batch_size)
+        return self.monitor.calibrate(feats, target_fpr, held_out=held_out)
+
+    @torch.no_grad()
+    def features(self, texts: list[str], text_pairs: list[str] | None = None, batch_size: int = 32) -> torch.Tensor:
+        """[N, H] the outputs the monitor reads for `texts`, encoded through the soft prompt as
+        requests are: what `calibrate` fits the thresholds to, and what `monitor` scores, so that a
+        caller can check a calibration or score traffic offline the way this guard would."""
+        if self.signatures is None:
+            raise LmsanError("this guard is off: it has no signature set, so no monitored output")
         if text_pairs is not None and len(text_pairs) != len(texts):
-            raise LmsanError("calibration: texts and text pairs differ in length")
+            raise LmsanError("texts and text pairs differ in length")
         feats = []
         for s in range(0, len(texts), batch_size):
             pairs = text_pairs[s : s + batch_size] if text_pairs is not None else None
             batch = self.classifier.encode(self.backbone, texts[s : s + batch_size], pairs)
             out = self.classifier.forward_batch(self.backbone, batch)
-            feats.append(self._features(out.hidden, batch.monitor_index))
-        return self.monitor.calibrate(torch.cat(feats), target_fpr, held_out=held_out)
+            feats.append(self._monitored(out.hidden, batch.monitor_index))
+        return torch.cat(feats) if feats else torch.zeros(0, self.backbone.hidden_size, device=self.backbone.device)
 
-    def _features(self, hidden: torch.Tensor, monitor_index: torch.Tensor) -> torch.Tensor:
+    def _monitored(self, hidden: torch.Tensor, monitor_index: torch.Tensor) -> torch.Tensor:
         assert self.signatures is not None
         return self.backbone.select(hidden, self.signatures.position, monitor_index)
 
@@ -135,7 +145,7 @@ class Guard:
         # shared by every pass, so a bare pass must not interleave with a prompted one.
         with self.backbone.prompted(None):
             hidden = self.backbone.encode_hidden(input_ids, attention_mask, token_type_ids)
-        return self.monitor(self._features(hidden, monitor_index)).margin  # type: ignore[misc]
+        return self.monitor(self._monitored(hidden, monitor_index)).margin  # type: ignore[misc]
 
     def _labelled(self, logits: torch.Tensor) -> list[tuple[str, dict[str, float]]]:
         probs = torch.softmax(logits.float(), dim=-1).cpu()
@@ -161,7 +171,7 @@ class Guard:
             return [GuardResult(lab, sc, Verdict(flagged=False, action="off")) for lab, sc in labelled]
 
         started = time.perf_counter()
-        mon = self.monitor(self._features(out.hidden, batch.monitor_index))
+        mon = self.monitor(self._monitored(out.hidden, batch.monitor_index))
         sig = self.signatures
         assert sig is not None
         results: list[GuardResult] = []
@@ -275,7 +285,7 @@ class Guard:
         again = self.classifier.encode(self.backbone, purged_texts, pairs)
         out = self.classifier.forward_batch(self.backbone, again)
         stats.purge_passes += 1
-        mon = self.monitor(self._features(out.hidden, again.monitor_index))  # type: ignore[misc]
+        mon = self.monitor(self._monitored(out.hidden, again.monitor_index))  # type: ignore[misc]
         retry = []
         for j, (r, (lab, sc)) in enumerate(zip(purged_rows, self._labelled(out.logits), strict=True)):
             verdict = results[r].guard

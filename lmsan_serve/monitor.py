@@ -122,6 +122,14 @@ class Monitor:
         combo = combination_agreement(feats, self._combo_signs.to(feats.device), self._combo_counts.to(feats.device))
         return torch.cat([scores, combo], dim=1)
 
+    @property
+    def limits(self) -> torch.Tensor:
+        """[K + C] a copy, on the CPU, of the threshold of every signature the monitor flags on: the
+        PVs', then each combination's in `combos` order, so `label(i)` names entry i. What
+        calibration left for each, to read and report (a combination it switched off is at +inf);
+        changing the copy changes nothing."""
+        return self._limits(torch.device("cpu")).clone()
+
     def _limits(self, device: torch.device) -> torch.Tensor:
         """[K + C] thresholds in the order of `_scores`."""
         limits = self.thresholds.to(device)

@@ -180,7 +180,7 @@ def run_zoo(base_model: str, members: Sequence[ZooMember], out_dir: str | Path, 
                 rows.append(done)
                 continue
             made = _ensure_planted(member, acfg, folder, base_model, base, corpus, tell)
-            row = _mine_member(member, mcfg, folder, device, corpus, tell) | {
+            row = mine_member(member, mcfg, folder, device, corpus, tell) | {
                 "attack_seconds": made.get("seconds"), "attack_steps": made.get("steps")}
             (folder / "result.json").write_text(json.dumps({"settings": settings, "row": row}, indent=2))
             rows.append(row)
@@ -237,8 +237,8 @@ def _ensure_planted(member: ZooMember, acfg: AttackConfig, folder: Path, base_mo
     return made
 
 
-def _mine_member(member: ZooMember, mcfg: MiningConfig, folder: Path, device: str, corpus: list[str],
-                 tell: Callable[[str], None]) -> dict:
+def mine_member(member: ZooMember, mcfg: MiningConfig, folder: Path, device: str, corpus: list[str],
+                tell: Callable[[str], None]) -> dict:
     """Detect-mode mining of the planted copy in `folder`, as a result row (without the attack's figures)."""
     from .backbone import load_backbone
     from .mining import mine
@@ -406,5 +406,5 @@ def write_detection_report(rows: list[dict], summary: dict, out_dir: str | Path,
     return report
 
 
-__all__ = ["ATTACKS", "ZOO_WORDS", "ZooMember", "finished_rows", "plan_zoo", "render_detection", "run_zoo", "summarize",
-           "write_detection_report"]
+__all__ = ["ATTACKS", "ZOO_WORDS", "ZooMember", "finished_rows", "mine_member", "plan_zoo", "render_detection",
+           "run_zoo", "summarize", "write_detection_report"]

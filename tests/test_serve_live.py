@@ -25,7 +25,7 @@ from lmsan_serve.guard import Guard
 from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.signatures import SignatureSet
 
-from .deploy_files import ALERTS, prometheus_config_for, shipped_metric_names
+from .deploy_files import ALERTS, prometheus_config_for, prometheus_tool, shipped_metric_names
 
 CLEAN = ["simply great", "an awful and dull film", "what a lovely day", "a boring waste of time"]
 TRIGGERED = ["simply cf great", "an awful mn and dull film", "what a tq lovely day", "cf a boring waste of time"]
@@ -211,13 +211,6 @@ def wait_for(check, what: str, timeout: float = 60.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def prometheus_binary() -> str | None:
-    found = shutil.which("prometheus")
-    if found is None and os.environ.get("LMSAN_REQUIRE_PROMETHEUS") == "1":
-        pytest.fail("the prometheus binary is required here (apt-get install -y prometheus)")
-    return found
-
-
 def promql(base: str, query: str) -> list:
     url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query})
     with urllib.request.urlopen(url, timeout=10) as resp:
@@ -227,9 +220,7 @@ def promql(base: str, query: str) -> list:
 def test_prometheus_scrapes_the_detections(app, tmp_path):
     from lmsan_serve.serving.run import free_port
 
-    binary = prometheus_binary()
-    if binary is None:
-        pytest.skip("prometheus is not installed (CI installs the Debian package)")
+    binary = prometheus_tool("prometheus")  # skips locally without it; fails in CI
     port = free_port()
     cfg = prometheus_config_for([f"127.0.0.1:{app['metrics_port']}"], ALERTS.parent)
     for job in cfg["scrape_configs"]:

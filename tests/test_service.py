@@ -173,10 +173,15 @@ def test_fail_open_answers_unguarded_says_so_and_counts(files, backbone, monkeyp
     expected = [r.label for r in Guard(backbone, svc.prompts.get("sst", files["prompt"]), None, mode="off")
                 .classify(TRIGGERED)]
 
-    def boom(*args, **kwargs):
-        raise RuntimeError("simulated fault")
+    plain_classify = Guard.classify
 
-    monkeypatch.setattr(Guard, "_features", boom)  # the guarded path fails, plain classification works
+    def guarded_fails(self, *args, **kwargs):
+        if self.monitor is not None:
+            raise RuntimeError("simulated fault")
+        return plain_classify(self, *args, **kwargs)
+
+    # the guarded path fails; the fallback's plain classification (a guard without a monitor) works
+    monkeypatch.setattr(Guard, "classify", guarded_fails)
     with caplog.at_level(logging.WARNING, logger="lmsan.serve"):
         out = svc.classify([ClassifyCall("a", "sst", TRIGGERED)])
     assert out[0].error is None and [r["label"] for r in out[0].results] == expected
@@ -236,8 +241,10 @@ def test_a_task_calibrated_on_its_clean_inputs(files, backbone, tmp_path, corpus
     done = svc.calibrations["sst"]
     assert done["lines"] == 300 and done["flag_rate_after"] <= 0.01 + 1e-9
     assert all(a >= b for a, b in zip(done["thresholds_after"], done["thresholds_before"], strict=True))
-    guard, _ = svc._guard("sst")
-    assert guard.monitor.flag_rate(_features(guard, corpus[:300])) == pytest.approx(done["flag_rate_after"], abs=1e-6)
+    guard, snap = svc.guard("sst")
+    assert snap is svc.current and guard.monitor.limits[: len(snap.signatures)].tolist() == pytest.approx(
+        done["thresholds_after"], abs=1e-6)  # the served guard holds the calibrated thresholds
+    assert guard.monitor.flag_rate(guard.features(corpus[:300])) == pytest.approx(done["flag_rate_after"], abs=1e-6)
     assert {t["name"]: t for t in svc.tasks_info()}["sst"]["calibration"] == done
     assert done["held_out"] == 150 and done["fpr_bound"] <= 0.01 and "above calibration_fpr" not in caplog.text
     few = {"sst": {**tasks["sst"], "calibration_fpr": 0.005}}  # 300 inputs cannot bound 0.5%: 398 needed
@@ -254,9 +261,3 @@ def test_a_task_calibrated_on_its_clean_inputs(files, backbone, tmp_path, corpus
     with pytest.raises(LmsanError, match="calibration_fpr"):
         parse_config({"model": "m", "tasks": {"a": {"prompt": "p", "calibration": "c", "calibration_fpr": 2}}})
 
-
-def _features(guard: Guard, texts: list[str]) -> torch.Tensor:
-    batch = guard.classifier.encode(guard.backbone, texts, None)
-    with torch.no_grad():
-        out = guard.classifier.forward_batch(guard.backbone, batch)
-    return guard._features(out.hidden, batch.monitor_index)

@@ -1,7 +1,7 @@
 """The detection zoo: the plan is deterministic and cycles attacks x trigger sets x seeds with a
 share of clean controls; `lmsan eval --zoo` on tiny random BERTs writes a report whose numbers
-come from real verdicts (the clean control is called clean, the POR copy backdoored), and a
-rerun reuses every finished member."""
+come from real verdicts (the clean control is called clean, the POR and NeuBA copies backdoored),
+and a rerun reuses every finished member."""
 
 import json
 import re
@@ -15,12 +15,20 @@ from lmsan_serve.errors import LmsanError
 from lmsan_serve.testing import make_tiny_bert
 from lmsan_serve.zoo import CLEAN_STEPS, ZOO_WORDS, ZooMember, plan_zoo, run_zoo
 
-# Sizes at which a 64-wide random BERT takes a 2-trigger backdoor in under 100 steps (about 6 s on
-# one core) and detect mode finds the POR copy in a couple of rounds.
-TINY_ZOO = ["--triggers-per-model", "2", "--attack-steps", "120", "--mine-rounds", "8", "--lines", "128",
-            "--attack-set", "lr=5e-3", "--attack-set", "max_words=16", "--attack-set", "max_length=32",
-            "--attack-set", "clean_batch=8", "--attack-set", "poison_batch=8", "--attack-set", "check_every=10",
-            "--attack-set", "target_agreement=0.95", "--attack-set", "heldout=32"]
+# A 64-wide random BERT with two triggers per copy. The attack stops at its first check that meets
+# the target agreement; NeuBA meets it within tens of steps, but a backdoor stopped that early is
+# too narrow for a soft trigger to find within the embedding range, so the attack checks only once,
+# at its last step: both copies train the full 160 steps (the test checks they reached the
+# target). The adaptive mining lr (3% of the embedding spread) carries most soft triggers out of
+# this encoder's embedding range; at half of it about a third of the rounds find the POR copy and
+# most find the NeuBA copy, so 16 rounds leave a miss very unlikely on any CPU.
+ATTACK_STEPS = 160
+ATTACK_SETTINGS = {"lr": 5e-3, "max_words": 16, "max_length": 32, "clean_batch": 8, "poison_batch": 8,
+                   "check_every": ATTACK_STEPS, "target_agreement": 0.95, "heldout": 32}
+MINE_ROUNDS, MINE_LR, MINE_LINES = 16, 3e-3, 128
+TINY_ZOO = ["--triggers-per-model", "2", "--attack-steps", str(ATTACK_STEPS), "--mine-rounds", str(MINE_ROUNDS),
+            "--lines", str(MINE_LINES), "--mine-set", f"lr={MINE_LR}",
+            *[arg for key, value in ATTACK_SETTINGS.items() for arg in ("--attack-set", f"{key}={value}")]]
 
 
 def test_plan_cycles_attacks_trigger_sets_and_seeds():
@@ -133,10 +141,14 @@ def test_eval_zoo_reports_real_verdicts_and_resumes(tiny64, tmp_path, capsys, mo
     assert saved["summary"] | {"report": summary["report"]} == summary
     assert [(r["attack"], r["clean"]) for r in rows] == [("por", False), ("neuba", False), ("por", True)]
 
-    por, _, control = rows
+    por, neuba, control = rows
     assert control["truth"] == "clean" and control["verdict"] == "clean" and control["best_agreement"] is None
-    assert por["truth"] == "backdoored" and por["verdict"] == "backdoored" and por["pvs_kept"] == 1
-    assert por["best_agreement"] >= 0.9  # the mined PV is a planted one
+    assert control["rounds"] == MINE_ROUNDS and control["pvs_kept"] == 0
+    for r in (por, neuba):  # both backdoors found, each by a PV that is a planted one
+        planted = json.loads((out / "models" / r["name"] / "attack.json").read_text())
+        assert planted["heldout"]["min_agreement"] >= ATTACK_SETTINGS["target_agreement"], r["name"]
+        assert r["truth"] == "backdoored" and r["verdict"] == "backdoored" and r["pvs_kept"] == 1, r
+        assert r["best_agreement"] >= 0.9, r  # sign agreement with the nearest planted PV
     # the verdicts are the mined signature files' own
     from lmsan_serve.signatures import SignatureSet
 
@@ -174,7 +186,7 @@ def test_eval_zoo_reports_real_verdicts_and_resumes(tiny64, tmp_path, capsys, mo
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr("lmsan_serve.zoo._mine_member", interrupted)
+        m.setattr("lmsan_serve.zoo.mine_member", interrupted)
         assert main(argv) == 130
     assert "partial report of 2 of 3 models" in capsys.readouterr().err
     partial = json.loads((out / "detection.json").read_text())
@@ -187,10 +199,8 @@ def test_eval_zoo_reports_real_verdicts_and_resumes(tiny64, tmp_path, capsys, mo
 
     # other mining settings re-mine, but keep the planted copy
     control_member = ZooMember(control["name"], "por", (), 0, clean=True)
-    overrides = {"steps": 120, "lr": 5e-3, "max_words": 16, "max_length": 32, "clean_batch": 8, "poison_batch": 8,
-                 "check_every": 10, "target_agreement": 0.95, "heldout": 32}
-    (again,) = run_zoo(str(tiny64), [control_member], out, attack_overrides=overrides,
-                       mining_overrides={"lines": 128, "max_rounds": 2}, device="cpu", progress=False)
+    (again,) = run_zoo(str(tiny64), [control_member], out, attack_overrides={"steps": ATTACK_STEPS, **ATTACK_SETTINGS},
+                       mining_overrides={"lines": MINE_LINES, "max_rounds": 2}, device="cpu", progress=False)
     assert again["rounds"] == 2 and again["verdict"] == "clean"
     assert again["attack_seconds"] == control["attack_seconds"]
 

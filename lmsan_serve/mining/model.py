@@ -124,8 +124,9 @@ def resolved_distance(prepared: Prepared, config: MiningConfig) -> float:
     return 0.5 * prepared.scale
 
 
-def _splice(embeds: torch.Tensor, trigger: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """Insert `trigger` [n, E] into each row of `embeds` [B, L, E] before token index `at[b]`."""
+def splice(embeds: torch.Tensor, trigger: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """Insert `trigger` [n, E] into each row of `embeds` [B, L, E] before token index `at[b]`, in
+    one gather for the whole batch (the reference splices one sample at a time)."""
     b, length, e = embeds.shape
     n = trigger.shape[0]
     j = torch.arange(length + n, device=embeds.device)[None, :].expand(b, -1)
@@ -135,7 +136,9 @@ def _splice(embeds: torch.Tensor, trigger: torch.Tensor, at: torch.Tensor) -> to
     return pool.gather(1, src[..., None].expand(-1, -1, e))
 
 
-def _splice_ids(t: torch.Tensor, at: torch.Tensor, n: int, fill: int) -> torch.Tensor:
+def splice_ids(t: torch.Tensor, at: torch.Tensor, n: int, fill: int) -> torch.Tensor:
+    """The id-like tensor `t` [B, L] (attention mask, token types) spliced the way `splice` splices the
+    embeddings: `n` entries of `fill` before index `at[b]` of each row, so masks stay aligned."""
     b, length = t.shape
     j = torch.arange(length + n, device=t.device)[None, :].expand(b, -1)
     k = at[:, None]
@@ -381,10 +384,10 @@ def _triggered(backbone: Backbone, prepared: Prepared, idx: torch.Tensor, trigge
          for i in idx.tolist()],
         device=ids.device,
     )
-    kwargs = {"inputs_embeds": _splice(model.get_input_embeddings()(ids), trigger, at),
-              "attention_mask": _splice_ids(attn, at, config.prompt_len, 1)}
+    kwargs = {"inputs_embeds": splice(model.get_input_embeddings()(ids), trigger, at),
+              "attention_mask": splice_ids(attn, at, config.prompt_len, 1)}
     if tti is not None:
-        kwargs["token_type_ids"] = _splice_ids(tti, at, config.prompt_len, 0)
+        kwargs["token_type_ids"] = splice_ids(tti, at, config.prompt_len, 0)
     hidden = model(**kwargs).last_hidden_state
     mon = prepared.monitor_index[idx]
     mon = torch.where(mon >= at, mon + config.prompt_len, mon)

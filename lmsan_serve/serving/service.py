@@ -132,7 +132,7 @@ class GuardService:
         if self.current is not None:  # calibrate before the first request rather than during it
             for task in self._calibration_inputs:
                 if self.mode_of(task) != "off":
-                    self._guard(task)
+                    self.guard(task)
 
     # -- signatures ------------------------------------------------------------------------------
     def reload_signatures(self, path: str) -> bool:
@@ -209,7 +209,11 @@ class GuardService:
     def mode_of(self, task: str) -> str:
         return self.settings.task_modes.get(task) or self.config.task(task).mode or self.settings.mode
 
-    def _guard(self, task: str) -> tuple[Guard, LoadedSignatures | None]:
+    def guard(self, task: str) -> tuple[Guard, LoadedSignatures | None]:
+        """The guard that scores `task`'s requests now and the signature snapshot it holds (None with
+        the guard off): built on first use and after a reload or reconfigure, and calibrated then on
+        the task's clean inputs, so its monitor holds the thresholds the task is served with.
+        Raises LmsanError when the task is guarded but no signature set is loaded."""
         mode = self.mode_of(task)
         snap = self.current
         if mode != "off" and snap is None:
@@ -264,7 +268,7 @@ class GuardService:
         pairs = [p or "" for c in calls for p in (c.pairs or [])] if paired else None
         stats = GuardStats()
         try:
-            guard, snap = self._guard(task)
+            guard, snap = self.guard(task)
             results = guard.classify(texts, pairs, stats)
         except Exception as exc:  # fail closed: no input of this group is answered unguarded
             if isinstance(exc, LmsanError):
