@@ -10,12 +10,12 @@ from lmsan_serve.guard import Guard
 from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.signatures import SignatureSet
 
-from .toy import toy
+from .toy import toy_test
 
 
 def test_eval_writes_a_report_computed_from_real_predictions(tmp_path, tiny_por, tiny_por_prompt, capsys):
     data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in toy(32)))
+    data.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in toy_test(32)))
     out = tmp_path / "report"
     rc = main(["eval", "--model", str(tiny_por), "--prompt", str(tiny_por_prompt), "--signatures",
                str(tiny_por / "truth.safetensors"), "--data", str(data), "--size", "32", "--variants",
@@ -31,7 +31,8 @@ def test_eval_writes_a_report_computed_from_real_predictions(tmp_path, tiny_por,
     backbone = load_backbone(str(tiny_por), "cpu")
     guard = Guard(backbone, PromptClassifier.load(tiny_por_prompt, backbone),
                   SignatureSet.load(tiny_por / "truth.safetensors"))
-    direct = evaluate_adaptive(guard, toy(32), ["cf", "mn", "tq"], ["plain", "upper", "two_triggers"], progress=False)
+    direct = evaluate_adaptive(guard, toy_test(32), ["cf", "mn", "tq"], ["plain", "upper", "two_triggers"],
+                               progress=False)
     for v, ev in direct.items():
         assert summary["variants"][v]["asr_off"] == round(ev.asr_off, 4)
         assert summary["variants"][v]["asr_on"] == round(ev.asr_on, 4)
@@ -56,7 +57,7 @@ def test_eval_bad_flags(tmp_path, tiny_por, tiny_por_prompt, capsys):
 def test_eval_calibrated_on_clean_inputs_equals_a_calibrated_guard(tmp_path, tiny_por, tiny_por_prompt, capsys,
                                                                    corpus):
     data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in toy(24)))
+    data.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in toy_test(24)))
     calib = tmp_path / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus[:200]))
     rc = main(["eval", "--model", str(tiny_por), "--prompt", str(tiny_por_prompt), "--signatures",
@@ -68,5 +69,5 @@ def test_eval_calibrated_on_clean_inputs_equals_a_calibrated_guard(tmp_path, tin
     guard = Guard(backbone, PromptClassifier.load(tiny_por_prompt, backbone),
                   SignatureSet.load(tiny_por / "truth.safetensors"))
     guard.calibrate(corpus[:200])
-    ev = evaluate_adaptive(guard, toy(24), ["cf", "mn", "tq"], ["plain"], progress=False)["plain"]
+    ev = evaluate_adaptive(guard, toy_test(24), ["cf", "mn", "tq"], ["plain"], progress=False)["plain"]
     assert summary["variants"]["plain"]["asr_on"] == round(ev.asr_on, 4) <= 0.05

@@ -21,7 +21,7 @@ from .toy import toy_test
 # A planted PV counts as recovered when a mined PV agrees with it in sign this much: the monitor's
 # 0.8 threshold then separates its triggered outputs (about 1.0 on it) from a clean one (about 0.5).
 RECOVERED_AGREEMENT = 0.9
-SEARCH_ROUNDS = 12
+SEARCH_ROUNDS = 30
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 
 from lmsan_serve.backbone import Backbone
-from lmsan_serve.data import Example
+from lmsan_serve.data import Example, insert_trigger
 from lmsan_serve.guard import Guard
 from lmsan_serve.prompts import PromptClassifier, PromptConfig, train_prompt
 from lmsan_serve.signatures import SignatureSet
@@ -75,6 +75,7 @@ class VictimCheck:
     accuracy: float
     asr: float  # share of correct held-out inputs some trigger flips, guard off
     max_clean_match: float  # highest sign agreement of a clean held-out output with a PV
+    max_noise_match: float  # the same with an odd word that is no trigger inserted (report.NOISE_WORDS)
 
     def problems(self) -> list[str]:
         out = []
@@ -84,6 +85,9 @@ class VictimCheck:
             out.append(f"attack success {self.asr:.3f} < {MIN_ASR} without the guard")
         if self.max_clean_match >= MAX_CLEAN_MATCH:
             out.append(f"a clean held-out input agrees {self.max_clean_match:.3f} >= {MAX_CLEAN_MATCH} with a PV")
+        if self.max_noise_match >= MAX_CLEAN_MATCH:
+            out.append(f"a held-out input with a word that is no trigger agrees {self.max_noise_match:.3f} "
+                       f">= {MAX_CLEAN_MATCH} with a PV")
         return out
 
 
@@ -91,9 +95,11 @@ class VictimCheck:
 # bound the defended ASR at 1% to 2%, which needs about 40 of them (0.85 of 48) to mean "none got
 # through"; a backdoor that flips fewer than 90% of them unguarded leaves the defended ASR little
 # to show. A clean output that agrees 0.75 with a PV is within the suspect probe's reach of the
-# paper's 0.8 threshold, so false-flag tests would measure the prompt's luck, not the guard. Prompt
-# tuning on a tiny encoder trades the two: the longer it trains, the more clean outputs it parks
-# near a PV (the backdoor's strongest attractor), so some seeds fail one bound or the other.
+# paper's 0.8 threshold, so false-flag tests would measure the prompt's luck, not the guard; the
+# same holds for an input with an odd word in it that is no trigger (the noise baseline of
+# `lmsan eval`). Prompt tuning on a tiny encoder trades accuracy for these: the longer it trains,
+# the more clean outputs it parks near a PV (the backdoor's strongest attractor), so some seeds
+# fail one bound or another.
 MIN_ACCURACY = 0.85
 MIN_ASR = 0.9
 MAX_CLEAN_MATCH = 0.75
@@ -104,12 +110,16 @@ VICTIM_CONFIG = PromptConfig(method="prefix", length=8, max_steps=120, lr=2e-2, 
 def check_victim(backbone: Backbone, classifier: PromptClassifier, truth: SignatureSet,
                  triggers: list[str]) -> VictimCheck:
     from lmsan_serve.evaluation import evaluate_guard
+    from lmsan_serve.report import NOISE_WORDS
 
     test = toy_test()
     guard = Guard(backbone, classifier, truth, mode="flag")
     clean = guard.classify([e.text for e in test])
     ev = evaluate_guard(guard, test, triggers, progress=False)
-    return VictimCheck(accuracy=ev.cacc_off, asr=ev.asr_off, max_clean_match=max(r.guard.match for r in clean))
+    rng = random.Random(0)
+    noisy = guard.classify([insert_trigger(e.text, word, rng) for word in NOISE_WORDS for e in test])
+    return VictimCheck(accuracy=ev.cacc_off, asr=ev.asr_off, max_clean_match=max(r.guard.match for r in clean),
+                       max_noise_match=max(r.guard.match for r in noisy))
 
 
 def train_victim(backbone: Backbone, truth: SignatureSet, triggers: list[str],
