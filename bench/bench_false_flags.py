@@ -43,7 +43,7 @@ from lmsan_serve.removal import TASKS, holding_trigger
 from lmsan_serve.signatures import SignatureSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_artifacts import quick_artifacts  # noqa: E402  (a sibling file, not a package)
+from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402  (a sibling file, not a package)
 
 HEADER = ("| task | calibration inputs | method | flagged on them (after) | bound on unseen | combinations off | "
           "test inputs | false flags | of them holding a trigger | false flags without those |\n"
@@ -124,16 +124,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "--quick)")
     ap.add_argument("--target-fpr", type=float, default=0.005)
     ap.add_argument("--methods", default="held-out,exact", help="calibrations to compare: held-out, exact")
-    ap.add_argument("--quick", action="store_true", help="the tiny backdoored BERT of bench/tiny_artifacts.py, "
-                    "its mined signatures and victim prompt, few inputs: checks that the script runs")
-    ap.add_argument("--cache", help="with --quick: folder for the tiny artifacts, reused when already built "
-                    "(default: a temporary folder)")
+    add_quick_options(ap, "its mined signatures and victim prompt, few inputs; checks that the script runs")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
     args = ap.parse_args(argv)
-    if args.quick and (args.model or args.signatures or args.prompts):
-        ap.error("--quick builds its own tiny model, signatures and prompt; drop --model, --signatures and --prompts")
-    if args.cache and not args.quick:
-        ap.error("--cache applies to --quick only")
+    check_quick_options(ap, args, {"--model": args.model, "--signatures": args.signatures, "--prompts": args.prompts})
     args.tasks = comma_list(args.tasks or "sms_spam,ag_news")
     args.test = (200 if args.quick else 1000) if args.test is None else args.test
     args.methods = comma_list(args.methods)

@@ -49,7 +49,7 @@ from lmsan_serve.prompts import PromptClassifier, PromptConfig, train_prompt
 from lmsan_serve.signatures import SignatureSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_artifacts import quick_artifacts  # noqa: E402  (a sibling file, not a package)
+from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402  (a sibling file, not a package)
 
 DEMO_DIR = Path("lmsan-out/demo")
 BENCH_DIR = Path("lmsan-out/bench")
@@ -587,11 +587,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--signatures", help="signature file the guard uses (default: the model's planted PVs, "
                     "truth.safetensors); inputs carry only the triggers whose PV it covers")
     ap.add_argument("--inputs", type=int, help="triggered inputs per length (default 30, 10 with --quick)")
-    ap.add_argument("--quick", action="store_true", help="a tiny backdoored BERT, its victim prompt and mined "
-                    "signatures (bench/tiny_artifacts.py), fewer inputs and repeats: checks that the script "
-                    "runs (the timings mean little)")
-    ap.add_argument("--cache", help="with --quick: folder for the tiny artifacts, reused when already built "
-                    "(default: a temporary folder)")
+    add_quick_options(ap, "its victim prompt and mined signatures, fewer inputs and repeats; checks that the "
+                      "script runs (the timings mean little)")
     ap.add_argument("--lengths", default="16,64,128", help="input lengths in words, comma-separated")
     ap.add_argument("--source", choices=["sst2", "wikitext"], default="sst2",
                     help="text to build inputs from")
@@ -600,10 +597,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="cpu, cuda or auto (the monitor part always runs on the CPU)")
     ap.add_argument("--json", metavar="PATH", help="also write a JSON summary here")
     args = ap.parse_args(argv)
-    if args.quick and (args.model or args.prompt or args.signatures):
-        ap.error("--quick builds its own tiny model, prompt and signatures; drop --model, --prompt and --signatures")
-    if args.cache and not args.quick:
-        ap.error("--cache applies to --quick only")
+    check_quick_options(ap, args, {"--model": args.model, "--prompt": args.prompt, "--signatures": args.signatures})
     if args.inputs is None:
         args.inputs = 10 if args.quick else 30
     if args.inputs < 1:

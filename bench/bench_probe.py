@@ -28,7 +28,7 @@ from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.signatures import SignatureSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_artifacts import quick_artifacts  # noqa: E402  (a sibling file, not a package)
+from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402  (a sibling file, not a package)
 
 BATCH = 8
 PASSES = 2  # over the sentences, so that each guard sees each batch twice in alternating order
@@ -91,15 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompt", help="prompt trained on it (default lmsan-out/demo/prompt-sst2)")
     ap.add_argument("--signatures", help="signature file (default: the model's planted PVs, truth.safetensors)")
     ap.add_argument("--size", type=int, help="SST-2 dev sentences (default 480, 96 with --quick)")
-    ap.add_argument("--quick", action="store_true", help="the tiny backdoored BERT with its mined signatures")
-    ap.add_argument("--cache", help="with --quick: folder for the tiny artifacts, reused when already built "
-                    "(default: a temporary folder)")
+    add_quick_options(ap, "its victim prompt and mined signatures")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     args = ap.parse_args(argv)
-    if args.quick and (args.model or args.prompt or args.signatures):
-        ap.error("--quick builds its own tiny model, prompt and signatures; drop model, --prompt and --signatures")
-    if args.cache and not args.quick:
-        ap.error("--cache applies to --quick only")
+    check_quick_options(ap, args, {"--model": args.model, "--prompt": args.prompt, "--signatures": args.signatures})
     args.size = (96 if args.quick else 480) if args.size is None else args.size
     if args.size < 1:
         ap.error("--size must be at least 1")

@@ -42,7 +42,7 @@ from lmsan_serve.signatures import SignatureSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_guard import _loadavg, command_line, covered_triggers, resolve_model, resolve_prompt_dir, say  # noqa: E402
-from tiny_artifacts import quick_artifacts  # noqa: E402  (sibling files, not a package)
+from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402  (sibling files, not a package)
 
 
 @dataclass
@@ -296,16 +296,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="the tiny backdoored BERT of bench/tiny_artifacts.py with "
-                   "its mined signatures, and a few dozen requests per phase: checks that the script runs")
-    p.add_argument("--cache", help="with --quick: folder for the tiny artifacts, reused when already built "
-                   "(default: a temporary folder)")
+    add_quick_options(p, "its mined signatures, a few dozen requests per phase; checks that the script runs")
     p.add_argument("--json", help="also write the results as JSON to this path")
     args = p.parse_args(argv)
-    if args.quick and (args.model or args.prompt or args.signatures):
-        p.error("--quick builds its own tiny model, prompt and signatures; drop --model, --prompt and --signatures")
-    if args.cache and not args.quick:
-        p.error("--cache applies to --quick only")
+    check_quick_options(p, args, {"--model": args.model, "--prompt": args.prompt, "--signatures": args.signatures})
     full = {"requests": 1000, "rounds": 10, "triggered": 200, "mixed": 400, "concurrency": 8, "words": 64}
     for name, value in (QUICK if args.quick else full).items():
         if getattr(args, name) is None:

@@ -52,7 +52,7 @@ from lmsan_serve.monitor import sign_agreement
 from lmsan_serve.signatures import SignatureSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_artifacts import quick_artifacts  # noqa: E402  (a sibling file, not a package)
+from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402  (a sibling file, not a package)
 
 
 def aim(backbone, prepared, config: MiningConfig, target: torch.Tensor, seed: int) -> torch.Tensor:
@@ -140,16 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--signatures", help="its mined signatures (default runs/bench-mine/por/mined-search.safetensors)")
     ap.add_argument("--truth", help="its planted PVs (default runs/bench-mine/por/truth.safetensors)")
     ap.add_argument("--seed", type=int, default=99, help="initialisation rule's seed (fuzz rounds use 0..N-1)")
-    ap.add_argument("--quick", action="store_true", help="the tiny backdoored BERT of bench/tiny_artifacts.py and "
-                    "its mined signatures, with the mining settings they were mined with: checks that the script runs")
-    ap.add_argument("--cache", help="with --quick: folder for the tiny artifacts, reused when already built "
-                    "(default: a temporary folder)")
+    add_quick_options(ap, "its mined signatures, with the mining settings they were mined with; checks that "
+                      "the script runs")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
     args = ap.parse_args(argv)
-    if args.quick and (args.model or args.signatures or args.truth):
-        ap.error("--quick builds its own tiny model and signatures; drop --model, --signatures and --truth")
-    if args.cache and not args.quick:
-        ap.error("--cache applies to --quick only")
+    check_quick_options(ap, args, {"--model": args.model, "--signatures": args.signatures, "--truth": args.truth})
     torch.set_num_threads(1 if args.quick else 2)
     try:
         if args.quick:

@@ -264,6 +264,22 @@ def quick_artifacts(cache: str | None, progress: Callable[[str], None] = say) ->
         yield build(tmp, progress)
 
 
+
+def add_quick_options(ap: argparse.ArgumentParser, what: str) -> None:
+    """--quick (its help says what the script does with the tiny artifacts) and --cache."""
+    ap.add_argument("--quick", action="store_true", help=f"the tiny backdoored BERT of bench/tiny_artifacts.py: {what}")
+    ap.add_argument("--cache", help="with --quick: folder for the tiny artifacts, reused when already built "
+                    "(default: a temporary folder)")
+
+
+def check_quick_options(ap: argparse.ArgumentParser, args: argparse.Namespace, own: dict[str, object]) -> None:
+    """--quick builds its own artifacts, so the options naming them (`own`: flag -> value) must be unset."""
+    given = [flag for flag, value in own.items() if value]
+    if args.quick and given:
+        ap.error(f"--quick builds its own tiny artifacts; drop {', '.join(given)}")
+    if args.cache and not args.quick:
+        ap.error("--cache applies to --quick only")
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for the artifacts (reused when already built)")
