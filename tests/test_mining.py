@@ -178,12 +178,18 @@ def local_ray():
 
 
 def test_ray_fan_out_equals_the_serial_run(tiny_por, corpus, tmp_path, local_ray):
+    """Both modes give the same verdict, kept seeds and PVs with tasks on Ray as in one process.
+    Which early seeds find a PV of the tiny copy depends on the CPU's rounding, so detect gets the
+    rounds to find one; at least one PV must be kept, or the PV comparison would be empty."""
     backbone = load_backbone(str(tiny_por), "cpu")
-    for config in (MiningConfig(lines=128, max_rounds=3), MiningConfig(mode="search", lines=128, max_rounds=4)):
+    kept_any = False
+    for config in (MiningConfig(lines=128, max_rounds=10), MiningConfig(mode="search", lines=128, max_rounds=4)):
         serial = mine(backbone, config, corpus, tmp_path / "serial.safetensors", progress=False)
         fanned = mine(backbone, config, corpus, tmp_path / "ray.safetensors", progress=False, workers=2)
-        assert fanned.verdict == serial.verdict == "backdoored"
+        assert fanned.verdict == serial.verdict  # (a wave of tasks may run past the round that found it)
+        kept_any |= len(serial.signatures) > 0
         assert [r.seed for r in fanned.signatures.meta.pvs] == [r.seed for r in serial.signatures.meta.pvs]
         assert torch.allclose(fanned.signatures.pvs, serial.signatures.pvs, atol=1e-5)
         kept = {c["seed"] for c in serial.candidates if c["kept"]}
         assert kept == {c["seed"] for c in fanned.candidates if c["kept"]}
+    assert kept_any, "no round kept a PV of the tiny POR copy in either mode"
