@@ -76,14 +76,13 @@ class VictimCheck:
     asr: float  # share of correct held-out inputs some trigger flips, guard off
     max_clean_match: float  # highest sign agreement of a clean held-out output with a PV
     max_noise_match: float  # the same with an odd word that is no trigger inserted (report.NOISE_WORDS)
-    min_asr: float = 0.9  # what `min_asr_for` asks of this many triggers
 
     def problems(self) -> list[str]:
         out = []
         if self.accuracy < MIN_ACCURACY:
             out.append(f"held-out accuracy {self.accuracy:.3f} < {MIN_ACCURACY}")
-        if self.asr < self.min_asr:
-            out.append(f"attack success {self.asr:.3f} < {self.min_asr} without the guard")
+        if self.asr < MIN_ASR:
+            out.append(f"attack success {self.asr:.3f} < {MIN_ASR} without the guard")
         if self.max_clean_match >= MAX_CLEAN_MATCH:
             out.append(f"a clean held-out input agrees {self.max_clean_match:.3f} >= {MAX_CLEAN_MATCH} with a PV")
         if self.max_noise_match >= MAX_CLEAN_MATCH:
@@ -94,27 +93,18 @@ class VictimCheck:
 
 # Why these bounds: ASR is counted on the held-out inputs the victim gets right, and the tests
 # bound the defended ASR at 1% to 2%, which needs about 40 of them (0.85 of 48) to mean "none got
-# through"; a backdoor that flips few of them unguarded leaves the defended ASR little to show
-# (`min_asr_for`). A clean output that agrees 0.75 with a PV is within the suspect probe's reach of the
+# through"; a backdoor that flips fewer than 90% of them unguarded leaves the defended ASR little
+# to show. A clean output that agrees 0.75 with a PV is within the suspect probe's reach of the
 # paper's 0.8 threshold, so false-flag tests would measure the prompt's luck, not the guard; the
 # same holds for an input with an odd word in it that is no trigger (the noise baseline of
 # `lmsan eval`). Prompt tuning on a tiny encoder trades accuracy for these: the longer it trains,
 # the more clean outputs it parks near a PV (the backdoor's strongest attractor), so some seeds
 # fail one bound or another.
 MIN_ACCURACY = 0.85
+MIN_ASR = 0.9
 MAX_CLEAN_MATCH = 0.75
-VICTIM_SEEDS = range(8)
-# The second learning rate parks fewer clean inputs on a PV where the first does on every seed
-# (seen on the phrase copy with AVX2 kernels).
-VICTIM_CONFIGS = (PromptConfig(method="prefix", length=8, max_steps=120, lr=2e-2, batch_size=16),
-                  PromptConfig(method="prefix", length=8, max_steps=120, lr=1e-2, batch_size=16))
-
-
-def min_asr_for(triggers: list[str]) -> float:
-    """Each trigger sends its inputs to one label. With two labels and two triggers, the head maps
-    both PVs to one label half the time, and then only the other label's inputs can flip: about
-    half of them. Three or more triggers flip nearly all in practice, so 0.9 is asked of them."""
-    return 0.9 if len(triggers) >= 3 else 0.45
+VICTIM_SEEDS = range(12)
+VICTIM_CONFIG = PromptConfig(method="prefix", length=8, max_steps=120, lr=2e-2, batch_size=16)
 
 
 def check_victim(backbone: Backbone, classifier: PromptClassifier, truth: SignatureSet,
@@ -129,22 +119,21 @@ def check_victim(backbone: Backbone, classifier: PromptClassifier, truth: Signat
     rng = random.Random(0)
     noisy = guard.classify([insert_trigger(e.text, word, rng) for word in NOISE_WORDS for e in test])
     return VictimCheck(accuracy=ev.cacc_off, asr=ev.asr_off, max_clean_match=max(r.guard.match for r in clean),
-                       max_noise_match=max(r.guard.match for r in noisy), min_asr=min_asr_for(triggers))
+                       max_noise_match=max(r.guard.match for r in noisy))
 
 
-def train_victim(backbone: Backbone, truth: SignatureSet, triggers: list[str]) -> tuple[PromptClassifier, VictimCheck]:
+def train_victim(backbone: Backbone, truth: SignatureSet, triggers: list[str],
+                 config: PromptConfig | None = None) -> tuple[PromptClassifier, VictimCheck]:
     """Train the victim's soft prompt on the training split until `check_victim` passes, trying the
-    seeds of VICTIM_SEEDS with each of VICTIM_CONFIGS in turn: on a tiny encoder prompt tuning
-    sometimes parks clean inputs on a PV or misses a pattern, and which seed does so depends on the
-    CPU's float rounding. Raises with every try's problems when none is fit, so a failure says
-    what the fixture lacked."""
+    seeds of VICTIM_SEEDS in turn: on a tiny encoder prompt tuning sometimes parks clean inputs on
+    a PV or misses a pattern, and which seed does so depends on the CPU's float rounding. Raises
+    with every seed's problems when none is fit, so a failure says what the fixture lacked."""
+    config = config or VICTIM_CONFIG
     tried = []
-    for config in VICTIM_CONFIGS:
-        for seed in VICTIM_SEEDS:
-            classifier = train_prompt(backbone, config.model_copy(update={"seed": seed}), toy(), None,
-                                      progress=False)
-            check = check_victim(backbone, classifier, truth, triggers)
-            if not check.problems():
-                return classifier, check
-            tried.append(f"lr {config.lr}, seed {seed}: " + "; ".join(check.problems()))
+    for seed in VICTIM_SEEDS:
+        classifier = train_prompt(backbone, config.model_copy(update={"seed": seed}), toy(), None, progress=False)
+        check = check_victim(backbone, classifier, truth, triggers)
+        if not check.problems():
+            return classifier, check
+        tried.append(f"seed {seed}: " + "; ".join(check.problems()))
     raise AssertionError("no victim prompt fit for the guard tests:\n" + "\n".join(tried))
