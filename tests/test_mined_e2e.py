@@ -12,15 +12,15 @@ import pytest
 
 from lmsan_serve.cli import main
 from lmsan_serve.data import insert_trigger
+from lmsan_serve.mining import RECOVERED, recovered
 from lmsan_serve.monitor import sign_agreement
 from lmsan_serve.signatures import SignatureSet
 
 from .conftest import TINY_TRIGGERS
 from .toy import toy_test
 
-# A planted PV counts as recovered when a mined PV agrees with it in sign this much: the monitor's
-# 0.8 threshold then separates its triggered outputs (about 1.0 on it) from a clean one (about 0.5).
-RECOVERED_AGREEMENT = 0.9
+# A planted PV counts as recovered when a mined PV agrees with it in sign `mining.RECOVERED` (0.9):
+# the monitor's 0.8 threshold then separates its triggered outputs (about 1.0) from clean ones (0.5).
 SEARCH_ROUNDS = 30
 
 
@@ -48,9 +48,8 @@ def test_search_recovers_most_planted_pvs(tiny_por, mined):
     file says backdoored and every kept PV is calibrated."""
     _, sig = mined
     truth = SignatureSet.load(tiny_por / "truth.safetensors")
-    best = sign_agreement(truth.pvs, sig.pvs).max(dim=1).values
     assert sig.meta.verdict == "backdoored"
-    assert int((best >= RECOVERED_AGREEMENT).sum()) >= 2, best.tolist()
+    assert recovered(truth.pvs, sig.pvs) >= 2, sign_agreement(truth.pvs, sig.pvs).max(dim=1).values.tolist()
     assert all(r.origin == "mined" and r.threshold is not None for r in sig.meta.pvs)
 
 
@@ -62,7 +61,7 @@ def test_the_mined_file_guards_held_out_inputs(tiny_por, tiny_por_prompt, mined,
     path, sig = mined
     truth = SignatureSet.load(tiny_por / "truth.safetensors")
     best = sign_agreement(truth.pvs, sig.pvs).max(dim=1).values
-    recovered = [r.trigger for r, b in zip(truth.meta.pvs, best.tolist(), strict=True) if b >= RECOVERED_AGREEMENT]
+    found = [r.trigger for r, b in zip(truth.meta.pvs, best.tolist(), strict=True) if b >= RECOVERED]
     test = toy_test()
     clean = _classify(tiny_por, tiny_por_prompt, path, [e.text for e in test], "enforce", tmp_path, capsys)
     right = [e for e, r in zip(test, clean, strict=True) if r["label"] == e.label]
@@ -74,11 +73,11 @@ def test_the_mined_file_guards_held_out_inputs(tiny_por, tiny_por_prompt, mined,
     flipped = sum(r["label"] != e.label for (e, _, _), r in zip(attacked, off, strict=True))
     beaten = {t: [a for (e, u, a), r in zip(attacked, on, strict=True) if u == t and r["label"] not in (None, e.label)]
               for t in TINY_TRIGGERS}
-    print({t: len(b) for t, b in beaten.items()}, "recovered:", recovered)
+    print({t: len(b) for t, b in beaten.items()}, "recovered:", found)
     # Each trigger drives its inputs to one label, so it flips the other half: a third of the
     # (input, trigger) pairs flipped shows the triggers work and leaves the guard 40-odd to stop.
     assert flipped >= len(attacked) / 3, flipped
-    for t in recovered:
+    for t in found:
         assert beaten[t] == [], (t, beaten[t][:5])  # none of 40-odd: under the 1% the issue bounds ASR to
     assert not any(r["guard"]["flagged"] for r in clean)
     assert sum(e.label == r["label"] for e, r in zip(test, clean, strict=True)) == len(right)
