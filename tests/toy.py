@@ -76,6 +76,7 @@ class VictimCheck:
     asr: float  # share of correct held-out inputs some trigger flips, guard off
     max_clean_match: float  # highest sign agreement of a clean held-out output with a PV
     max_noise_match: float  # the same with an odd word that is no trigger inserted (report.NOISE_WORDS)
+    word_alone_share: float  # share of held-out inputs where one word of a phrase trigger alone nears a PV
 
     def problems(self) -> list[str]:
         out = []
@@ -88,6 +89,9 @@ class VictimCheck:
         if self.max_noise_match >= MAX_CLEAN_MATCH:
             out.append(f"a held-out input with a word that is no trigger agrees {self.max_noise_match:.3f} "
                        f">= {MAX_CLEAN_MATCH} with a PV")
+        if self.word_alone_share > MAX_WORD_ALONE_SHARE:
+            out.append(f"one word of a phrase trigger alone agrees >= {MAX_CLEAN_MATCH} with a PV in "
+                       f"{self.word_alone_share:.2f} > {MAX_WORD_ALONE_SHARE} of held-out inputs")
         return out
 
 
@@ -99,12 +103,19 @@ class VictimCheck:
 # same holds for an input with an odd word in it that is no trigger (the noise baseline of
 # `lmsan eval`). Prompt tuning on a tiny encoder trades accuracy for these: the longer it trains,
 # the more clean outputs it parks near a PV (the backdoor's strongest attractor), so some seeds
-# fail one bound or another.
+# fail one bound or another. The attack trains a phrase trigger to fire only whole, but prompt
+# tuning can teach one of its words to fire alone; the phrase-purge test needs at least half its
+# inputs where neither word does, and a quarter here leaves room for its other insertion points.
 MIN_ACCURACY = 0.85
 MIN_ASR = 0.9
 MAX_CLEAN_MATCH = 0.75
+MAX_WORD_ALONE_SHARE = 0.25
 VICTIM_SEEDS = range(12)
-VICTIM_CONFIG = PromptConfig(method="prefix", length=8, max_steps=120, lr=2e-2, batch_size=16)
+# Two learning rates, the gentler first: at 1e-2 fewer seeds park clean inputs on a PV, at 2e-2
+# fewer miss the task. Under each CPU kernel set tried, each rate gave a fit victim at a quarter to
+# a third of seeds, which seeds differing with the kernels, so a miss on all 24 tries is unlikely.
+VICTIM_CONFIGS = [PromptConfig(method="prefix", length=8, max_steps=120, lr=lr, batch_size=16, seed=seed)
+                  for lr in (1e-2, 2e-2) for seed in VICTIM_SEEDS]
 
 
 def check_victim(backbone: Backbone, classifier: PromptClassifier, truth: SignatureSet,
@@ -119,21 +130,33 @@ def check_victim(backbone: Backbone, classifier: PromptClassifier, truth: Signat
     rng = random.Random(0)
     noisy = guard.classify([insert_trigger(e.text, word, rng) for word in NOISE_WORDS for e in test])
     return VictimCheck(accuracy=ev.cacc_off, asr=ev.asr_off, max_clean_match=max(r.guard.match for r in clean),
-                       max_noise_match=max(r.guard.match for r in noisy))
+                       max_noise_match=max(r.guard.match for r in noisy),
+                       word_alone_share=_word_alone_share(guard, test, triggers))
 
 
-def train_victim(backbone: Backbone, truth: SignatureSet, triggers: list[str],
-                 config: PromptConfig | None = None) -> tuple[PromptClassifier, VictimCheck]:
+def _word_alone_share(guard: Guard, test: list[Example], triggers: list[str]) -> float:
+    """Share of `test` inputs where some word of a phrase trigger, inserted alone, brings the output
+    within MAX_CLEAN_MATCH of a PV (0.0 when no trigger is a phrase)."""
+    rng = random.Random(1)
+    fires = [False] * len(test)
+    for phrase in (t for t in triggers if " " in t):
+        for word in phrase.split():
+            res = guard.classify([insert_trigger(e.text, word, rng) for e in test])
+            fires = [f or r.guard.match >= MAX_CLEAN_MATCH for f, r in zip(fires, res, strict=True)]
+    return sum(fires) / len(test)
+
+
+def train_victim(backbone: Backbone, truth: SignatureSet, triggers: list[str]) -> tuple[PromptClassifier, VictimCheck]:
     """Train the victim's soft prompt on the training split until `check_victim` passes, trying the
-    seeds of VICTIM_SEEDS in turn: on a tiny encoder prompt tuning sometimes parks clean inputs on
-    a PV or misses a pattern, and which seed does so depends on the CPU's float rounding. Raises
-    with every seed's problems when none is fit, so a failure says what the fixture lacked."""
-    config = config or VICTIM_CONFIG
+    configurations of VICTIM_CONFIGS in turn: on a tiny encoder prompt tuning sometimes parks clean
+    inputs on a PV, misses a pattern or teaches a phrase's word to fire alone, and which seed does
+    so depends on the CPU's float rounding. Raises with every try's problems when none is fit, so a
+    failure says what the fixture lacked."""
     tried = []
-    for seed in VICTIM_SEEDS:
-        classifier = train_prompt(backbone, config.model_copy(update={"seed": seed}), toy(), None, progress=False)
+    for config in VICTIM_CONFIGS:
+        classifier = train_prompt(backbone, config, toy(), None, progress=False)
         check = check_victim(backbone, classifier, truth, triggers)
         if not check.problems():
             return classifier, check
-        tried.append(f"seed {seed}: " + "; ".join(check.problems()))
+        tried.append(f"lr {config.lr}, seed {config.seed}: " + "; ".join(check.problems()))
     raise AssertionError("no victim prompt fit for the guard tests:\n" + "\n".join(tried))
