@@ -139,8 +139,9 @@ class Guard:
         assert self.signatures is not None
         return self.backbone.select(hidden, self.signatures.position, monitor_index)
 
-    def _bare_margins(self, input_ids, attention_mask, token_type_ids, monitor_index) -> torch.Tensor:
-        """Monitor margins of purge variants on the bare encoder (no soft prompt)."""
+    def bare_margins(self, input_ids, attention_mask, token_type_ids, monitor_index) -> torch.Tensor:
+        """Monitor margins of purge variants on the bare encoder (no soft prompt): the purifier's
+        scorer (`purify.Scorer`), positive where a variant is still flagged."""
         # prompted(None) takes the backbone's lock: the prompt hooks and their depth counter are
         # shared by every pass, so a bare pass must not interleave with a prompted one.
         with self.backbone.prompted(None):
@@ -217,7 +218,7 @@ class Guard:
         """Rows of `near` whose top-attended words fire a PV on their own."""
         if not near or saliency is None:
             return []
-        fired, pstats = self.purifier.probe(batch, near, self._bare_margins, saliency,
+        fired, pstats = self.purifier.probe(batch, near, self.bare_margins, saliency,
                                             min_attention=self.suspect_attention)
         stats.purge_passes += pstats.passes
         stats.purge_variants += pstats.variants
@@ -249,7 +250,7 @@ class Guard:
             self._classify_purged(batch, retry, found, results, stats)
 
     def _purge(self, batch, rows: list[int], stats: GuardStats, **options) -> dict:
-        found, pstats = self.purifier.purify(batch, rows, self._bare_margins, **options)
+        found, pstats = self.purifier.purify(batch, rows, self.bare_margins, **options)
         stats.purge_passes += pstats.passes
         stats.purge_variants += pstats.variants
         return found

@@ -210,7 +210,7 @@ def test_fail_open_without_signatures_is_degraded_not_down(files, backbone, tmp_
 def test_inputs_that_hit_the_purge_bound_are_blocked_and_counted(files, backbone, monkeypatch):
     svc = service(files, backbone)
     # an adversary whose trigger no deletion silences: every variant stays flagged
-    monkeypatch.setattr(Guard, "_bare_margins", lambda self, ids, *a: torch.ones(ids.shape[0]))
+    monkeypatch.setattr(Guard, "bare_margins", lambda self, ids, *a: torch.ones(ids.shape[0]))
     decoys = " ".join(f"w{i}" for i in range(300))
     out = svc.classify([ClassifyCall("a", "sst", [f"cf {decoys}", "simply great"])])
     stuffed, clean = out[0].results
