@@ -9,7 +9,7 @@ Three phases against one app with two replicas of the classifier:
    sending. The replicas reload the good files, keep the last good set on the bad one, and no
    request fails.
 3. replica kill: one replica process is killed with SIGKILL under load. Clients follow the
-   documented retry policy (README, Serving: retry a connection error or a 502/503/504 up to 3
+   documented retry policy (docs/serving.md: retry a connection error or a 502/503/504 up to 3
    times with backoff; classification is idempotent). Reports requests lost after retries and
    how long Serve took to bring the replica back.
 

@@ -185,7 +185,7 @@ class Monitor:
         at 500 inputs the margin is the largest excess of the held-out half, one outlier sets it,
         and in units of 1/sqrt(dims) it switches off combinations that alone catch some trigger
         (POR `minilm`, mined signatures: SMS spam ASR with the guard 0.875 against 0.000 with the
-        exact fit, RTE monitor recall 0.668 against 0.856; README, Per-task calibration)."""
+        exact fit, RTE monitor recall 0.668 against 0.856; docs/serving.md, Per-task calibration)."""
         feats = features.detach().float()
         old = self.thresholds.clone()
         k = self.pvs.shape[0]

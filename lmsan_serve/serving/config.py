@@ -26,12 +26,12 @@ class TaskConfig(BaseModel):
     calibration: str | None = Field(default=None, description=(
         "clean inputs of this task (JSONL with `text`, optional `text_pair`): the monitor's thresholds are "
         "raised on them, scored through this task's prompt, so that at most `calibration_fpr` of them flag "
-        "(README, Per-task calibration)"))
+        "(docs/serving.md, Per-task calibration)"))
     calibration_fpr: float = Field(default=0.005, gt=0.0, lt=1.0)
     calibration_margin: bool = Field(default=False, description=(
         "fit on half the calibration inputs and add the held-out conformal margin, which bounds unseen false "
         "flags at calibration_fpr (from 398 inputs at 0.5%) but can switch off the PV combinations that catch "
-        "some triggers; off: the exact fit (README, Per-task calibration)"))
+        "some triggers; off: the exact fit (docs/serving.md, Per-task calibration)"))
 
 
 class Limits(BaseModel):
