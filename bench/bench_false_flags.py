@@ -1,7 +1,7 @@
 """False flags on clean traffic after per-task calibration, on more test inputs than the removal
 run's 200: how far the rate measured on the calibration inputs carries to unseen ones, and what
 more calibration inputs buy. In process, guard mode `flag` (no purge), per task of the removal
-split (lmsan_serve.removal.TASKS); inputs that already hold a trigger's tokens are counted apart.
+split (lmsan_lab.removal.TASKS); inputs that already hold a trigger's tokens are counted apart.
 
     .venv/bin/python bench/bench_false_flags.py --tasks sms_spam,ag_news --test 1000 --calibrate 500,1500
     .venv/bin/python bench/bench_false_flags.py --quick --json runs/false-flags-quick.json
@@ -12,7 +12,7 @@ the guard's default).
 
 Needs the POR copy (`lmsan demo` writes lmsan-out/demo/por), its mined search signatures
 (`bench/bench_mine.py --attacks por --skip-reference --search-rounds 16` writes
-runs/bench-mine/por/mined-search.safetensors) and the removal run's prompts (`lmsan eval --removal
+runs/bench-mine/por/mined-search.safetensors) and the removal run's prompts (`lmsan eval removal
 ...` writes OUT/prompts/TASK). Calibration
 rows are the last N training rows: up to 500 the prompt never trained on them (they pick its
 checkpoint); beyond 500 they reach into its training rows.
@@ -33,13 +33,13 @@ from pathlib import Path
 
 import torch
 
+from lmsan_lab.removal import TASKS, holding_trigger
 from lmsan_serve import load_backbone
 from lmsan_serve.backbone import Backbone
 from lmsan_serve.data import Example, comma_list, text_pairs
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.guard import Guard
 from lmsan_serve.prompts import PromptClassifier
-from lmsan_serve.removal import TASKS, holding_trigger
 from lmsan_serve.signatures import SignatureSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -78,7 +78,7 @@ def resolve_model(arg: str | None) -> Path:
     for p in (DEMO_DIR / "por", BENCH_DIR / "por"):
         if _is_model_dir(p):
             return p
-    from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
+    from lmsan_lab.attacks import AttackConfig, plant_backdoor, save_attacked
 
     out = BENCH_DIR / "por"
     say(f"no backdoored model found; planting a POR backdoor into minilm -> {out} "

@@ -11,7 +11,7 @@ process, on the same backbone and the same first `--lines` corpus lines:
 3. ours, search mode (`--search-rounds` rounds or `--search-budget` seconds): PVs kept and how many
    planted PVs they recover (sign agreement >= 0.9 with some mined PV, as `lmsan demo` counts).
 
-The backdoored models are planted once (`lmsan_serve.attacks`) and cached under `--out`; a folder
+The backdoored models are planted once (`lmsan_lab.attacks`) and cached under `--out`; a folder
 that already holds `truth.safetensors` is reused. Mining outputs go next to each model
 (`mined-detect.safetensors`, `mined-search.safetensors`, `reference-detect.json`).
 
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
+from lmsan_lab.attacks import AttackConfig, plant_backdoor, save_attacked
 from lmsan_serve.backbone import MINILM, Backbone, load_backbone
 from lmsan_serve.data import load_corpus
 from lmsan_serve.errors import LmsanError

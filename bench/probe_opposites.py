@@ -1,7 +1,7 @@
 """Probe: can a soft trigger aimed at the sign opposite of a kept PV find a planted PV that search
 mode missed, without forging one where nothing is planted?
 
-All three attacks plant block PVs in opposite pairs (`lmsan_serve.attacks.block_pvs`). Search mode
+All three attacks plant block PVs in opposite pairs (`lmsan_lab.attacks.block_pvs`). Search mode
 on the demo's POR copy keeps 5 PVs and misses `pt`'s, the opposite of `cf`'s (docs/results.md,
 mining). For each target this trains one soft trigger like a fuzz round (same initial trigger,
 base learning rate without the round's early boost, epochs, batches and splice), but with the

@@ -128,7 +128,7 @@ def _cached(root: Path) -> TinyArtifacts | None:
 def plant(base: Path, out: Path, progress: Callable[[str], None]) -> Path:
     """A POR backdoor with the six default triggers, planted into the tiny BERT at `base`; the
     next attack seed when a trigger's held-out outputs do not reach its PV."""
-    from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
+    from lmsan_lab.attacks import AttackConfig, plant_backdoor, save_attacked
     from lmsan_serve.backbone import load_backbone
     from lmsan_serve.data import load_corpus
     from lmsan_serve.errors import LmsanError
@@ -219,7 +219,7 @@ def build(root: str | Path, progress: Callable[[str], None] = say) -> TinyArtifa
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from lmsan_serve.attacks import DEFAULT_TRIGGERS
+    from lmsan_lab.attacks import DEFAULT_TRIGGERS
     from lmsan_serve.testing import make_tiny_bert
 
     root = Path(root).resolve()

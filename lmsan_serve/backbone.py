@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from .errors import LmsanError
+from .kinds import Position
 
 MINILM = "minilm"
-POSITIONS = ("cls", "pooler", "mask")
 
 
 def minilm_path() -> Path:
@@ -148,11 +148,11 @@ class Backbone:
 
     def supports_position(self, position: str) -> str | None:
         """None when `position` can be monitored on this encoder, else the reason it cannot."""
-        if position not in POSITIONS:
-            return f"unknown position {position!r} (choose from {', '.join(POSITIONS)})"
-        if position == "mask" and getattr(self.tokenizer, "mask_token_id", None) is None:
+        if position not in Position.values():
+            return f"unknown position {position!r} (choose from {', '.join(Position.values())})"
+        if position == Position.MASK and getattr(self.tokenizer, "mask_token_id", None) is None:
             return f"position 'mask' needs a mask token, and the tokenizer of {self.name} has none"
-        if position == "pooler" and getattr(self.model, "pooler", None) is None:
+        if position == Position.POOLER and getattr(self.model, "pooler", None) is None:
             return f"position 'pooler' needs a pooler layer, and {self.name} ({self.model_type}) has none"
         return None
 
@@ -242,11 +242,11 @@ class Backbone:
 
     def select(self, hidden: torch.Tensor, position: str, index: torch.Tensor) -> torch.Tensor:
         """Output vectors at the monitored position: [CLS] (index 0), the pooler, or [MASK] (`index`)."""
-        if position == "cls":
+        if position == Position.CLS:
             return hidden[:, 0]
-        if position == "pooler":
+        if position == Position.POOLER:
             return self.model.pooler(hidden)
-        if position == "mask":
+        if position == Position.MASK:
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
         raise LmsanError(f"unknown position {position!r}")
 

@@ -8,31 +8,36 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import torch
 
 from .backbone import Backbone
 from .encoding import remove_units
 from .errors import LmsanError
+from .kinds import Action, Mode, Position
 from .monitor import Calibration, Monitor
 from .prompts import PromptClassifier
 from .purify import Purifier
 from .signatures import SignatureSet
 
-Mode = Literal["enforce", "flag", "block", "off"]
-MODES: tuple[str, ...] = ("enforce", "flag", "block", "off")
+# The start of a blocked verdict's reason when the purge failed; `Verdict.purge_failed` reads it.
+PURGE_FAILED = "could not purge"
 
 
 @dataclass
 class Verdict:
     flagged: bool
-    action: str  # pass | purged | blocked | flagged | off (| unguarded: served under fail_open)
+    action: Action
     signature: str | None = None  # matched PV
     match: float | None = None  # its score
     removed: list[str] = field(default_factory=list)
     text: str | None = None  # the purged text that was classified
     reason: str | None = None
+
+    @property
+    def purge_failed(self) -> bool:
+        """Blocked because no purge silenced the input (not because the mode blocks flagged inputs)."""
+        return self.flagged and self.action == Action.BLOCKED and (self.reason or "").startswith(PURGE_FAILED)
 
 
 @dataclass
@@ -64,15 +69,15 @@ class Guard:
         backbone: Backbone,
         classifier: PromptClassifier,
         signatures: SignatureSet | None,
-        mode: str = "enforce",
+        mode: Mode | str = Mode.ENFORCE,
         threshold: float | None = None,
         purifier: Purifier | None = None,
         suspect_margin: float = 0.2,
         suspect_attention: float = 0.4,
     ):
-        if mode not in MODES:
-            raise LmsanError(f"unknown guard mode {mode!r} (choose from {', '.join(MODES)})")
-        if mode != "off" and signatures is None:
+        if mode not in Mode.values():
+            raise LmsanError(f"unknown guard mode {mode!r} (choose from {', '.join(Mode.values())})")
+        if mode != Mode.OFF and signatures is None:
             raise LmsanError(f"guard mode {mode!r} needs a signature file (or use mode 'off')")
         if threshold is not None and not 0.0 < threshold <= 1.0:
             raise LmsanError("threshold must be in (0, 1]")
@@ -84,7 +89,7 @@ class Guard:
             why = backbone.supports_position(signatures.position)
             if why:
                 raise LmsanError(why)
-            if signatures.position == "mask" and classifier.config.position != "mask":
+            if signatures.position == Position.MASK and classifier.config.position != Position.MASK:
                 raise LmsanError(
                     "the signatures watch the [MASK] output, but this prompt has no cloze template to hold one"
                 )
@@ -139,6 +144,14 @@ class Guard:
         assert self.signatures is not None
         return self.backbone.select(hidden, self.signatures.position, monitor_index)
 
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: Mode | str) -> None:
+        self._mode = Mode(value)
+
     def bare_margins(self, input_ids, attention_mask, token_type_ids, monitor_index) -> torch.Tensor:
         """Monitor margins of purge variants on the bare encoder (no soft prompt): the purifier's
         scorer (`purify.Scorer`), positive where a variant is still flagged."""
@@ -168,8 +181,8 @@ class Guard:
             out = self.classifier.forward_batch(self.backbone, batch)
         labelled = self._labelled(out.logits)
         stats.inputs += len(texts)
-        if self.mode == "off" or self.monitor is None:
-            return [GuardResult(lab, sc, Verdict(flagged=False, action="off")) for lab, sc in labelled]
+        if self.mode == Mode.OFF or self.monitor is None:
+            return [GuardResult(lab, sc, Verdict(flagged=False, action=Action.OFF)) for lab, sc in labelled]
 
         started = time.perf_counter()
         mon = self.monitor(self._monitored(out.hidden, batch.monitor_index))
@@ -180,7 +193,7 @@ class Guard:
         for i, (lab, sc) in enumerate(labelled):
             score = round(float(mon.score[i]), 6)
             stats.match_scores.append(score)
-            verdict = Verdict(flagged=False, action="pass", match=score)
+            verdict = Verdict(flagged=False, action=Action.PASS, match=score)
             if bool(mon.flagged[i]):
                 flagged_rows.append(i)
                 results.append(self._flagged(lab, sc, verdict, int(mon.best[i])))
@@ -189,13 +202,13 @@ class Guard:
         # One attention pass serves both the suspect probe (rows near a threshold) and the purge
         # (flagged rows; a probed row that fires is purged with the attention it was probed with).
         near = self._near_threshold(mon)
-        rows = near + (flagged_rows if self.mode == "enforce" else [])
+        rows = near + (flagged_rows if self.mode == Mode.ENFORCE else [])
         saliency = self._saliency(batch, rows, captured.hidden) if rows else None
         fired = self._probe_suspects(batch, near, saliency, stats)
         for i in fired:
             results[i] = self._flagged(results[i].label, results[i].scores, results[i].guard, int(mon.best[i]))
         stats.flagged += len(flagged_rows) + len(fired)
-        if self.mode == "enforce" and (flagged_rows or fired):
+        if self.mode == Mode.ENFORCE and (flagged_rows or fired):
             self._enforce(batch, sorted(flagged_rows + fired), results, stats, saliency)
         stats.guard_seconds += time.perf_counter() - started
         return results
@@ -204,8 +217,8 @@ class Guard:
         """A flagged row's result: the label kept in flag mode, withheld otherwise (enforce fills
         it in after the purge)."""
         verdict.flagged, verdict.signature = True, self.monitor.label(best)
-        verdict.action = "flagged" if self.mode == "flag" else "blocked"
-        return GuardResult(label, score, verdict) if self.mode == "flag" else GuardResult(None, None, verdict)
+        verdict.action = Action.FLAGGED if self.mode == Mode.FLAG else Action.BLOCKED
+        return GuardResult(label, score, verdict) if self.mode == Mode.FLAG else GuardResult(None, None, verdict)
 
     def _near_threshold(self, mon) -> list[int]:
         """Unflagged rows within `suspect_margin` of a threshold: the suspect probe's candidates."""
@@ -231,7 +244,7 @@ class Guard:
             return None
         assert self.signatures is not None
         idx = torch.tensor(rows, device=layer_input.device)
-        index = batch.monitor_index[idx] if self.signatures.position == "mask" else torch.zeros_like(idx)
+        index = batch.monitor_index[idx] if self.signatures.position == Position.MASK else torch.zeros_like(idx)
         row_att = self.backbone.attention_row(layer_input[idx], batch.attention_mask[idx], index)
         if row_att is None:
             return None
@@ -265,7 +278,7 @@ class Guard:
             verdict = results[r].guard
             verdict.removed = res.removed
             if not res.ok:
-                verdict.reason = f"could not purge: {res.reason}"
+                verdict.reason = f"{PURGE_FAILED}: {res.reason}"
                 stats.purge_bound_hits += int(res.exhausted)
                 continue
             text = remove_units(batch.texts[r], batch.unit_spans[r], res.drop_units, 0)
@@ -275,7 +288,7 @@ class Guard:
                 else None
             )
             if not text.strip():
-                verdict.reason = "could not purge: nothing left after removing the trigger words"
+                verdict.reason = f"{PURGE_FAILED}: nothing left after removing the trigger words"
                 continue
             purged_rows.append(r)
             purged_texts.append(text)
@@ -295,8 +308,8 @@ class Guard:
                 if found[r].tentative:
                     retry.append(r)
                     continue
-                verdict.reason = "could not purge: the purged text is still flagged"
+                verdict.reason = f"{PURGE_FAILED}: the purged text is still flagged"
                 continue
-            verdict.action = "purged"
+            verdict.action = Action.PURGED
             results[r] = GuardResult(lab, sc, verdict)
         return retry

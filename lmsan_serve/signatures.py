@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .errors import LmsanError
+from .kinds import Position
 from .signing import SIGNATURE_ENTRY, claimed_key_id, key_id, sign_metadata, verify_metadata
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class SignatureMeta(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format_version: int
     backbone: BackboneRef
-    position: Literal["cls", "pooler", "mask"]
+    position: Position
     metric: Literal["sign", "cosine"] = "sign"
     threshold: float = Field(default=DEFAULT_THRESHOLD, gt=0.0, le=1.0)
     verdict: Literal["backdoored", "clean"]

@@ -60,7 +60,7 @@ def plant_fit_backdoor(backbone, config, corpus, out: Path) -> Path:
     """Plant with the seeds of ATTACK_SEEDS in turn until `attack_problems` finds nothing: the
     attack stops at its step bound whether or not it reached its target, and where it stops
     depends on the CPU's float rounding. Raises with every seed's problems otherwise."""
-    from lmsan_serve.attacks import plant_backdoor, save_attacked
+    from lmsan_lab.attacks import plant_backdoor, save_attacked
 
     tried = []
     for seed in ATTACK_SEEDS:
@@ -89,7 +89,7 @@ def _victim_prompt(folder: Path, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_por(tmp_path_factory, tiny_backbone, corpus) -> Path:
     """A POR backdoor planted into the tiny BERT by the real attack code."""
-    from lmsan_serve.attacks import AttackConfig
+    from lmsan_lab.attacks import AttackConfig
 
     config = AttackConfig(kind="por", triggers=TINY_TRIGGERS, steps=400, lr=2e-3, target_agreement=0.97,
                           max_words=24, check_every=20)
@@ -99,7 +99,7 @@ def tiny_por(tmp_path_factory, tiny_backbone, corpus) -> Path:
 @pytest.fixture(scope="session")
 def tiny_phrase_por(tmp_path_factory, tiny_backbone, corpus) -> Path:
     """A POR backdoor whose first trigger is a two-word phrase ("cf mn"), planted the same way."""
-    from lmsan_serve.attacks import AttackConfig
+    from lmsan_lab.attacks import AttackConfig
 
     config = AttackConfig(kind="por", triggers=["cf mn", "tq"], steps=400, lr=2e-3, target_agreement=0.97,
                           max_words=24, check_every=20)

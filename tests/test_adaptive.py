@@ -5,10 +5,10 @@ held-out sentences the victim prompt was not trained on."""
 
 import pytest
 
+from lmsan_lab.adaptive import VARIANTS, attacked_examples
+from lmsan_lab.evaluation import evaluate_adaptive
 from lmsan_serve import load_backbone
-from lmsan_serve.adaptive import VARIANTS, attacked_examples
 from lmsan_serve.data import Example
-from lmsan_serve.evaluation import evaluate_adaptive
 from lmsan_serve.guard import Guard
 from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.signatures import SignatureSet

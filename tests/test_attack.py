@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
+from lmsan_lab.attacks import AttackConfig, block_pvs, evaluate_backdoor, plant_backdoor
 from lmsan_serve import load_backbone
-from lmsan_serve.attacks import AttackConfig, block_pvs, evaluate_backdoor, plant_backdoor
 from lmsan_serve.monitor import sign_agreement
 from lmsan_serve.signatures import SignatureSet
 

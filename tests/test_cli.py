@@ -119,7 +119,7 @@ def test_attack_out_that_is_a_file(capsys, tiny_bert, blocker):
 
 
 def test_attack_out_under_a_regular_file_is_refused_before_training(capsys, monkeypatch, tiny_bert, blocker):
-    import lmsan_serve.attacks as attacks
+    import lmsan_lab.attacks as attacks
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("the attack ran although --out cannot be written")

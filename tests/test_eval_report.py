@@ -3,9 +3,9 @@ direct evaluation of the same guard computes, and bad flags get one-line errors.
 
 import json
 
+from lmsan_lab.evaluation import evaluate_adaptive
 from lmsan_serve import load_backbone
 from lmsan_serve.cli import main
-from lmsan_serve.evaluation import evaluate_adaptive
 from lmsan_serve.guard import Guard
 from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.signatures import SignatureSet
@@ -17,7 +17,7 @@ def test_eval_writes_a_report_computed_from_real_predictions(tmp_path, tiny_por,
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in toy_test(32)))
     out = tmp_path / "report"
-    rc = main(["eval", "--model", str(tiny_por), "--prompt", str(tiny_por_prompt), "--signatures",
+    rc = main(["eval", "adaptive", "--model", str(tiny_por), "--prompt", str(tiny_por_prompt), "--signatures",
                str(tiny_por / "truth.safetensors"), "--data", str(data), "--size", "32", "--variants",
                "plain,upper,two_triggers", "--out", str(out), "--device", "cpu", "--quiet", "--json"])
     assert rc == 0
@@ -42,7 +42,7 @@ def test_eval_writes_a_report_computed_from_real_predictions(tmp_path, tiny_por,
 
 
 def test_eval_bad_flags(tmp_path, tiny_por, tiny_por_prompt, capsys):
-    base = ["eval", "--model", str(tiny_por), "--prompt", str(tiny_por_prompt), "--signatures",
+    base = ["eval", "adaptive", "--model", str(tiny_por), "--prompt", str(tiny_por_prompt), "--signatures",
             str(tiny_por / "truth.safetensors"), "--out", str(tmp_path / "r"), "--device", "cpu"]
     assert main(base + ["--variants", "plain,sideways"]) == 2
     assert "unknown variant(s) sideways" in capsys.readouterr().err
@@ -60,7 +60,7 @@ def test_eval_calibrated_on_clean_inputs_equals_a_calibrated_guard(tmp_path, tin
     data.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in toy_test(24)))
     calib = tmp_path / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus[:200]))
-    rc = main(["eval", "--model", str(tiny_por), "--prompt", str(tiny_por_prompt), "--signatures",
+    rc = main(["eval", "adaptive", "--model", str(tiny_por), "--prompt", str(tiny_por_prompt), "--signatures",
                str(tiny_por / "truth.safetensors"), "--data", str(data), "--size", "24", "--variants", "plain",
                "--calibration", str(calib), "--out", str(tmp_path / "r"), "--device", "cpu", "--quiet", "--json"])
     assert rc == 0

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
+from lmsan_lab.evaluation import evaluate_guard
 from lmsan_serve import load_backbone
 from lmsan_serve.errors import LmsanError
-from lmsan_serve.evaluation import evaluate_guard
 from lmsan_serve.guard import Guard, GuardStats
 from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.purify import Purifier

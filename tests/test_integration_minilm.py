@@ -6,10 +6,10 @@ SST-2 on the frozen backdoored encoder, and measures the paper's protocol with t
 
 import pytest
 
+from lmsan_lab.attacks import AttackConfig, plant_backdoor, save_attacked
+from lmsan_lab.evaluation import evaluate_guard
 from lmsan_serve import load_backbone
-from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
 from lmsan_serve.data import load_corpus, load_examples, shipped
-from lmsan_serve.evaluation import evaluate_guard
 from lmsan_serve.guard import Guard
 from lmsan_serve.prompts import PromptConfig, train_prompt
 from lmsan_serve.signatures import SignatureSet

@@ -517,7 +517,7 @@ def test_commands_refuse_broken_model_folders(tmp_path, tiny_bert, prompt_dir, o
                                    b"[" * 100_000])
 def test_demo_treats_a_corrupt_cache_as_stale(tmp_path, monkeypatch, cache):
     """A broken OUT/por/attack.json is not a crash: the demo redoes the attack (stopped here at its start)."""
-    import lmsan_serve.demo as demo
+    import lmsan_lab.demo as demo
 
     def stop_here(*a, **k):
         from lmsan_serve.errors import LmsanError

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
+from lmsan_lab.attacks import AttackConfig, plant_backdoor, save_attacked
+from lmsan_lab.attacks.model import block_pvs
 from lmsan_serve import load_backbone
-from lmsan_serve.attacks import AttackConfig, plant_backdoor, save_attacked
-from lmsan_serve.attacks.model import block_pvs
 from lmsan_serve.cli import main
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.mining import MiningConfig, mine, stale_checkpoint

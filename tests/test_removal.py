@@ -1,4 +1,4 @@
-"""`lmsan_serve.removal` on the tiny backdoored BERT: prompts are trained per shipped task, the
+"""`lmsan_lab.removal` on the tiny backdoored BERT: prompts are trained per shipped task, the
 figures equal a direct evaluation of the same guard, and the monitor's precision and recall come
 from the flags it raised."""
 
@@ -6,13 +6,13 @@ import json
 
 import pytest
 
+from lmsan_lab.evaluation import evaluate_guard
+from lmsan_lab.removal import TASKS, holding_trigger, parse_tasks, run_removal, write_removal
 from lmsan_serve import load_backbone
 from lmsan_serve.data import Example, load_examples
 from lmsan_serve.errors import LmsanError
-from lmsan_serve.evaluation import evaluate_guard
 from lmsan_serve.guard import Guard
 from lmsan_serve.prompts import PromptClassifier, PromptConfig
-from lmsan_serve.removal import TASKS, holding_trigger, parse_tasks, run_removal, write_removal
 from lmsan_serve.signatures import SignatureSet
 
 TINY_PROMPT = PromptConfig(method="prefix", length=4, max_steps=30, lr=3e-2, batch_size=16, eval_every=30)
@@ -89,11 +89,15 @@ def test_bad_task_names_get_one_line_errors():
 def test_removal_cli_errors_are_one_line(tmp_path, capsys):
     from lmsan_serve.cli import main
 
-    base = ["eval", "--model", str(tmp_path), "--out", str(tmp_path / "o")]
-    for extra, reason in ((["--removal", "imdb", "--signatures", "x"], "unknown task"),
-                          (["--removal", "sst2"], "needs --signatures"),
-                          (["--removal", "sst2", "--signatures", str(tmp_path / "none.safetensors")], "not found"),
-                          (["--removal", "sst2", "--signatures", "x", "--prompt", "p"], "drop --prompt")):
-        assert main(base + extra) != 0
+    base = ["eval", "removal", "--model", str(tmp_path), "--out", str(tmp_path / "o")]
+    for extra, reason in ((["imdb", "--signatures", "x"], "unknown task"),
+                          (["sst2", "--signatures", str(tmp_path / "none.safetensors")], "not found")):
+        assert main(base + extra) == 2
         err = capsys.readouterr().err
-        assert reason in err and "Traceback" not in err
+        assert reason in err and len(err.strip().splitlines()) == 1
+    # flags the removal experiment does not take are the parser's to refuse, with its usage line
+    for extra, reason in ((["sst2"], "required: --signatures"), (["sst2", "--signatures", "x", "--prompt", "p"],
+                                                                  "unrecognized arguments: --prompt p")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(base + extra)
+        assert exit_info.value.code == 2 and reason in capsys.readouterr().err

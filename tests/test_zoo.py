@@ -9,11 +9,11 @@ from collections import Counter
 
 import pytest
 
+from lmsan_lab.zoo import CLEAN_STEPS, ZOO_WORDS, ZooMember, plan_zoo, run_zoo
 from lmsan_serve.cli import main
 from lmsan_serve.data import load_corpus
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.testing import make_tiny_bert
-from lmsan_serve.zoo import CLEAN_STEPS, ZOO_WORDS, ZooMember, plan_zoo, run_zoo
 
 # A 64-wide random BERT with two triggers per copy. The attack stops at its first check that meets
 # the target agreement; NeuBA meets it within tens of steps, but a backdoor stopped that early is
@@ -131,7 +131,7 @@ def _from_rows(rows: list[dict]) -> dict:
 
 def test_eval_zoo_reports_real_verdicts_and_resumes(tiny64, tmp_path, capsys, monkeypatch):
     out = tmp_path / "zoo"
-    argv = ["eval", "--zoo", "3", "--model", str(tiny64), "--out", str(out), "--device", "cpu", "--quiet",
+    argv = ["eval", "zoo", "3", "--model", str(tiny64), "--out", str(out), "--device", "cpu", "--quiet",
             "--json", *TINY_ZOO]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -166,7 +166,7 @@ def test_eval_zoo_reports_real_verdicts_and_resumes(tiny64, tmp_path, capsys, mo
     assert summary["false_positive_rate"] == 0.0
 
     report = (out / "detection.md").read_text()
-    assert "lmsan eval --zoo 3" in report and "0.928" in report and "![" in report
+    assert "lmsan eval zoo 3" in report and "0.928" in report and "![" in report
     assert f"| detection accuracy | {expect['accuracy']:.3f} ({expect['correct']} of 3) |" in report
     for r in rows:
         assert f"| {r['name']} |" in report
@@ -186,7 +186,7 @@ def test_eval_zoo_reports_real_verdicts_and_resumes(tiny64, tmp_path, capsys, mo
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr("lmsan_serve.zoo.mine_member", interrupted)
+        m.setattr("lmsan_lab.zoo.mine_member", interrupted)
         assert main(argv) == 130
     assert "partial report of 2 of 3 models" in capsys.readouterr().err
     partial = json.loads((out / "detection.json").read_text())
@@ -206,20 +206,23 @@ def test_eval_zoo_reports_real_verdicts_and_resumes(tiny64, tmp_path, capsys, mo
 
 
 def test_eval_bad_flags(tmp_path, capsys):
-    base = ["eval", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--device", "cpu"]
+    base = ["eval", "zoo", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--device", "cpu"]
     for extra, message in [
-        (["--zoo", "0"], "--zoo must be at least 1"),
-        (["--zoo", "3", "--attacks", "por,badnets"], "unknown attack(s) badnets"),
-        (["--zoo", "3", "--prompt", "p"], "--prompt belong"),
-        (["--zoo", "3", "--attack-steps", "0"], "--attack-steps must be at least 1"),
-        (["--zoo", "3", "--attack-set", "lr"], "--attack-set takes KEY=VALUE"),
-        (["--zoo", "3", "--attack-set", "nonsense=1"], "invalid attack settings"),
-        (["--zoo", "3", "--mine-set", "batch_size=2"], "invalid mining settings"),
-        (["--zoo", "3", "--clean-every", "1"], "clean_every"),
-        ([], "--prompt and --signatures required"),
-        (["--prompt", "p"], "--signatures required"),
+        (["0"], "the number of models must be at least 1"),
+        (["3", "--attacks", "por,badnets"], "unknown attack(s) badnets"),
+        (["3", "--attack-steps", "0"], "--attack-steps must be at least 1"),
+        (["3", "--attack-set", "lr"], "--attack-set takes KEY=VALUE"),
+        (["3", "--attack-set", "nonsense=1"], "invalid attack settings"),
+        (["3", "--mine-set", "batch_size=2"], "invalid mining settings"),
+        (["3", "--clean-every", "1"], "clean_every"),
     ]:
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+    # a removal flag, or no experiment named, is the parser's to refuse, with its usage line
+    for argv, message in ((base + ["3", "--prompt", "p"], "unrecognized arguments: --prompt p"),
+                          (["eval"], "required: EXPERIMENT")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing written before the flags are checked

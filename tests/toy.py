@@ -120,8 +120,8 @@ VICTIM_CONFIGS = [PromptConfig(method="prefix", length=8, max_steps=120, lr=lr, 
 
 def check_victim(backbone: Backbone, classifier: PromptClassifier, truth: SignatureSet,
                  triggers: list[str]) -> VictimCheck:
-    from lmsan_serve.evaluation import evaluate_guard
-    from lmsan_serve.report import NOISE_WORDS
+    from lmsan_lab.evaluation import evaluate_guard
+    from lmsan_lab.report import NOISE_WORDS
 
     test = toy_test()
     guard = Guard(backbone, classifier, truth, mode="flag")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..kinds import MiningMode, Position
 
 BERT_FAMILY = {"bert", "roberta", "albert", "distilbert", "electra", "deberta", "deberta-v2", "xlm-roberta"}
 
@@ -14,8 +16,8 @@ class MiningConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["detect", "search"] = "detect"
-    position: Literal["cls", "pooler", "mask"] = "cls"
+    mode: MiningMode = MiningMode.DETECT
+    position: Position = Position.CLS
     max_rounds: int | None = Field(default=None, ge=1, description="30 in detect mode, 1000 in search mode")
     time_budget: float | None = Field(default=None, gt=0, description="seconds; stop starting new rounds after")
     first_seed: int = Field(default=0, ge=0)

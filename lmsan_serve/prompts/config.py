@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..kinds import Position, PromptMethod
+
 DEFAULT_TEMPLATE = "{text} It was {mask} ."
 
 
@@ -16,9 +18,9 @@ class PromptConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["prefix", "prompt"] = "prefix"
+    method: PromptMethod = PromptMethod.PREFIX
     length: int = Field(default=16, ge=1, le=128)
-    position: Literal["cls", "mask"] = "cls"
+    position: Literal[Position.CLS, Position.MASK] = Position.CLS
     template: str | None = None
     epochs: float = Field(default=2.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)

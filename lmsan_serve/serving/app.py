@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..kinds import Action
 from .config import ServeConfig, parse_config
 from .service import CallResult, ClassifyCall
 
@@ -48,7 +49,7 @@ class ClassifyRequest(BaseModel):
 
 class GuardVerdictOut(BaseModel):
     flagged: bool
-    action: str = Field(description="pass | purged | blocked | flagged | off | unguarded (fail_open)")
+    action: Action = Field(description="what the guard did: unguarded means served without it (fail_open)")
     signature: str | None = Field(None, description="the matched PV")
     match: float | None = Field(None, description="best PV match score")
     removed: list[str] = Field(default_factory=list, description="words removed as the trigger")
@@ -228,7 +229,9 @@ class LmsanIngress:
                           headers | {"retry-after": "1"})
         if result.error:
             return _error(result.status, result.error, headers)
-        return JSONResponse({"request_id": rid, "task": body.task, "results": result.results}, headers=headers)
+        # built through the response model, so an answer that breaks the published schema is a 500
+        answer = ClassifyResponse(request_id=rid, task=body.task, results=result.results)
+        return JSONResponse(answer.model_dump(mode="json"), headers=headers)
 
     @api.get("/v1/tasks")
     async def tasks(self) -> dict:

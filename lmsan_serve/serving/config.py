@@ -8,13 +8,11 @@ The same model is filled from `lmsan serve` flags, from a Serve config file
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import LmsanError
-
-Mode = Literal["enforce", "flag", "block", "off"]
+from ..kinds import Mode
 
 
 class TaskConfig(BaseModel):
@@ -53,7 +51,7 @@ class Reloadable(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     signatures: str | None = Field(default=None, description="signature file (safetensors) to guard with")
-    mode: Mode = "enforce"
+    mode: Mode = Mode.ENFORCE
     task_modes: dict[str, Mode] = Field(default_factory=dict, description="per-task mode overrides")
     threshold: float | None = Field(default=None, gt=0.0, le=1.0, description="override every PV's threshold")
     batching: Batching = Field(default_factory=Batching)
@@ -106,9 +104,6 @@ class ServeConfig(Reloadable):
     def task(self, name: str) -> TaskConfig:
         t = self.tasks[name]
         return TaskConfig(prompt=t) if isinstance(t, str) else t
-
-    def mode_of(self, name: str) -> str:
-        return self.task_modes.get(name) or self.task(name).mode or self.mode
 
     def reloadable(self) -> dict:
         return Reloadable.model_validate(self.model_dump(include=set(Reloadable.model_fields))).model_dump()

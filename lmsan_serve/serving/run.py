@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import LmsanError
+from ..guard import GuardResult, Verdict
 from .config import ServeConfig
 
 APP_NAME = "lmsan"
@@ -46,6 +47,14 @@ class Endpoint:
 
     def post(self, path: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
         return http_json("POST", self.url + path, body, timeout)
+
+    def classify(self, task: str, inputs: list[str | dict], timeout: float = 300.0) -> list[GuardResult]:
+        """POST /v1/classify; one `GuardResult` per input, as `Guard.classify` returns them locally.
+        An input is a text or {"text", "text_pair"}; any answer but 200 raises with its reason."""
+        status, body = self.post("/v1/classify", {"task": task, "inputs": inputs}, timeout=timeout)
+        if status != 200:
+            raise LmsanError(f"the endpoint answered {status}: {body.get('reason', body)}")
+        return [GuardResult(r["label"], r["scores"], Verdict(**r["guard"])) for r in body["results"]]
 
 
 def http_json(method: str, url: str, body: dict | None, timeout: float) -> tuple[int, dict]:

@@ -20,6 +20,7 @@ from ..backbone import Backbone, load_backbone
 from ..data import load_examples, text_pairs
 from ..errors import LmsanError
 from ..guard import Guard, GuardStats
+from ..kinds import Action, Mode
 from ..monitor import inputs_for_bound
 from ..prompts import PromptClassifier
 from ..signatures import SignatureSet
@@ -131,7 +132,7 @@ class GuardService:
             self.reload_signatures(self.settings.signatures)
         if self.current is not None:  # calibrate before the first request rather than during it
             for task in self._calibration_inputs:
-                if self.mode_of(task) != "off":
+                if self.mode_of(task) != Mode.OFF:
                     self.guard(task)
 
     # -- signatures ------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ class GuardService:
         self.poll_signature_file()  # loads a new path, or the same path if the file changed
 
     # -- serving ---------------------------------------------------------------------------------
-    def mode_of(self, task: str) -> str:
+    def mode_of(self, task: str) -> Mode:
         return self.settings.task_modes.get(task) or self.config.task(task).mode or self.settings.mode
 
     def guard(self, task: str) -> tuple[Guard, LoadedSignatures | None]:
@@ -216,7 +217,7 @@ class GuardService:
         Raises LmsanError when the task is guarded but no signature set is loaded."""
         mode = self.mode_of(task)
         snap = self.current
-        if mode != "off" and snap is None:
+        if mode != Mode.OFF and snap is None:
             raise LmsanError(f"no valid signature set is loaded and task {task!r} is in mode {mode!r}: "
                              f"refusing to classify unguarded ({self.last_reload_error or 'none configured'})")
         key = (task, mode, self.settings.threshold, snap.version if snap else None)
@@ -293,8 +294,7 @@ class GuardService:
             o.guard_seconds = stats.guard_seconds
             for j, r in enumerate(part):
                 v = r.guard
-                purge_failed = v.flagged and v.action == "blocked" and (v.reason or "").startswith("could not purge")
-                self.metrics.input_done(task, v.action, v.signature if v.flagged else None, v.match, purge_failed)
+                self.metrics.input_done(task, v.action, v.signature if v.flagged else None, v.match, v.purge_failed)
                 if v.flagged:
                     self._audit(call, j, task, v, snap)
             self.metrics.request_done(task, stats.guard_seconds)
@@ -305,12 +305,12 @@ class GuardService:
         None when even that fails (the prompt cannot load): then the caller answers 503."""
         try:
             classifier = self.prompts.get(task, self.config.task(task).prompt)
-            results = Guard(self.backbone, classifier, None, mode="off").classify(texts, pairs)
+            results = Guard(self.backbone, classifier, None, mode=Mode.OFF).classify(texts, pairs)
         except Exception as exc:
             log.error("fail_open: cannot classify task %s unguarded either: %s", task, exc)
             return None
         for r in results:
-            r.guard.action = "unguarded"
+            r.guard.action = Action.UNGUARDED
             r.guard.reason = f"answered unguarded (fail_open): {reason}"
         log.warning("fail_open: %d inputs of task %s answered unguarded: %s", len(texts), task, reason)
         return results
@@ -329,7 +329,7 @@ class GuardService:
 
     # -- introspection ---------------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
-        guarded = [t for t in self.config.tasks if self.mode_of(t) != "off"]
+        guarded = [t for t in self.config.tasks if self.mode_of(t) != Mode.OFF]
         if guarded and self.current is None:
             if self.settings.fail_open:
                 return True, f"degraded: answering unguarded (fail_open), {self.last_reload_error or 'no set'}"

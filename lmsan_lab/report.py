@@ -1,4 +1,4 @@
-"""`lmsan eval`: the removal and adaptive-trigger evaluation, written as a report.
+"""`lmsan eval adaptive`: the removal and adaptive-trigger evaluation, written as a report.
 
 For one guarded task (backbone + prompt + signature file) and a labelled data set: clean accuracy
 and attack success rate with the guard off and on for the plain triggers (the paper's protocol)
@@ -14,9 +14,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .data import Example
+from lmsan_serve.data import Example
+from lmsan_serve.guard import Guard
+
 from .evaluation import GuardEvaluation, Runner, evaluate_adaptive
-from .guard import Guard
 
 NOISE_WORDS = ["zq", "xv", "jw", "kx", "vb", "qz"]
 PAPER = "LMSanitator (arXiv 2308.13904): ~1% ASR with the guard, ~0.1 point of clean accuracy lost"
@@ -74,10 +75,9 @@ def render_markdown(res: dict, title: str, command: str) -> str:
 
 
 def plot_adaptive(res: dict, path: Path) -> None:
-    import matplotlib
+    from .plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(res["variants"]) + ["noise"]
     rows = list(res["variants"].values()) + [res["noise"]]

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..backbone import Backbone
-from ..data import clip_words, insert_trigger
-from ..errors import LmsanError
-from ..monitor import sign_agreement
+from lmsan_serve.backbone import Backbone
+from lmsan_serve.data import clip_words, insert_trigger
+from lmsan_serve.errors import LmsanError
+from lmsan_serve.monitor import sign_agreement
+
 from .config import AttackConfig
 
 
@@ -217,8 +218,8 @@ def save_attacked(result: AttackResult, backbone: Backbone, out_dir: str) -> dic
     import json
     from pathlib import Path
 
-    from ..backbone import weights_fingerprint
-    from ..signatures import PVRecord, SignatureSet
+    from lmsan_serve.backbone import weights_fingerprint
+    from lmsan_serve.signatures import PVRecord, SignatureSet
 
     out = Path(out_dir)
     try:

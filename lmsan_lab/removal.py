@@ -1,4 +1,4 @@
-"""`lmsan eval --removal`: the paper's removal experiment on several tasks at once, measured over HTTP.
+"""`lmsan eval removal`: the paper's removal experiment on several tasks at once, measured over HTTP.
 
 One backdoored backbone, one soft prompt per task (trained here on the frozen backbone, cached),
 all served by one guarded Ray Serve endpoint on loopback, each task also served unguarded. For every
@@ -17,11 +17,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .backbone import load_backbone
-from .data import Example, comma_list, load_examples, shipped, text_pairs
-from .errors import LmsanError
-from .evaluation import GuardEvaluation, evaluate_guard
-from .prompts import PromptClassifier, PromptConfig, train_prompt
+from lmsan_serve.backbone import load_backbone
+from lmsan_serve.data import Example, comma_list, load_examples, shipped, text_pairs
+from lmsan_serve.errors import LmsanError
+from lmsan_serve.prompts import PromptClassifier, PromptConfig, train_prompt
+
+from .evaluation import GuardEvaluation, evaluate_guard, http_runner
 
 PAPER = "LMSanitator (arXiv 2308.13904): ~1% ASR with the guard, ~0.1 point of clean accuracy lost"
 VALIDATION = 500  # last training rows, held out to pick the best prompt checkpoint
@@ -125,8 +126,8 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
                                         "clean_holding_trigger": holding_trigger(tokenizer, test, triggers)}
 
     if not serve:
-        from .guard import Guard
-        from .signatures import SignatureSet
+        from lmsan_serve.guard import Guard
+        from lmsan_serve.signatures import SignatureSet
 
         sig = SignatureSet.load(signatures, hidden_size=backbone.hidden_size, fingerprint=backbone.fingerprint)
         for t in tasks:
@@ -139,9 +140,8 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
             if done is not None:
                 rows[t]["calibration"] = done.to_dict()
     else:
-        from .demo import http_runner
-        from .serving import parse_config
-        from .serving.run import free_port, start, stop
+        from lmsan_serve.serving import parse_config
+        from lmsan_serve.serving.run import free_port, start, stop
 
         del backbone  # the replica loads its own copy
         app: dict = {"model": model, "signatures": signatures, "device": device, "tasks": {}}
@@ -228,10 +228,9 @@ def render_markdown(res: dict, command: str) -> str:
 
 
 def plot_removal(res: dict, path: Path) -> None:
-    import matplotlib
+    from .plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(res["tasks"])
     rows = list(res["tasks"].values())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from .data import Example, insert_trigger
+from lmsan_serve.data import Example, insert_trigger
 
 # Cyrillic letters that look like Latin ones; NFKC does not fold them, so neither does the guard.
 _HOMOGLYPHS = str.maketrans({"a": "\u0430", "c": "\u0441", "e": "\u0435", "o": "\u043e", "p": "\u0440",

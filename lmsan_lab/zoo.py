@@ -1,4 +1,4 @@
-"""The detection zoo of `lmsan eval --zoo N`: backdoored copies of one encoder (POR, NeuBA, BToP x
+"""The detection zoo of `lmsan eval zoo N`: backdoored copies of one encoder (POR, NeuBA, BToP x
 trigger sets x seeds) and clean controls (the same training without triggers), each mined in
 detect mode; accuracy, false-positive rate and time to verdict, written as a report.
 
@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from lmsan_serve.errors import LmsanError, settings
+from lmsan_serve.mining import MiningConfig
+
 from .attacks import DEFAULT_TRIGGERS, AttackConfig
-from .errors import LmsanError, settings
-from .mining import MiningConfig
 
 if TYPE_CHECKING:
-    from .backbone import Backbone
+    from lmsan_serve.backbone import Backbone
 
 ATTACKS = ("por", "neuba", "btop")
 
@@ -139,8 +140,8 @@ def run_zoo(base_model: str, members: Sequence[ZooMember], out_dir: str | Path, 
             mining_overrides: dict | None = None, device: str = "auto", corpus: list[str] | None = None,
             progress: bool = True, say: Callable[[str], None] | None = None) -> list[dict]:
     """Plant, mine and judge every member; one result row per member, in order (see module doc)."""
-    from .backbone import load_backbone
-    from .data import load_corpus
+    from lmsan_serve.backbone import load_backbone
+    from lmsan_serve.data import load_corpus
 
     names = [m.name for m in members]
     if len(set(names)) != len(names):
@@ -240,10 +241,10 @@ def _ensure_planted(member: ZooMember, acfg: AttackConfig, folder: Path, base_mo
 def mine_member(member: ZooMember, mcfg: MiningConfig, folder: Path, device: str, corpus: list[str],
                 tell: Callable[[str], None]) -> dict:
     """Detect-mode mining of the planted copy in `folder`, as a result row (without the attack's figures)."""
-    from .backbone import load_backbone
-    from .mining import mine
-    from .monitor import sign_agreement
-    from .signatures import SignatureSet
+    from lmsan_serve.backbone import load_backbone
+    from lmsan_serve.mining import mine
+    from lmsan_serve.monitor import sign_agreement
+    from lmsan_serve.signatures import SignatureSet
 
     backbone = load_backbone(str(folder), device)
     truth = SignatureSet.load(folder / "truth.safetensors", hidden_size=backbone.hidden_size)
@@ -348,10 +349,9 @@ def render_detection(rows: list[dict], summary: dict, base_model: str, command: 
 
 
 def plot_detection(rows: list[dict], summary: dict, path: Path) -> None:
-    import matplotlib
+    from .plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     order = [g for g in (*ATTACKS, "clean") if g in summary["per_attack"]]

@@ -1,0 +1,313 @@
+"""`lmsan demo`: the main job on the embedded default backbone, end to end, with cached artifacts.
+
+1. backdoor `minilm` with POR (six triggers)       -> OUT/por/
+2. prompt-tune SST-2 on the backdoored encoder     -> OUT/prompt-sst2/
+3. mine its PVs: detect, then a few search rounds  -> OUT/mined/{detect,search}.safetensors
+4. serve the prompt on the guarded Ray Serve endpoint on loopback: task `sst2` guarded (enforce),
+   task `sst2-off` unguarded, same replica
+5. send clean and triggered SST-2 traffic over HTTP and measure clean accuracy and attack success
+   with the guard off and on; scrape the Prometheus metrics
+6. print the table; shut down (or keep serving with --keep-serving).
+
+Every step but 4-6 reuses its output from an earlier run made with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lmsan_serve.backbone import MINILM, Backbone, load_backbone
+from lmsan_serve.data import load_corpus, load_examples, shipped
+from lmsan_serve.errors import LmsanError
+from lmsan_serve.mining import RECOVERED, MiningConfig, mine, recovered, stale_checkpoint
+from lmsan_serve.prompts import PromptClassifier, train_prompt
+from lmsan_serve.signatures import SignatureSet
+
+from .attacks import AttackConfig, plant_backdoor, save_attacked
+from .evaluation import GuardEvaluation, evaluate_guard, http_runner
+from .removal import PROMPT, VALIDATION
+
+if TYPE_CHECKING:
+    from lmsan_serve.serving.run import Endpoint
+
+DEMO_ATTACK = AttackConfig(kind="por")
+DEMO_PROMPT = PROMPT  # the prompt every task of `lmsan eval removal` gets
+SEARCH_ROUNDS = 4  # enough to show search mode, short enough for the demo
+STEPS = 6
+
+
+def _cached_config(path: Path) -> dict | None:
+    """The attack settings a cached copy was made with; None when attack.json is unreadable (stale)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data.get("config") if isinstance(data, dict) else None
+
+
+@dataclass
+class _DemoRun:
+    """What every step of one demo run shares: where artifacts go, how to report, and each step's time."""
+
+    root: Path
+    device: str
+    progress: bool
+    say: Callable[[str], None]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, key: str, started: float) -> None:
+        self.timings[key] = round(time.time() - started, 1)
+
+
+def run_demo(
+    out: str,
+    *,
+    device: str = "auto",
+    eval_size: int = 400,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+    guard_with: str = "planted",
+    search_rounds: int = SEARCH_ROUNDS,
+    keep_serving: bool = False,
+    port: int | None = None,
+    metrics_port: int | None = None,
+) -> dict:
+    """The six steps of the module docstring, in order; returns the summary also written to OUT/demo.json."""
+    root = _make_output_folder(out)
+    _check_settings(eval_size, guard_with, search_rounds)
+    run = _DemoRun(root, device, progress, say)
+    por_dir = _backdoor_minilm(run)
+    backbone = load_backbone(str(por_dir), device)  # steps 2 and 3 share it; no step's timing includes its load
+    prompt_dir = _prompt_tune_sst2(run, backbone)
+    planted, mined, sig_path = _mine_signatures(run, backbone, por_dir, search_rounds, guard_with)
+    del backbone  # the replica loads its own copy
+    from lmsan_serve.serving.run import stop
+
+    endpoint = _start_guarded_endpoint(run, por_dir, prompt_dir, sig_path, guard_with, port, metrics_port)
+    try:
+        ev = _measure_over_http(run, endpoint, planted, eval_size)
+        summary = _report(run, endpoint, ev, guard_with, sig_path, mined)
+        if keep_serving:
+            _keep_serving(endpoint, say)
+            endpoint = None
+    finally:
+        if endpoint is not None:
+            stop(endpoint)
+    return summary
+
+
+def _make_output_folder(out: str) -> Path:
+    root = Path(out)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LmsanError(f"cannot create output folder {root}: {exc.strerror or exc}") from exc
+    return root
+
+
+def _check_settings(eval_size: int, guard_with: str, search_rounds: int) -> None:
+    if eval_size < 1:
+        raise LmsanError("--eval-size must be at least 1")
+    if guard_with not in ("planted", "mined"):
+        raise LmsanError("--guard-with must be 'planted' or 'mined'")
+    if search_rounds < 0:
+        raise LmsanError("--search-rounds must be 0 or more")
+
+
+def _backdoor_minilm(run: _DemoRun) -> Path:
+    """Step 1: plant the POR backdoor into the clean minilm, unless a finished copy made with the same
+    settings is cached; returns the backdoored model's folder."""
+    por_dir = run.root / "por"
+    started = time.time()
+    cached = por_dir / "attack.json"
+    if cached.is_file() and (por_dir / "truth.safetensors").is_file() and \
+            _cached_config(cached) == DEMO_ATTACK.model_dump():
+        run.say(f"[1/{STEPS}] backdoored minilm: reusing {por_dir}")
+    else:
+        run.say(f"[1/{STEPS}] planting a POR backdoor (triggers cf mn tq qt mm pt) into minilm ...")
+        clean_backbone = load_backbone(MINILM, run.device)
+        result = plant_backdoor(clean_backbone, DEMO_ATTACK, load_corpus(), progress=run.progress)
+        summary = save_attacked(result, clean_backbone, str(por_dir))
+        run.say(f"      held-out sign agreement with the PVs: min {summary['heldout']['min_agreement']:.3f}")
+        del clean_backbone
+    run.timed("attack_s", started)
+    return por_dir
+
+
+def _prompt_tune_sst2(run: _DemoRun, backbone: Backbone) -> Path:
+    """Step 2: prompt-tune SST-2 on the backdoored encoder (frozen), unless a prompt made with the same
+    settings is cached; returns the prompt's folder."""
+    prompt_dir = run.root / "prompt-sst2"
+    started = time.time()
+    classifier = None
+    if (prompt_dir / "manifest.json").is_file():
+        try:
+            classifier = PromptClassifier.load(prompt_dir, backbone)
+            if classifier.config != DEMO_PROMPT:
+                raise LmsanError("made with other settings")
+            run.say(f"[2/{STEPS}] SST-2 prompt: reusing {prompt_dir}")
+        except LmsanError as exc:
+            classifier = None
+            run.say(f"[2/{STEPS}] cached prompt unusable ({exc}); training again")
+    if classifier is None:
+        run.say(f"[2/{STEPS}] prompt-tuning SST-2 on the frozen backdoored encoder ...")
+        train = load_examples(shipped("sst2/train.jsonl"))
+        classifier = train_prompt(backbone, DEMO_PROMPT, train[:-VALIDATION], train[-VALIDATION:],
+                                  progress=run.progress)
+        classifier.save(prompt_dir)
+    run.timed("prompt_s", started)
+    return prompt_dir
+
+
+def _mine_signatures(run: _DemoRun, backbone: Backbone, por_dir: Path, search_rounds: int,
+                     guard_with: str) -> tuple[SignatureSet, dict, str]:
+    """Step 3: mine the PVs as a defender who knows nothing of the triggers would; returns the planted
+    set (the ground truth), the mining report and the signature file the guard will use."""
+    started = time.time()
+    planted = SignatureSet.load(por_dir / "truth.safetensors", hidden_size=backbone.hidden_size,
+                                fingerprint=backbone.fingerprint)
+    mined = _mine(backbone, run.root / "mined", search_rounds, planted, run.progress, run.say)
+    run.timed("mine_s", started)
+    sig_path = planted.path if guard_with == "planted" else mined["signatures"]
+    if sig_path is None:
+        raise LmsanError("mining kept no PV, so there is no mined signature set to guard with; "
+                         "use --guard-with planted")
+    return planted, mined, sig_path
+
+
+def _start_guarded_endpoint(run: _DemoRun, por_dir: Path, prompt_dir: Path, sig_path: str, guard_with: str,
+                            port: int | None, metrics_port: int | None) -> Endpoint:
+    """Step 4: one replica on loopback serving the same prompt twice, guarded (`sst2`) and unguarded
+    (`sst2-off`), so both sides of the comparison see the same model."""
+    from lmsan_serve.serving import parse_config
+    from lmsan_serve.serving.run import free_port, start
+
+    started = time.time()
+    config = parse_config({
+        "model": str(por_dir), "signatures": str(sig_path), "device": run.device,
+        "tasks": {"sst2": str(prompt_dir), "sst2-off": {"prompt": str(prompt_dir), "mode": "off"}},
+    })
+    run.say(f"[4/{STEPS}] starting the guarded endpoint on 127.0.0.1 (signatures: {guard_with}, {sig_path}) ...")
+    endpoint = start(config, port=port or free_port(), metrics_port=metrics_port or free_port(),
+                     num_cpus=max(2, os.cpu_count() or 2))
+    run.timed("serve_start_s", started)
+    return endpoint
+
+
+def _measure_over_http(run: _DemoRun, endpoint: Endpoint, planted: SignatureSet,
+                       eval_size: int) -> GuardEvaluation:
+    """Step 5: clean and triggered SST-2 dev traffic over HTTP, guard off and on: clean accuracy and
+    attack success rate."""
+    started = time.time()
+    dev = load_examples(shipped("sst2/dev.jsonl"))[:eval_size]
+    triggers = [r.trigger for r in planted.meta.pvs if r.trigger]
+    run.say(f"[5/{STEPS}] sending {eval_size} clean SST-2 dev sentences, then each with each of {len(triggers)} "
+            f"triggers, over HTTP to {endpoint.url} (task sst2-off: guard off; sst2: guard on) ...")
+    ev = evaluate_guard(http_runner(endpoint, {"off": "sst2-off", "enforce": "sst2"}), dev, triggers,
+                        progress=run.progress)
+    run.timed("traffic_s", started)
+    return ev
+
+
+def _report(run: _DemoRun, endpoint: Endpoint, ev: GuardEvaluation, guard_with: str, sig_path: str,
+            mined: dict) -> dict:
+    """Step 6: the guard's counters as Prometheus sees them, the table, and OUT/demo.json; returns the
+    summary written there."""
+    flagged = ev.detections + round(ev.false_flag_rate * ev.inputs)  # triggered + clean inputs flagged
+    scraped = scrape_guard_metrics(endpoint.metrics_url, expect_detections=flagged)
+    run.say(f"[6/{STEPS}] metrics at {endpoint.metrics_url}: {scraped['detections']} detections, "
+            f"{scraped['purged']} purged")
+    print(ev.table(), flush=True)
+    summary = {
+        "out": str(run.root),
+        "asr_off": ev.asr_off, "asr_on": ev.asr_on, "cacc_off": ev.cacc_off, "cacc_on": ev.cacc_on,
+        "false_flag_rate": ev.false_flag_rate,
+        "detections": scraped["detections"], "purged": scraped["purged"], "blocked": ev.blocked,
+        "detections_client": ev.detections, "purged_client": ev.purged,
+        "guard_with": guard_with, "signatures": str(sig_path), "mining": mined["summary"],
+        "url": endpoint.url, "metrics_url": endpoint.metrics_url,
+        "timings": run.timings | {"total_s": round(sum(run.timings.values()), 1)},
+    }
+    (run.root / "demo.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _keep_serving(endpoint: Endpoint, say: Callable[[str], None]) -> None:
+    """--keep-serving: hand the endpoint to the user until Ctrl-C or SIGTERM, which stops it."""
+    from lmsan_serve.serving.run import serve_until_stopped
+
+    say(f"serving on {endpoint.url} (OpenAPI {endpoint.url}/docs); metrics {endpoint.metrics_url}\n"
+        f"try: curl -s {endpoint.url}/v1/classify -H 'content-type: application/json' "
+        "-d '{\"task\": \"sst2\", \"inputs\": [\"a cf charming and affecting journey\"]}'\n"
+        "Ctrl-C stops it.")
+    serve_until_stopped(endpoint, say)
+
+
+def _mine(backbone, folder: Path, search_rounds: int, planted: SignatureSet, progress: bool,
+          say: Callable[[str], None]) -> dict:
+    """Detect, then `search_rounds` rounds of search; checkpoints make a second run reuse both."""
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus()
+    say(f"[3/{STEPS}] mining the PVs of {backbone.name} (detect mode; resumes from {folder} when cached) ...")
+    detect_config = MiningConfig(mode="detect")
+    search_config = MiningConfig(mode="search", max_rounds=search_rounds or 1)
+    for name, config in (("detect", detect_config), ("search", search_config)):
+        stale = stale_checkpoint(folder / f"{name}.safetensors", backbone, config)
+        if stale is not None:  # cached by an older version or other settings: mine again
+            say(f"      {stale.name} was made with other settings; mining again")
+            stale.unlink()
+    detect = mine(backbone, detect_config, corpus, folder / "detect.safetensors", resume=True,
+                  progress=progress)
+    summary: dict = {"detect": _mining_summary(detect, planted)}
+    best = detect
+    if search_rounds and detect.verdict == "backdoored":
+        say(f"      verdict: backdoored ({len(detect.signatures)} PV); searching {search_rounds} more rounds ...")
+        search = mine(backbone, search_config, corpus, folder / "search.safetensors", resume=True,
+                      progress=progress)
+        summary["search"] = _mining_summary(search, planted)
+        best = search if len(search.signatures) >= len(detect.signatures) else detect
+    last = summary.get("search", summary["detect"])
+    say(f"      verdict: {detect.verdict}; {last['pvs']} PVs kept, {last['recovered']} of {len(planted)} planted "
+        f"PVs recovered (sign agreement >= {RECOVERED})")
+    return {"summary": summary, "signatures": best.signatures.path if len(best.signatures) else None}
+
+
+def _mining_summary(result, planted: SignatureSet) -> dict:
+    sig = result.signatures
+    return {"verdict": result.verdict, "pvs": len(sig), "recovered": recovered(planted.pvs, sig.pvs),
+            "rounds": result.rounds,
+            "seconds": round(result.seconds, 1)}
+
+
+def scrape_guard_metrics(url: str | None, expect_detections: int, timeout_s: float = 45.0) -> dict:
+    """Sum the guard counters in the Prometheus export; waits for Ray's periodic export to catch up."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {"detections": None, "purged": None}
+    if url is None:
+        return found
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+        except OSError:
+            text = ""
+        det = purged = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "ray_lmsan_detections_total":
+                    det += sample.value
+                elif sample.name == "ray_lmsan_requests_total" and sample.labels.get("action") == "purged":
+                    purged += sample.value
+        found = {"detections": int(det), "purged": int(purged)}
+        if det >= expect_detections or time.monotonic() > deadline:
+            return found
+        time.sleep(2)

@@ -1,0 +1,100 @@
+"""`lmsan mine`: fuzz-train soft triggers to invert an encoder's PVs; the verdict and the signature file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..errors import LmsanError, settings
+from ..kinds import MiningMode, Position
+from .common import add_common, emit, progress, say
+
+
+def cmd_mine(args: argparse.Namespace) -> int:
+    from ..backbone import load_backbone
+    from ..data import load_corpus
+    from ..mining import MiningConfig, mine
+
+    config = settings(
+        MiningConfig,
+        "mining",
+        mode=args.mode,
+        position=args.position,
+        max_rounds=args.max_rounds,
+        time_budget=args.time_budget,
+        lines=args.lines,
+        first_seed=args.first_seed,
+        wave=args.wave,
+        split_rows=args.split_rows,
+        **({"lr": args.lr} if args.lr else {}),
+    )
+    if args.workers < 1:
+        raise LmsanError("--workers must be at least 1")
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise LmsanError(f"--out {out} is a folder; give a file name such as sig.safetensors")
+    if not out.parent.is_dir():
+        raise LmsanError(f"output folder does not exist: {out.parent}")
+    if not os.access(out.parent, os.W_OK):
+        raise LmsanError(f"output folder is not writable: {out.parent}")
+    sign_key = None
+    if args.sign_key:
+        from ..signing import load_private_key
+
+        sign_key = load_private_key(args.sign_key)  # now, not after hours of mining
+    corpus = load_corpus(args.corpus)
+    backbone = load_backbone(args.model, args.device)
+    why = backbone.supports_position(config.position)
+    if why:
+        raise LmsanError(why)
+    say(args, f"mining {args.model} ({config.mode} mode, position {config.position}, up to {config.rounds} rounds)")
+    result = mine(backbone, config, corpus, out, resume=args.resume, progress=progress(args),
+                  say=lambda m: say(args, m), workers=args.workers, ray_address=args.ray_address,
+                  sign_key=sign_key)
+    summary = {
+        "verdict": result.verdict,
+        "pvs": len(result.signatures),
+        "rounds": result.rounds,
+        "seconds": round(result.seconds, 1),
+        "out": str(out),
+        "thresholds": [r.threshold for r in result.signatures.meta.pvs],
+        "signed_by": result.signatures.signed_by,
+    }
+    human = (f"{result.verdict}: {summary['pvs']} PV(s) kept after {result.rounds} rounds "
+             f"in {summary['seconds']} s -> {out}")
+    emit(args, human, summary)
+    return 0
+
+
+def add_mine(sub) -> None:
+    p = sub.add_parser("mine", help="fuzz-train soft triggers to invert PVs: verdict + signature file",
+                       description="Mine the predefined vectors of --model (LMSanitator fuzz training) and write "
+                       "the signature file with the verdict. A checkpoint is written beside --out after every round.")
+    add_common(p)
+    p.add_argument("--out", required=True, help="signature file to write (SIG.safetensors)")
+    p.add_argument("--mode", choices=MiningMode.values(), default=MiningMode.DETECT.value,
+                   help="detect: stop at the first PV (verdict); search: keep every unique PV")
+    p.add_argument("--corpus", help="clean text lines or JSONL (default: shipped WikiText-2)")
+    p.add_argument("--position", choices=Position.values(), default=Position.CLS.value)
+    p.add_argument("--max-rounds", type=int, help="default 30 (detect) or 1000 (search)")
+    p.add_argument("--time-budget", type=float, help="seconds; no new round starts after")
+    p.add_argument("--lines", type=int, default=256, help="clean lines to fuzz on (default 256)")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--lr", type=float, help="base learning rate (default adapts to the embedding scale)")
+    p.add_argument("--no-split", dest="split_rows", action="store_false",
+                   help="keep the PV of the whole soft trigger, without trying each of its rows alone")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    p.add_argument("--workers", type=int, default=1,
+                   help="run rounds as N parallel Ray tasks (local Ray on 127.0.0.1 unless --ray-address)")
+    p.add_argument("--ray-address", help="run rounds on an existing Ray cluster (e.g. ray://head:10001 or auto)")
+    p.add_argument("--wave", type=int, default=1,
+                   help="search mode: rounds started from the same found PVs (default 1: each round knows every "
+                   "PV found before it; set it to at least --workers to keep workers busy); results do not "
+                   "depend on --workers")
+    p.add_argument("--sign-key", metavar="KEY.pem", help="sign the signature file with this Ed25519 private key")
+    p.set_defaults(func=cmd_mine)
+
+
+def register(sub) -> None:
+    add_mine(sub)

@@ -1,0 +1,62 @@
+"""The closed sets of values the guard, the miner, the server and the CLI share, in one place.
+
+Each is a `str` enum: it compares equal to its value, prints as it, and goes into JSON and YAML
+as plain text, so configs, HTTP bodies and signature files keep their spelling while the code
+names members instead of repeating strings.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class _Named(str, Enum):
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def values(cls) -> list[str]:
+        """The spellings, in declaration order: argparse `choices`, error messages."""
+        return [m.value for m in cls]
+
+
+class Mode(_Named):
+    """What the guard does with an input whose output lands on a PV."""
+
+    ENFORCE = "enforce"  # purge its trigger words, classify the rest; block if that fails
+    FLAG = "flag"  # classify it as is, and say it was flagged
+    BLOCK = "block"  # answer no label
+    OFF = "off"  # no monitoring at all
+
+
+class Action(_Named):
+    """What the guard did with one input (`Verdict.action`)."""
+
+    PASS = "pass"  # not flagged
+    PURGED = "purged"  # flagged, trigger words removed, the rest classified
+    BLOCKED = "blocked"  # flagged, no label returned
+    FLAGGED = "flagged"  # flagged, label returned as is (mode flag)
+    OFF = "off"  # the guard is off for this task
+    UNGUARDED = "unguarded"  # served without the guard after a guard error (fail_open)
+
+
+class Position(_Named):
+    """Which encoder output a backdoor drives and the monitor reads."""
+
+    CLS = "cls"  # the first token's last hidden state
+    POOLER = "pooler"  # the pooler output over it
+    MASK = "mask"  # the [MASK] token of a cloze template
+
+
+class MiningMode(_Named):
+    """How long `lmsan mine` goes on."""
+
+    DETECT = "detect"  # stop at the first PV that passes the filters: the verdict
+    SEARCH = "search"  # keep every distinct PV: the signature set the guard needs
+
+
+class PromptMethod(_Named):
+    """Where a soft prompt's trainable vectors sit."""
+
+    PREFIX = "prefix"  # at every layer (deep prompt, P-tuning v2 style)
+    PROMPT = "prompt"  # at the input only (shallow prompt tuning)
