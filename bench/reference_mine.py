@@ -2,7 +2,7 @@
 et al., "Defending Prompt-Tuning Against Task-Agnostic Backdoors", NDSS 2024, arXiv 2308.13904), the
 baseline that `bench/bench_mine.py` compares our `lmsan_serve.mining` against.
 
-It keeps, on purpose, the weaknesses that design.md section 2 lists for the official code, because
+It keeps, on purpose, the weaknesses of the official code that we found reading it, because
 they are what we measure ourselves against:
 
 - fixed padding: every line is padded to `max_length - prompt_len` tokens, so every spliced batch
@@ -17,7 +17,7 @@ they are what we measure ourselves against:
   size does not divide the number of lines the test can never pass;
 - no false-positive check of the mined PV against clean text.
 
-Where design.md leaves a detail open, this follows the official code: the insertion point of each
+Where the paper leaves a detail open, this follows the official code: the insertion point of each
 line is drawn once, when the data set is built, and kept for every round and epoch; the lr boost
 is re-armed at the start of every round; the effect-size test is the epoch-2 gate (a round that
 got past it is not tested on distance again). Word positions and the [MASK] insertion use the same

@@ -1,6 +1,6 @@
 """Clean accuracy and attack success rate (ASR) with the guard off and on.
 
-Protocol (design.md section 3, after the paper): take the clean inputs the unguarded model gets
+Protocol (after the paper, arXiv 2308.13904): take the clean inputs the unguarded model gets
 right; insert each trigger separately at a random word position (<= 64); an input counts as
 attacked once if any trigger makes the returned label wrong. With the guard on, a blocked input
 is not an attack success (the attacker did not get a label), a purged one is judged by the label

@@ -100,8 +100,8 @@ class Guard:
         self.monitor = Monitor(signatures, threshold, backbone.device) if signatures is not None else None
         self.purifier = purifier or Purifier()
         # Two different triggers whose PVs point opposite ways cancel in the output, which then
-        # matches no PV (measured on the demo's POR minilm: 9% of two-trigger inputs got through);
-        # three triggers blend below every threshold (11% on SMS spam with mined signatures). Each
+        # matches no PV; three triggers can blend below every threshold (docs/reliability.md has
+        # the rates measured before this probe). Each
         # trigger still draws the [CLS] attention. An input within `suspect_margin` of a threshold
         # whose top two words together hold `suspect_attention` of that attention has them tested
         # alone, in one short pass: one that fires makes the input flagged. A gate on the top word

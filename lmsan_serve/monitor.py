@@ -5,8 +5,8 @@ that is (1 + cos_sign) / 2 = (H + s(x) . s(pv)) / (2H), so all inputs and all PV
 one product of sign matrices. Cosine similarity is offered as an alternative metric.
 
 Several different triggers in one input pull the output towards a blend of their PVs that may
-match none of them above the threshold (measured on the demo's POR minilm: three triggers got
-past a PV-only monitor 65% of the time). With the sign metric the monitor therefore also scores
+match none of them above the threshold, so a monitor of single PVs lets many such inputs through
+(docs/reliability.md has the rates measured). With the sign metric the monitor therefore also scores
 each pair and triple of PVs on the dimensions where their signs agree: a blend keeps those signs,
 a clean output does not. A combination flags above the strictest threshold of its members plus
 `COMBO_MARGIN`, since it is scored on fewer dimensions.
@@ -161,8 +161,8 @@ class Monitor:
 
         Mining calibrates each PV on generic clean text (WikiText), on the bare encoder. A task's
         soft prompt moves the monitored output, and the combinations, scored on fewer dimensions,
-        were never calibrated at all: on the POR MiniLM with mined signatures, 4.5% of clean SMS
-        inputs flagged through a triple of PVs at 0.90 to 0.98. A PV is raised at most to
+        were never calibrated at all, so a task's clean inputs can flag through a combination far
+        more often than mining's target (docs/serving.md, Per-task calibration). A PV is raised at most to
         PV_CAP (or kept where mining set it higher), so that clean text that truly contains a
         trigger (the word 'mm' in SMS is one of the POR triggers) cannot switch a PV off: such an
         input stays flagged and leaves the thresholds it is over as they were. A combination has
@@ -171,8 +171,8 @@ class Monitor:
         switched off (threshold above 1); the PVs and the suspect probe still watch blends.
 
         By default (`held_out=False`) the thresholds are fitted to all the inputs exactly. That
-        does not carry fully to unseen inputs: 64 signatures fitted to 500 SMS inputs at 0.5%
-        flagged 1.6% of 1,000 unseen ones (trigger words left out). `held_out=True` bounds that:
+        does not carry fully to unseen inputs: with dozens of signatures fitted to a few hundred
+        inputs, unseen ones flag more often than the target. `held_out=True` bounds that:
         the inputs are split in two (seeded), the thresholds are fitted on one half, then all
         raised by one margin, taken as a split-conformal quantile of the other half's excess over
         them, measured in units of 1/sqrt of the dimensions each signature is scored on (twice the
@@ -184,8 +184,7 @@ class Monitor:
         the whole held-out half. It is not the default because on the real tasks it cost recall:
         at 500 inputs the margin is the largest excess of the held-out half, one outlier sets it,
         and in units of 1/sqrt(dims) it switches off combinations that alone catch some trigger
-        (POR `minilm`, mined signatures: SMS spam ASR with the guard 0.875 against 0.000 with the
-        exact fit, RTE monitor recall 0.668 against 0.856; docs/serving.md, Per-task calibration)."""
+        (docs/serving.md, Per-task calibration, has both fits measured on four tasks)."""
         feats = features.detach().float()
         old = self.thresholds.clone()
         k = self.pvs.shape[0]
@@ -246,10 +245,11 @@ def _on_capped_pv(scores: torch.Tensor, limits: torch.Tensor, caps: torch.Tensor
 def _fit_limits(scores: torch.Tensor, limits: torch.Tensor, caps: torch.Tensor, target_fpr: float) -> torch.Tensor:
     """Thresholds raised until at most `target_fpr` of `scores` ([N, K + C]) flag.
 
-    The union of all signatures must stay under the target, not each one: eight PVs each at
-    0.5% flagged 2% of clean AG News. So, one input at a time, the flagged input closest to
-    passing is let through by raising just the thresholds it is over, until few enough flag; the
-    inputs left flagged are the most PV-like ones, and one over a PV past its cap stays flagged."""
+    The union of all signatures must stay under the target, not each one: K signatures each
+    fitted to the target can together flag up to K times as many inputs. So, one input at a
+    time, the flagged input closest to passing is let through by raising just the thresholds it
+    is over, until few enough flag; the inputs left flagged are the most PV-like ones, and one
+    over a PV past its cap stays flagged."""
     allowed = int(target_fpr * len(scores))
     while True:
         over = scores > limits  # flagged = over some threshold, as `Monitor.__call__` decides it

@@ -1,4 +1,4 @@
-"""Configuration of PV mining by fuzz training of soft triggers (design.md section 2)."""
+"""Configuration of PV mining by fuzz training of soft triggers (arXiv 2308.13904; docs/mining.md)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ class MiningConfig(BaseModel):
         "outputs agree best in sign with it: a multi-row trigger can land on a blend of two PVs"))
     min_self_agreement: float = Field(default=0.97, gt=0.5, le=1, description=(
         "with split_rows: a kept PV's held-out outputs must agree at least this much in sign with it "
-        "(0.98 to 1.00 for a single PV, 0.94 to 0.97 for a blend of two)"))
+        "(a single PV's outputs agree almost fully; a blend of two less, as the dimensions where the two "
+        "disagree vary from input to input)"))
     same_pv_agreement: float = Field(default=0.9, gt=0.5, le=1, description=(
         "a PV whose sign agreement with a kept one reaches this is the same signature to the monitor"))
     held_out_lines: int = Field(default=64, ge=8, description="clean lines for the collapse test")

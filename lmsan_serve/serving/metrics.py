@@ -1,5 +1,5 @@
-"""Guard metrics. Names follow design.md; Ray's exporter adds the `ray_` prefix and `_total` to
-counters, so `lmsan_requests` is scraped as `ray_lmsan_requests_total`.
+"""Guard metrics, under the names the alert rules and dashboard in deployments/ use. Ray's
+exporter adds the `ray_` prefix and `_total` to counters, so `lmsan_requests` is scraped as `ray_lmsan_requests_total`.
 
 `GuardMetrics` records into plain dicts (what the in-process service and its tests use);
 `RayGuardMetrics` also sends every event through Ray's metrics pipeline. Label values are
