@@ -23,8 +23,8 @@ from lmsan_serve.errors import LmsanError
 from lmsan_serve.prompts import PromptClassifier, PromptConfig, train_prompt
 
 from .evaluation import GuardEvaluation, evaluate_guard, http_runner
+from .report import PAPER
 
-PAPER = "LMSanitator (arXiv 2308.13904): ~1% ASR with the guard, ~0.1 point of clean accuracy lost"
 VALIDATION = 500  # last training rows, held out to pick the best prompt checkpoint
 TEST_SHARE = 0.2  # of a task shipped as one file
 

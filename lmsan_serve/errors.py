@@ -6,6 +6,14 @@ class LmsanError(Exception):
     """A user-facing error: bad input, a missing or mismatched file, an unsupported setting."""
 
 
+def first_problem(exc, prefix: tuple[str, ...] = (), default: str = "") -> str:
+    """`where: what` of a pydantic ValidationError's first error, on one line (its own text spans
+    several): where a user looks, in the terms the file or flag uses."""
+    err = exc.errors()[0]
+    where = ".".join([*prefix, *(str(x) for x in err["loc"])]) or default
+    return f"{where + ': ' if where else ''}{err['msg']}"
+
+
 def settings(model_cls, what: str, **values):
     """Build a pydantic settings model; a bad value becomes a one-line LmsanError naming the field."""
     from pydantic import ValidationError
@@ -13,6 +21,4 @@ def settings(model_cls, what: str, **values):
     try:
         return model_cls(**values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise LmsanError(f"invalid {what} settings: {where + ': ' if where else ''}{err['msg']}") from exc
+        raise LmsanError(f"invalid {what} settings: {first_problem(exc)}") from exc

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .errors import LmsanError
+from .errors import LmsanError, first_problem
 from .kinds import Position
 from .signing import SIGNATURE_ENTRY, claimed_key_id, key_id, sign_metadata, verify_metadata
 
@@ -221,9 +221,7 @@ class SignatureSet:
         try:
             meta = SignatureMeta.model_validate(json.loads(raw_meta))
         except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(x) for x in err["loc"]) or "metadata"
-            raise LmsanError(f"{p}: invalid signature metadata at {where}: {err['msg']}") from exc
+            raise LmsanError(f"{p}: invalid signature metadata at {first_problem(exc, default='metadata')}") from exc
         except (ValueError, RecursionError) as exc:  # bad JSON, an over-long integer, nesting too deep
             raise LmsanError(f"{p}: signature metadata is not valid JSON") from exc
         if pvs.dtype != torch.float32 or pvs.ndim != 2:

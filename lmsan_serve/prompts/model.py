@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..backbone import Backbone
 from ..data import Example, text_pairs
 from ..encoding import EncodedBatch, encode
-from ..errors import LmsanError
+from ..errors import LmsanError, first_problem
 from .config import PromptConfig
 
 MANIFEST_VERSION = 1
@@ -160,9 +160,7 @@ class PromptClassifier(nn.Module):
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as exc:
             detail = f"{type(exc).__name__}: {exc}"
             if hasattr(exc, "errors"):  # pydantic's ValidationError: its text spans lines
-                err = exc.errors()[0]
-                where = ".".join(["config", *(str(x) for x in err["loc"])])
-                detail = f"ValidationError at {where}: {err['msg']}"
+                detail = f"ValidationError at {first_problem(exc, prefix=('config',))}"
             raise LmsanError(f"{p}: invalid manifest.json ({detail})") from exc
         if ref.get("hidden_size") != backbone.hidden_size:
             raise LmsanError(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..errors import LmsanError
+from ..errors import LmsanError, first_problem
 from ..kinds import Mode
 
 
@@ -135,6 +135,4 @@ def parse_config(data: dict) -> ServeConfig:
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "config"
-        raise LmsanError(f"invalid serve config at {where}: {err['msg']}") from exc
+        raise LmsanError(f"invalid serve config at {first_problem(exc, default='config')}") from exc
