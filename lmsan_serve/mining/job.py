@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from tqdm.auto import tqdm
@@ -20,11 +20,13 @@ from ..errors import LmsanError
 from ..monitor import PV_CAP, sign_agreement
 from ..signatures import DEFAULT_THRESHOLD, PVRecord, SignatureSet
 from .config import MiningConfig
-from .model import Candidate, duplicate, prepare, resolved_distance, resolved_lr
+from .model import Candidate, Prepared, duplicate, prepare, resolved_distance, resolved_lr
 from .runners import SerialRunner
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from .runners import RayRunner
 
 
 # Sign agreement at which a mined PV counts as a planted one (the demo and bench/bench_mine.py).
@@ -36,6 +38,30 @@ def recovered(planted: torch.Tensor, mined: torch.Tensor, agreement: float = REC
     if not len(planted) or not len(mined):
         return 0
     return int((sign_agreement(planted, mined).max(dim=1).values >= agreement).sum())
+
+
+class RoundRecord(TypedDict):
+    """One finished round as the checkpoint keeps it (written by `_candidate_record`, checked by
+    `_read_checkpoint`). A plain dict at run time, so the checkpoint JSON is the dict as built."""
+
+    seed: int
+    kept: bool
+    distance: float
+    entropy_ratio: float
+    dispersion: float | None
+    epochs: int
+    row: int | None
+    self_agreement: float | None
+    floor: float | None
+    seconds: float
+    trace: list[list[float]]
+    filters: list[str]
+    reasons: list[str]
+    pv: list[float] | None
+
+
+# Runs rounds for `_detect` and `_search`: (seeds to run, PVs found so far, stop early when true).
+RunRounds = Callable[[list[int], torch.Tensor | None, Callable[[], bool]], None]
 
 
 @dataclass
@@ -61,7 +87,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _read_checkpoint(ckpt: Path, fingerprint: str, identity: dict, hidden_size: int) -> dict[int, dict]:
+def _read_checkpoint(ckpt: Path, fingerprint: str, identity: dict, hidden_size: int) -> dict[int, RoundRecord]:
     """The finished rounds of a checkpoint, each checked to be what `_candidate_record` writes."""
     corrupt = f"checkpoint {ckpt} is corrupt; delete it to start over"
     try:
@@ -101,7 +127,7 @@ def stale_checkpoint(out: str | Path, backbone: Backbone, config: MiningConfig) 
     return None
 
 
-def _candidate_record(c: Candidate) -> dict:
+def _candidate_record(c: Candidate) -> RoundRecord:
     """A finished round as the checkpoint keeps it. `filters` are the round's own verdicts; `kept`
     and `reasons` are set when the job merges rounds (uniqueness across a wave, detect's stop)."""
     return {
@@ -122,7 +148,7 @@ def _candidate_record(c: Candidate) -> dict:
     }
 
 
-def _detect(seeds: list[int], records: dict[int, dict], run) -> list[int]:
+def _detect(seeds: list[int], records: dict[int, RoundRecord], run: RunRounds) -> list[int]:
     """The lowest seed whose round passed the filters, as a serial run would stop at it."""
 
     def first_kept() -> int | None:
@@ -145,8 +171,8 @@ def _detect(seeds: list[int], records: dict[int, dict], run) -> list[int]:
     return [winner]
 
 
-def _search(seeds: list[int], records: dict[int, dict], run, wave: int, unique_th: float, same_agreement: float,
-            bar) -> list[int]:
+def _search(seeds: list[int], records: dict[int, RoundRecord], run: RunRounds, wave: int, unique_th: float,
+            same_agreement: float, bar: tqdm) -> list[int]:
     """Waves of `wave` rounds, each started from the PVs kept before it, merged in seed order."""
     kept: list[int] = []
     for w in range(0, len(seeds), wave):
@@ -224,76 +250,131 @@ def mine(
     `workers` > 1 or a `ray_address` runs rounds as Ray tasks (see `runners.RayRunner`); the
     result is the same as a serial run with the same settings."""
     out = Path(out)
-    if not out.parent.is_dir():
-        raise LmsanError(f"output folder does not exist: {out.parent}")
-    if not os.access(out.parent, os.W_OK):
-        raise LmsanError(f"output folder is not writable: {out.parent}")
-    needed = config.lines + config.calibration_lines
-    if len(corpus) < config.batch_size + 50:
-        raise LmsanError(f"corpus too small: {len(corpus)} lines (need at least {config.batch_size + 50})")
-    if len(corpus) >= needed:
-        fuzz_lines, calib_lines = corpus[: config.lines], corpus[-config.calibration_lines :]
-    else:  # small corpus: split it, most for fuzzing
-        cut = max(config.batch_size, int(len(corpus) * 0.7))
-        fuzz_lines, calib_lines = corpus[:cut], corpus[cut:]
+    _check_output_folder(out)
+    fuzz_lines, calib_lines = _split_corpus(corpus, config)
     started = time.time()
     prepared = prepare(backbone, fuzz_lines, config)
-    held_lines = calib_lines[: config.held_out_lines]
-    held = prepare(backbone, held_lines, config.model_copy(update={"batch_size": min(config.batch_size,
-                                                                                     len(held_lines))}))
+    held = _prepare_held_out(backbone, calib_lines, config)
     settings = {"lr": resolved_lr(backbone, config), "distance_th": resolved_distance(prepared, config)}
     own_runner = runner is None
     if runner is None and (workers > 1 or ray_address):
-        from .runners import RayRunner
-
-        runner = RayRunner(backbone, prepared, config, workers, ray_address,
-                           device="cuda" if backbone.device.type == "cuda" else "cpu",
-                           gpus_per_round=1.0 if backbone.device.type == "cuda" else 0.0, held=held)
-
-    ckpt = _checkpoint_path(out)
-    records: dict[int, dict] = {}
-    if resume and ckpt.is_file():
-        records = _read_checkpoint(ckpt, backbone.fingerprint, config.identity(), backbone.hidden_size)
-        if say:
-            say(f"resuming: {len(records)} rounds already done")
-    seeds = list(range(config.first_seed, config.first_seed + config.rounds))
+        runner = _ray_runner(backbone, prepared, config, workers, ray_address, held)
+    rounds = _Rounds(backbone, config, _checkpoint_path(out), started, resume, say)
     runner = runner or SerialRunner(backbone, prepared, config, held)
-    bar = tqdm(total=len(seeds), initial=sum(s in records for s in seeds), desc=f"mine {config.mode}",
-               disable=not progress, unit="round")
-
-    def in_budget() -> bool:
-        return config.time_budget is None or time.time() - started <= config.time_budget
-
-    def run(todo: list[int], found: torch.Tensor | None, done: Callable[[], bool]) -> None:
-        """Run `todo` (stopping once `done()`), checkpointing every finished round."""
-        for seed, cand in runner.run(todo, found, in_budget):
-            records[seed] = _candidate_record(cand)
-            _write_json_atomic(ckpt, {"fingerprint": backbone.fingerprint, "config": config.identity(),
-                                      "candidates": [records[k] for k in sorted(records)]})
-            bar.update(1)
-            if done():
-                break
-
+    bar = rounds.progress_bar(progress)
     try:
-        if config.mode == "detect":
-            kept_seeds = _detect(seeds, records, run)
-        else:
-            kept_seeds = _search(seeds, records, run, config.wave, settings["distance_th"], config.same_pv_agreement,
-                                 bar)
+        kept_seeds = rounds.run_mode(runner, bar, settings["distance_th"])
     finally:
         bar.close()
         runner_close = getattr(runner, "close", None)
         if own_runner and runner_close:
             runner_close()
-    if not in_budget() and say:
+    if not rounds.in_budget() and say:
         say(f"time budget of {config.time_budget:.0f} s reached")
+    records = rounds.records
     done = [records[s] for s in sorted(records)]
-    kept = [torch.tensor(records[s]["pv"]) for s in kept_seeds]
+    pvs, pv_records = _calibrated(backbone, records, kept_seeds, calib_lines, config)
+    seconds = time.time() - started
+    sig = _signature_set(backbone, config, pvs, pv_records, {
+        **config.model_dump(), **settings, "rounds": len(done), "seconds": round(seconds, 1),
+        "corpus_lines": len(fuzz_lines), "calibration_lines": len(calib_lines)})
+    sig.save(out, sign_key=sign_key)
+    summary = [{k: v for k, v in c.items() if k != "pv"} for c in done]
+    return MiningResult(sig, summary, len(done), seconds)
 
-    pvs = torch.stack(kept) if kept else torch.zeros(0, backbone.hidden_size)
+
+def _check_output_folder(out: Path) -> None:
+    """Fail before any work when the signature file could not be written."""
+    if not out.parent.is_dir():
+        raise LmsanError(f"output folder does not exist: {out.parent}")
+    if not os.access(out.parent, os.W_OK):
+        raise LmsanError(f"output folder is not writable: {out.parent}")
+
+
+def _split_corpus(corpus: list[str], config: MiningConfig) -> tuple[list[str], list[str]]:
+    """The fuzzing lines from the start of the corpus and the calibration lines from its end; a
+    corpus too small for both is split, most of it for fuzzing."""
+    needed = config.lines + config.calibration_lines
+    if len(corpus) < config.batch_size + 50:
+        raise LmsanError(f"corpus too small: {len(corpus)} lines (need at least {config.batch_size + 50})")
+    if len(corpus) >= needed:
+        return corpus[: config.lines], corpus[-config.calibration_lines :]
+    cut = max(config.batch_size, int(len(corpus) * 0.7))
+    return corpus[:cut], corpus[cut:]
+
+
+def _prepare_held_out(backbone: Backbone, calib_lines: list[str], config: MiningConfig) -> Prepared:
+    """The first `held_out_lines` calibration lines, prepared for the collapse test."""
+    held_lines = calib_lines[: config.held_out_lines]
+    return prepare(backbone, held_lines, config.model_copy(update={"batch_size": min(config.batch_size,
+                                                                                     len(held_lines))}))
+
+
+def _ray_runner(backbone: Backbone, prepared: Prepared, config: MiningConfig, workers: int,
+                ray_address: str | None, held: Prepared) -> RayRunner:
+    """Rounds as Ray tasks, on the backbone's kind of device (imported here: Ray is optional)."""
+    from .runners import RayRunner
+
+    on_cuda = backbone.device.type == "cuda"
+    return RayRunner(backbone, prepared, config, workers, ray_address, device="cuda" if on_cuda else "cpu",
+                     gpus_per_round=1.0 if on_cuda else 0.0, held=held)
+
+
+class _Rounds:
+    """The finished rounds of one job by seed, resumed from the checkpoint when asked and written
+    back to it after every round, with the progress bar and the time budget."""
+
+    def __init__(self, backbone: Backbone, config: MiningConfig, ckpt: Path, started: float, resume: bool,
+                 say: Callable[[str], None] | None):
+        self.fingerprint, self.config, self.ckpt, self.started = backbone.fingerprint, config, ckpt, started
+        self.records: dict[int, RoundRecord] = {}
+        if resume and ckpt.is_file():
+            self.records = _read_checkpoint(ckpt, backbone.fingerprint, config.identity(), backbone.hidden_size)
+            if say:
+                say(f"resuming: {len(self.records)} rounds already done")
+        self.seeds = list(range(config.first_seed, config.first_seed + config.rounds))
+
+    def in_budget(self) -> bool:
+        return self.config.time_budget is None or time.time() - self.started <= self.config.time_budget
+
+    def progress_bar(self, progress: bool) -> tqdm:
+        """A bar over every seed of the job, the resumed rounds counted as done."""
+        seeds = self.seeds
+        return tqdm(total=len(seeds), initial=sum(s in self.records for s in seeds), desc=f"mine {self.config.mode}",
+                    disable=not progress, unit="round")
+
+    def run_mode(self, runner: SerialRunner | RayRunner, bar: tqdm, unique_th: float) -> list[int]:
+        """Run the rounds the mode needs with `runner`; the seeds whose PVs are kept, in seed order."""
+        config, records, seeds = self.config, self.records, self.seeds
+
+        def run(todo: list[int], found: torch.Tensor | None, done: Callable[[], bool]) -> None:
+            """Run `todo` (stopping once `done()`), checkpointing every finished round."""
+            for seed, cand in runner.run(todo, found, self.in_budget):
+                records[seed] = _candidate_record(cand)
+                self._save()
+                bar.update(1)
+                if done():
+                    break
+
+        if config.mode == "detect":
+            return _detect(seeds, records, run)
+        return _search(seeds, records, run, config.wave, unique_th, config.same_pv_agreement, bar)
+
+    def _save(self) -> None:
+        """Write every finished round, in seed order, to the checkpoint."""
+        _write_json_atomic(self.ckpt, {"fingerprint": self.fingerprint, "config": self.config.identity(),
+                                       "candidates": [self.records[k] for k in sorted(self.records)]})
+
+
+def _calibrated(backbone: Backbone, records: dict[int, RoundRecord], kept_seeds: list[int], calib_lines: list[str],
+                config: MiningConfig) -> tuple[torch.Tensor, list[PVRecord]]:
+    """The kept PVs [K, H] that some threshold separates from clean text, with their records; the
+    others are marked in `records` as dropped."""
+    pvs = (torch.stack([torch.tensor(records[s]["pv"]) for s in kept_seeds]) if kept_seeds
+           else torch.zeros(0, backbone.hidden_size))
     pv_records: list[PVRecord] = []
     keep_idx: list[int] = []
-    if kept:
+    if kept_seeds:
         kept_records = [records[s] for s in kept_seeds]
         thresholds, rates = calibrate(backbone, pvs, calib_lines, config, [c.get("floor") for c in kept_records])
         for i, (c, th, rate) in enumerate(zip(kept_records, thresholds, rates, strict=True)):
@@ -305,9 +386,14 @@ def mine(
             pv_records.append(PVRecord(origin="mined", seed=c["seed"], threshold=th, false_positive_rate=rate,
                                        scores={"distance": c["distance"], "entropy_ratio": c["entropy_ratio"],
                                                "dispersion": c["dispersion"]}))
-    pvs = pvs[keep_idx] if keep_idx else torch.zeros(0, backbone.hidden_size)
-    seconds = time.time() - started
-    sig = SignatureSet.create(
+    return (pvs[keep_idx] if keep_idx else torch.zeros(0, backbone.hidden_size)), pv_records
+
+
+def _signature_set(backbone: Backbone, config: MiningConfig, pvs: torch.Tensor, pv_records: list[PVRecord],
+                   mining: dict) -> SignatureSet:
+    """The signature file's contents: the calibrated PVs of this backbone, the verdict they give,
+    and how they were mined."""
+    return SignatureSet.create(
         pvs,
         pv_records,
         backbone_name=backbone.name,
@@ -315,9 +401,5 @@ def mine(
         model_type=backbone.model_type,
         position=config.position,
         verdict="backdoored" if pv_records else "clean",
-        mining={**config.model_dump(), **settings, "rounds": len(done), "seconds": round(seconds, 1),
-                "corpus_lines": len(fuzz_lines), "calibration_lines": len(calib_lines)},
+        mining=mining,
     )
-    sig.save(out, sign_key=sign_key)
-    summary = [{k: v for k, v in c.items() if k != "pv"} for c in done]
-    return MiningResult(sig, summary, len(done), seconds)

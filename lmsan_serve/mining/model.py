@@ -210,96 +210,151 @@ def fuzz_round(
 
     With `held` (clean lines not used for training), a candidate that passes the reference's
     filters must also pass the collapse test on them (`collapse`)."""
-    started = time.time()
-    model = backbone.model
-    emb = model.get_input_embeddings().weight.detach()
-    trigger = nn.Parameter(initial_trigger(emb, config, seed))
-    lr = resolved_lr(backbone, config)
-    optim = torch.optim.Adam([trigger], lr=lr * config.lr_boost)
-    boosted = config.lr_boost > 1
-    th = resolved_distance(prepared, config)
-    n_lines = prepared.input_ids.shape[0]
-    bs = config.batch_size
-    rng = random.Random(seed)
-    log_b = math.log(bs)
-    distance = entropy_ratio = 0.0
-    out_mean: torch.Tensor | None = None
-    trace: list[tuple[float, float]] = []
-    epoch = 0
-    for epoch in range(1, config.epochs + 1):
+    round_ = _FuzzRound(backbone, prepared, config, seed, found, held)
+    abandoned = round_.train()
+    return abandoned if abandoned is not None else round_.judge()
+
+
+class _FuzzRound:
+    """One round of `fuzz_round`: the soft trigger under training, its optimiser with the reference's
+    learning-rate boost, and the per-epoch statistics the filters read at the end."""
+
+    def __init__(self, backbone: Backbone, prepared: Prepared, config: MiningConfig, seed: int,
+                 found: torch.Tensor | None, held: Prepared | None):
+        self.started = time.time()
+        self.backbone, self.prepared, self.config, self.seed = backbone, prepared, config, seed
+        self.found, self.held = found, held
+        self.emb = backbone.model.get_input_embeddings().weight.detach()
+        self.trigger = nn.Parameter(initial_trigger(self.emb, config, seed))
+        self.lr = resolved_lr(backbone, config)
+        self.optim = torch.optim.Adam([self.trigger], lr=self.lr * config.lr_boost)
+        self.boosted = config.lr_boost > 1
+        self.th = resolved_distance(prepared, config)
+        self.rng = random.Random(seed)  # one stream: each epoch draws its batch order, then the insertion points
+        self.log_b = math.log(config.batch_size)
+        self.distance = self.entropy_ratio = 0.0
+        self.out_mean: torch.Tensor | None = None  # mean triggered output of the last batch
+        self.trace: list[tuple[float, float]] = []
+        self.epoch = 0
+
+    def train(self) -> Candidate | None:
+        """Run the epochs; the abandoned candidate when a round fails an early gate, else None."""
+        for epoch in range(1, self.config.epochs + 1):
+            self.epoch = epoch
+            distance, entropy, spread = self._train_epoch()
+            self.distance = distance
+            self.entropy_ratio = entropy / self.log_b
+            self.trace.append((round(distance, 6), round(spread, 6)))
+            why = self._abandon_reason()
+            if why:
+                return Candidate(self.seed, None, self.distance, self.entropy_ratio, True, self.epoch,
+                                 time.time() - self.started, [why], trace=self.trace)
+        return None
+
+    def _train_epoch(self) -> tuple[float, float, float]:
+        """One pass over the fuzzing lines in a fresh random order: the epoch means of the distance
+        from the clean outputs, of the batch entropy, and of the in-batch spread ratio."""
+        prepared, bs = self.prepared, self.config.batch_size
+        n_lines = prepared.input_ids.shape[0]
         order = list(range(n_lines))
-        rng.shuffle(order)
+        self.rng.shuffle(order)
         dist_sum = ent_sum = spread_sum = 0.0
         steps = 0
         for s in range(0, n_lines - bs + 1, bs):  # ragged last batch dropped
             idx = torch.tensor(order[s : s + bs], device=prepared.input_ids.device)
-            feats = _triggered(backbone, prepared, idx, trigger, config, rng)
-            clean = prepared.clean[idx]
-            dist = nn.functional.mse_loss(feats, clean)
-            p = torch.softmax(feats, dim=0)
-            entropy = -(p * torch.log(p + 1e-12)).sum(dim=0).mean()
-            loss = -dist - entropy
-            if found is not None and len(found):
-                # The reference's term: MSE(each output, nearest found PV). It includes the outputs'
-                # spread, so it also pays the trigger to scatter them; a batch-mean form capped at
-                # the PV's own size collapsed again but mostly re-found kept PVs (2 of 6 recovered
-                # in 16 rounds on a POR copy of MiniLM, against 4 of 6 with this one).
-                near = ((feats.mean(0, keepdim=True) - found) ** 2).mean(dim=1).argmin()
-                loss = loss - config.pv_weight * nn.functional.mse_loss(feats, found[near].expand_as(feats))
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if boosted and float(trigger.grad.abs().max()) > config.boost_until_grad:
-                for group in optim.param_groups:
-                    group["lr"] = lr
-                boosted = False
-            optim.step()
+            feats = _triggered(self.backbone, prepared, idx, self.trigger, self.config, self.rng)
+            loss, dist, entropy = self._loss(feats, prepared.clean[idx])
+            self._step(loss)
             dist_sum += float(dist.detach())
             ent_sum += float(entropy.detach())
             with torch.no_grad():  # the in-batch form of `collapse`, free on every step
                 spread_sum += float((feats - feats.mean(dim=0, keepdim=True)).pow(2).mean() / dist.clamp_min(1e-12))
             steps += 1
-            out_mean = feats.detach().mean(dim=0)
-        distance = dist_sum / max(1, steps)
-        entropy_ratio = ent_sum / max(1, steps) / log_b
-        trace.append((round(distance, 6), round(spread_sum / max(1, steps), 6)))
-        why = None
-        if epoch == 2 and distance < th:
-            why = "abandoned: no effect by epoch 2"
-        elif epoch == config.collapse_by < config.epochs and trace[-1][1] > config.collapse_spread:
+            self.out_mean = feats.detach().mean(dim=0)
+        return dist_sum / max(1, steps), ent_sum / max(1, steps), spread_sum / max(1, steps)
+
+    def _loss(self, feats: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training loss of one batch (push outputs away from clean, make them input-invariant, and
+        away from the PVs already found), with its distance and entropy terms."""
+        dist = nn.functional.mse_loss(feats, clean)
+        p = torch.softmax(feats, dim=0)
+        entropy = -(p * torch.log(p + 1e-12)).sum(dim=0).mean()
+        loss = -dist - entropy
+        found = self.found
+        if found is not None and len(found):
+            # The reference's term: MSE(each output, nearest found PV). It includes the outputs'
+            # spread, so it also pays the trigger to scatter them; a batch-mean form capped at
+            # the PV's own size collapsed again but mostly re-found kept PVs (2 of 6 recovered
+            # in 16 rounds on a POR copy of MiniLM, against 4 of 6 with this one).
+            near = ((feats.mean(0, keepdim=True) - found) ** 2).mean(dim=1).argmin()
+            loss = loss - self.config.pv_weight * nn.functional.mse_loss(feats, found[near].expand_as(feats))
+        return loss, dist, entropy
+
+    def _step(self, loss: torch.Tensor) -> None:
+        """One Adam step; the boosted learning rate drops to the base one for good once a gradient
+        entry passes `boost_until_grad`."""
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.boosted and float(self.trigger.grad.abs().max()) > self.config.boost_until_grad:
+            for group in self.optim.param_groups:
+                group["lr"] = self.lr
+            self.boosted = False
+        self.optim.step()
+
+    def _abandon_reason(self) -> str | None:
+        """Why the round stops after this epoch: no effect by epoch 2, or not collapsing in time."""
+        config, spread = self.config, self.trace[-1][1]
+        if self.epoch == 2 and self.distance < self.th:
+            return "abandoned: no effect by epoch 2"
+        if self.epoch == config.collapse_by < config.epochs and spread > config.collapse_spread:
             # A backdoor collapses its triggered outputs within a few epochs (in-batch spread 0.0015
             # to 0.007 by epoch 3 on POR, NeuBA and BToP copies of MiniLM); a soft trigger on a clean
             # encoder only grinds the spread down slowly (0.036 by epoch 3, 0.012 after 6), so a
             # slow round is not a backdoor.
-            why = f"abandoned: not collapsing by epoch {epoch} (in-batch spread {trace[-1][1]:.4f})"
-        if why:
-            return Candidate(seed, None, distance, entropy_ratio, True, epoch, time.time() - started, [why],
-                             trace=trace)
-    lo, hi = float(emb.min()), float(emb.max())
-    span = (hi - lo) * (config.legitimacy - 1) / 2
-    legit = bool(((trigger >= lo - span) & (trigger <= hi + span)).all())
-    reasons = []
-    if distance < th:
-        reasons.append(f"effect size {distance:.4f} < {th:.4f}")
-    if entropy_ratio < 1 - config.entropy_tolerance / log_b:
-        reasons.append(f"not input-invariant (entropy {entropy_ratio:.4f} of max)")
-    if not legit:
-        reasons.append("trigger left the embedding range")
-    pv, dispersion, row, agreement, floor = out_mean, None, None, None, None
-    if not reasons and held is not None and config.split_rows:
-        row, pv, dispersion, agreement, floor = purest(backbone, held, trigger.detach(), config, seed, th)
-        if agreement is not None and agreement < config.min_self_agreement:
-            reasons.append(f"a blend of PVs (held-out outputs agree {agreement:.3f} in sign with it, "
-                           f"< {config.min_self_agreement})")
-    if pv is not None:
-        why = duplicate(pv, found, th, config.same_pv_agreement)
-        if why:
-            reasons.append(why)
-    if not reasons and held is not None and dispersion is None:
-        dispersion = collapse(backbone, held, trigger.detach(), config, seed)
-    if dispersion is not None and dispersion > config.max_dispersion:
-        reasons.append(f"not collapsed on held-out text (dispersion {dispersion:.4f} > {config.max_dispersion})")
-    return Candidate(seed, pv, distance, entropy_ratio, legit, epoch, time.time() - started, reasons,
-                     trigger.detach().clone(), dispersion, trace=trace, row=row, self_agreement=agreement, floor=floor)
+            return f"abandoned: not collapsing by epoch {self.epoch} (in-batch spread {spread:.4f})"
+        return None
+
+    def judge(self) -> Candidate:
+        """The trained round as a candidate, with every filter it fails: the reference's three, then
+        on held-out lines the purest PV of the trigger's rows, uniqueness, and the collapse test."""
+        config, held, th = self.config, self.held, self.th
+        legit = self._legit()
+        reasons = self._reference_reasons(legit)
+        pv, dispersion, row, agreement, floor = self.out_mean, None, None, None, None
+        if not reasons and held is not None and config.split_rows:
+            row, pv, dispersion, agreement, floor = purest(self.backbone, held, self.trigger.detach(), config,
+                                                           self.seed, th)
+            if agreement is not None and agreement < config.min_self_agreement:
+                reasons.append(f"a blend of PVs (held-out outputs agree {agreement:.3f} in sign with it, "
+                               f"< {config.min_self_agreement})")
+        if pv is not None:
+            why = duplicate(pv, self.found, th, config.same_pv_agreement)
+            if why:
+                reasons.append(why)
+        if not reasons and held is not None and dispersion is None:
+            dispersion = collapse(self.backbone, held, self.trigger.detach(), config, self.seed)
+        if dispersion is not None and dispersion > config.max_dispersion:
+            reasons.append(f"not collapsed on held-out text (dispersion {dispersion:.4f} > {config.max_dispersion})")
+        return Candidate(self.seed, pv, self.distance, self.entropy_ratio, legit, self.epoch,
+                         time.time() - self.started, reasons, self.trigger.detach().clone(), dispersion,
+                         trace=self.trace, row=row, self_agreement=agreement, floor=floor)
+
+    def _legit(self) -> bool:
+        """Every trigger entry within `legitimacy` x the range of the embedding matrix."""
+        lo, hi = float(self.emb.min()), float(self.emb.max())
+        span = (hi - lo) * (self.config.legitimacy - 1) / 2
+        return bool(((self.trigger >= lo - span) & (self.trigger <= hi + span)).all())
+
+    def _reference_reasons(self, legit: bool) -> list[str]:
+        """The reference's filters: effect size, input invariance, and a trigger inside the embedding range."""
+        reasons = []
+        if self.distance < self.th:
+            reasons.append(f"effect size {self.distance:.4f} < {self.th:.4f}")
+        if self.entropy_ratio < 1 - self.config.entropy_tolerance / self.log_b:
+            reasons.append(f"not input-invariant (entropy {self.entropy_ratio:.4f} of max)")
+        if not legit:
+            reasons.append("trigger left the embedding range")
+        return reasons
 
 
 def purest(backbone: Backbone, held: Prepared, trigger: torch.Tensor, config: MiningConfig, seed: int,
