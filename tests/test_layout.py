@@ -16,6 +16,7 @@ from lmsan_serve.cli import subcommands
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = ROOT / "lmsan_serve"
 MAX_FILE_LINES = 450  # what a reader takes in at once; past it a module holds more than one idea
+MAX_FUNCTION_LINES = 80  # a function read at once; longer ones hide steps that want names
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -58,6 +59,17 @@ def test_the_lab_commands_come_through_the_entry_point():
 def test_no_product_module_is_over_the_line_budget():
     long = {str(p.relative_to(ROOT)): n for p in PRODUCT.rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_FILE_LINES}
+    assert long == {}
+
+
+def test_no_product_function_is_over_the_line_budget():
+    long = {}
+    for path in PRODUCT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long[f"{path.relative_to(ROOT)}:{node.name}"] = lines
     assert long == {}
 
 
