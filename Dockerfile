@@ -13,6 +13,8 @@ WORKDIR /app
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
 COPY pyproject.toml README.md ./
 COPY lmsan_serve ./lmsan_serve
+# the lab: `lmsan demo` builds the artifacts the compose stack serves (no plots: no `lab` extra)
+COPY lmsan_lab ./lmsan_lab
 # /data exists in the image owned by lmsan so a named volume mounted there is writable by it.
 RUN pip install . && useradd --create-home lmsan && mkdir /data && chown lmsan:lmsan /data
 COPY deployments ./deployments

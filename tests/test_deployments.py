@@ -433,6 +433,10 @@ def test_dockerfile_pins_cpu_torch_before_the_project():
     assert f"TORCH_SPEC ?= {pin}" in makefile, "Dockerfile and Makefile pin different torch versions"
     assert 8000 in _dockerfile_exposed()
     assert any(ln.startswith("COPY deployments") for ln in lines)
+    # both packages are in the image before it installs the project: the CLI's lab commands
+    # (`lmsan demo`, which docker-compose runs) come from lmsan_lab through its entry point
+    copied = [ln.split()[1] for ln in lines[:project_at] if ln.startswith("COPY ")]
+    assert {"lmsan_serve", "lmsan_lab"} <= set(copied), copied
 
 
 def test_mining_rayjob_runs_the_real_cli():
