@@ -28,6 +28,7 @@ from lmsan_serve.errors import LmsanError
 from lmsan_serve.mining import RECOVERED, MiningConfig, mine, recovered, stale_checkpoint
 from lmsan_serve.prompts import PromptClassifier, train_prompt
 from lmsan_serve.signatures import SignatureSet
+from lmsan_serve.storage import prove_writable
 
 from .attacks import AttackConfig, plant_backdoor, save_attacked
 from .evaluation import GuardEvaluation, evaluate_guard, http_runner
@@ -108,6 +109,7 @@ def _make_output_folder(out: str) -> Path:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LmsanError(f"cannot create output folder {root}: {exc.strerror or exc}") from exc
+    prove_writable(root, "output folder")  # an existing read-only folder passes mkdir
     return root
 
 

@@ -537,6 +537,20 @@ def test_demo_out_is_not_a_folder(tmp_path):
     fails_cleanly("demo", "--out", blocker / "below", "--quiet", protect=[blocker])
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, where no one can create a file")
+def test_writers_refuse_an_unwritable_folder_before_any_work(tiny_bert, tmp_path):
+    """Root passes every permission check, so only creating a file tells: /proc takes no new
+    file even from root, as a read-only volume of a pod does not. Each command fails at once,
+    before loading a model or training, with the folder it could not write."""
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    fails_cleanly("mine", "--model", tiny_bert, "--out", "/proc/lmsan-test.safetensors", fragment="/proc")
+    fails_cleanly("train-prompt", "--model", tiny_bert, "--train", train, "--out", "/proc/lmsan-test",
+                  fragment="/proc")
+    fails_cleanly("attack", "por", "--model", tiny_bert, "--out", "/proc/lmsan-test", fragment="/proc")
+    fails_cleanly("demo", "--out", "/proc/lmsan-test", fragment="/proc")
+
+
 def test_case_count(record_property, capsys):
     """Runs last (file order): the number of bad-input CLI runs above."""
     record_property("loader_fuzz_cases", CASES["count"])

@@ -8,8 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import LmsanError
-
 EXIT_USAGE = 2
 
 
@@ -43,17 +41,10 @@ def progress(args: argparse.Namespace) -> bool:
 
 
 def writable_dir(path: str, what: str) -> Path:
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise LmsanError(f"{what} {p} exists and is not a folder")
-    parent = p if p.exists() else p.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise LmsanError(f"{what} {p} cannot be created: {parent} is not a folder")
-    if not os.access(parent, os.W_OK):
-        raise LmsanError(f"{what} {p} is not writable")
-    return p
+    """An output folder proved writable now (`storage.output_folder`), before any slow work."""
+    from ..storage import output_folder
+
+    return output_folder(path, what)
 
 
 def trusted_keys(args: argparse.Namespace) -> list | None:

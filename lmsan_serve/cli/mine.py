@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 from ..errors import LmsanError, settings
 from ..kinds import MiningMode, Position
+from ..storage import output_file
 from .common import add_common, emit, progress, say
 
 
@@ -31,13 +30,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     )
     if args.workers < 1:
         raise LmsanError("--workers must be at least 1")
-    out = Path(args.out)
-    if out.exists() and out.is_dir():
-        raise LmsanError(f"--out {out} is a folder; give a file name such as sig.safetensors")
-    if not out.parent.is_dir():
-        raise LmsanError(f"output folder does not exist: {out.parent}")
-    if not os.access(out.parent, os.W_OK):
-        raise LmsanError(f"output folder is not writable: {out.parent}")
+    out = output_file(args.out)  # proved writable now, not after hours of mining
     sign_key = None
     if args.sign_key:
         from ..signing import load_private_key

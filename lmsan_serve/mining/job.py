@@ -19,6 +19,7 @@ from ..backbone import Backbone
 from ..errors import LmsanError
 from ..monitor import PV_CAP, sign_agreement
 from ..signatures import DEFAULT_THRESHOLD, PVRecord, SignatureSet
+from ..storage import output_file
 from .config import MiningConfig
 from .model import Candidate, Prepared, duplicate, prepare, resolved_distance, resolved_lr
 from .runners import SerialRunner
@@ -285,10 +286,7 @@ def mine(
 
 def _check_output_folder(out: Path) -> None:
     """Fail before any work when the signature file could not be written."""
-    if not out.parent.is_dir():
-        raise LmsanError(f"output folder does not exist: {out.parent}")
-    if not os.access(out.parent, os.W_OK):
-        raise LmsanError(f"output folder is not writable: {out.parent}")
+    output_file(out, "the signature file")
 
 
 def _split_corpus(corpus: list[str], config: MiningConfig) -> tuple[list[str], list[str]]:
