@@ -120,5 +120,32 @@ def add_serve(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from ..serving.check import check_config_file
+
+    apps = check_config_file(args.config, base=args.base)
+    lines = []
+    for app in apps:
+        guard = f"{app.pvs} PV(s), verdict {app.verdict}" if app.signatures else "no signature file"
+        lines.append(f"ok: application {app.name!r}: model {app.model}, task(s) {', '.join(app.tasks)}; {guard}")
+        lines += [f"  note: {n}" for n in app.notes]
+    emit(args, "\n".join(lines), {"config": str(args.config), "applications": [a.to_dict() for a in apps]})
+    return 0
+
+
+def add_check_config(sub) -> None:
+    p = sub.add_parser("check-config", help="check a Serve config and every file it names, offline",
+                       description="Validate the lmsan applications of a Ray Serve config (or a bare `args` "
+                       "mapping) as the app will read them: args and the GuardedClassifier user_config, unknown "
+                       "fields refused; then the model folder, prompts, calibration files, signature file and "
+                       "trusted keys they name. Loads no model. Exit 0 when all hold, 2 with the first problem.")
+    p.add_argument("config", metavar="FILE", help="Serve config YAML, e.g. deployments/serve-demo.yaml")
+    p.add_argument("--base", help="folder relative paths resolve against (default: the current folder, as for "
+                   "`serve run`)")
+    add_common(p, model=False)
+    p.set_defaults(func=cmd_check_config)
+
+
 def register(sub) -> None:
     add_serve(sub)
+    add_check_config(sub)

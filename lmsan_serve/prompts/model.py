@@ -145,23 +145,8 @@ class PromptClassifier(nn.Module):
     def load(cls, path: str | Path, backbone: Backbone, allow_fingerprint_mismatch: bool = False) -> PromptClassifier:
         """Load a saved prompt; refuse one trained on other backbone weights."""
         p = Path(path)
-        manifest_path, tensor_path = p / "manifest.json", p / "prompt.safetensors"
-        if not manifest_path.is_file() or not tensor_path.is_file():
-            raise LmsanError(f"{p}: not a prompt artifact (needs manifest.json and prompt.safetensors)")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            config = PromptConfig.model_validate(manifest["config"])
-            labels = [str(x) for x in manifest["labels"]]
-            ref = manifest["backbone"]
-            if not isinstance(ref, dict):
-                raise TypeError(f"'backbone' must be an object, not {type(ref).__name__}")
-            if manifest.get("format_version") != MANIFEST_VERSION:
-                raise LmsanError(f"{p}: unknown prompt format version {manifest.get('format_version')}")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as exc:
-            detail = f"{type(exc).__name__}: {exc}"
-            if hasattr(exc, "errors"):  # pydantic's ValidationError: its text spans lines
-                detail = f"ValidationError at {first_problem(exc, prefix=('config',))}"
-            raise LmsanError(f"{p}: invalid manifest.json ({detail})") from exc
+        manifest, config, labels = read_manifest(p)
+        ref, tensor_path = manifest["backbone"], p / "prompt.safetensors"
         if ref.get("hidden_size") != backbone.hidden_size:
             raise LmsanError(
                 f"{p}: trained on a {ref.get('hidden_size')}-wide backbone ({ref.get('name')}), "
@@ -196,6 +181,28 @@ class PromptClassifier(nn.Module):
         model.head.bias.data.copy_(tensors["head.bias"])
         model.manifest = manifest
         return model.to(backbone.device).eval()
+
+
+def read_manifest(folder: Path) -> tuple[dict, PromptConfig, list[str]]:
+    """A prompt artifact's manifest, checked without a backbone: (manifest, config, labels)."""
+    manifest_path, tensor_path = folder / "manifest.json", folder / "prompt.safetensors"
+    if not manifest_path.is_file() or not tensor_path.is_file():
+        raise LmsanError(f"{folder}: not a prompt artifact (needs manifest.json and prompt.safetensors)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        config = PromptConfig.model_validate(manifest["config"])
+        labels = [str(x) for x in manifest["labels"]]
+        ref = manifest["backbone"]
+        if not isinstance(ref, dict):
+            raise TypeError(f"'backbone' must be an object, not {type(ref).__name__}")
+        if manifest.get("format_version") != MANIFEST_VERSION:
+            raise LmsanError(f"{folder}: unknown prompt format version {manifest.get('format_version')}")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+        if hasattr(exc, "errors"):  # pydantic's ValidationError: its text spans lines
+            detail = f"ValidationError at {first_problem(exc, prefix=('config',))}"
+        raise LmsanError(f"{folder}: invalid manifest.json ({detail})") from exc
+    return manifest, config, labels
 
 
 def label_ids(examples: list[Example], labels: list[str], source: str) -> list[int]:
