@@ -261,3 +261,30 @@ def test_a_task_calibrated_on_its_clean_inputs(files, backbone, tmp_path, corpus
     with pytest.raises(LmsanError, match="calibration_fpr"):
         parse_config({"model": "m", "tasks": {"a": {"prompt": "p", "calibration": "c", "calibration_fpr": 2}}})
 
+
+
+def test_a_shed_request_answers_503_with_retry_after():
+    """When every classifier queue is full, Ray Serve's handle raises BackPressureError: the
+    ingress answers 503 with retry-after (what the client retry policy backs off from), not 500."""
+    import asyncio
+
+    from ray.serve.exceptions import BackPressureError
+
+    from lmsan_serve.serving import app as serving_app
+
+    class FullQueue:
+        class classify:  # noqa: N801  (the handle's method, called as .classify.remote(call))
+            @staticmethod
+            async def remote(call):
+                raise BackPressureError(num_queued_requests=128, max_queued_requests=128)
+
+    class Request:
+        headers = {"x-request-id": "shed-1"}
+
+    ingress = object.__new__(serving_app.LmsanIngress.func_or_class)
+    ingress.classifier = FullQueue()
+    ingress.config = parse_config({"model": "minilm", "tasks": {"sst": "p"}, "mode": "off"})
+    body = serving_app.ClassifyRequest(task="sst", inputs=["simply great"])
+    answer = asyncio.run(serving_app.LmsanIngress.func_or_class.classify(ingress, body, Request()))
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+    assert answer.headers["x-request-id"] == "shed-1" and b"overloaded" in answer.body

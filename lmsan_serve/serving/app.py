@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -125,8 +126,15 @@ def _call_size(calls: list[ClassifyCall]) -> int:
     return sum(len(c) for c in calls)
 
 
+# Load shedding: past MAX_QUEUED_REQUESTS waiting calls a replica's queue only adds latency
+# beyond what a client waits, so further calls are refused at once (503 with retry-after, which
+# the documented client retry policy backs off from) instead of queueing without bound.
+MAX_QUEUED_REQUESTS = 128
+
+
 @serve.deployment(name="GuardedClassifier", health_check_period_s=5, health_check_timeout_s=30,
-                  max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+                  max_ongoing_requests=64, max_queued_requests=MAX_QUEUED_REQUESTS,
+                  ray_actor_options={"num_cpus": 1})
 class GuardedClassifier:
     """Owns the backbone and the guard; one per replica."""
 
@@ -226,6 +234,10 @@ class LmsanIngress:
         except RayError as exc:  # the replica died or is unreachable mid-request: safe to retry
             log.warning("classifier call %s failed: %s", rid, type(exc).__name__)
             return _error(503, f"classifier replica unavailable ({type(exc).__name__}); retry the request",
+                          headers | {"retry-after": "1"})
+        except BackPressureError:  # every replica's queue is full: shed, the client retries later
+            log.warning("classifier call %s shed: queues full", rid)
+            return _error(503, "overloaded: every classifier queue is full; retry the request",
                           headers | {"retry-after": "1"})
         if result.error:
             return _error(result.status, result.error, headers)

@@ -18,6 +18,9 @@ from ..guard import GuardResult, Verdict
 from .config import ServeConfig
 
 APP_NAME = "lmsan"
+# A request still unanswered after this long is answered by Ray Serve's proxy with a timeout
+# (408) rather than held open: a client waiting longer has given up, and its slot serves others.
+REQUEST_TIMEOUT_S = 60.0
 
 
 def port_free(host: str, port: int) -> bool:
@@ -104,7 +107,7 @@ def start(
             ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False,
                      log_to_driver=False, **kwargs)
             started = True
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
     serve.run(make_app(config, replicas), name=APP_NAME, route_prefix="/", blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     endpoint = Endpoint(f"http://{shown}:{port}", None if metrics_port is None or ray_address else
