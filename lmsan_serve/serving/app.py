@@ -42,8 +42,27 @@ class PairInput(BaseModel):
     text_pair: str | None = None
 
 
+# The served task names, an enum on `task` in the published schema, so generated clients and
+# fuzzers send requests that reach the guard. Set by the ingress replica before its first
+# /openapi.json (Ray Serve freezes a copy of the FastAPI app, not this module, so the schema reads
+# it here). Requests are still validated with `task` as any string: an unknown one gets the
+# documented 404 naming where the list is.
+SERVED_TASKS: list[str] = []
+
+
+def name_served_tasks(tasks: list[str]) -> None:
+    """Called by the ingress replica. A module function, so that it changes this module's list:
+    Ray ships the ingress class by value, and a global it names directly would be a copy."""
+    SERVED_TASKS[:] = tasks
+
+
+def _task_enum(schema: dict[str, Any]) -> None:
+    if SERVED_TASKS:
+        schema["properties"]["task"]["enum"] = list(SERVED_TASKS)
+
+
 class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_task_enum)
     task: str = Field(min_length=1, max_length=64, description="a task name from GET /v1/tasks")
     inputs: list[str | PairInput] = Field(min_length=1, description="texts, or {text, text_pair} objects")
 
@@ -202,6 +221,7 @@ class LmsanIngress:
     def __init__(self, classifier: DeploymentHandle, config: dict[str, Any]):
         self.classifier = classifier
         self.config = ServeConfig.model_validate(config)
+        name_served_tasks(list(self.config.tasks))
 
     @api.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
     async def classify(self, body: ClassifyRequest, request: Request):
