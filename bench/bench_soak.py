@@ -166,13 +166,15 @@ def clean_pool(model: str, prompt: str, texts: list[str], batch_size: int = 32) 
 
 
 def replica_processes() -> dict[int, int]:
-    """pid -> RSS bytes of every GuardedClassifier replica on this machine."""
+    """pid -> RSS bytes of every GuardedClassifier replica of the Ray cluster this process started:
+    its workers descend from it (through the raylet), so another cluster on the same machine (a
+    second test run, a developer's `lmsan serve`) is neither counted nor killed."""
     import psutil
 
     out = {}
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.Process().children(recursive=True):
         try:
-            if "GuardedClassifier" in " ".join(p.info["cmdline"] or []):
+            if "GuardedClassifier" in " ".join(p.cmdline() or []):
                 out[p.pid] = p.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
