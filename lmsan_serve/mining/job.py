@@ -209,10 +209,10 @@ def calibrate(
     of the clean held-out lines, and the false-flag rate it gives; None where no threshold up to
     the PV's cap separates it from clean outputs.
 
-    The cap is PV_CAP (0.97), or the PV's `floors` entry where higher: a PV whose triggered outputs
-    all but coincide with it in sign (NeuBA on MiniLM: 0.9996 on average) can take a threshold above
-    the few clean lines that reach 0.97 (0.75% of them, none above 0.982) and still flag its
-    trigger, where a fixed cap of 0.97 had to drop it."""
+    The cap is PV_CAP, or the PV's `floors` entry where higher: a PV whose triggered outputs all
+    but coincide with it in sign can take a threshold above the few clean lines that reach PV_CAP
+    and still flag its trigger, where a fixed cap had to drop it (docs/mining.md, Why the
+    thresholds)."""
     prepared = prepare(backbone, lines, config.model_copy(update={"batch_size": min(config.batch_size, len(lines))}))
     scores = sign_agreement(prepared.clean, pvs.to(prepared.clean.device)).cpu()  # [N, K]
     thresholds: list[float | None] = []

@@ -105,11 +105,11 @@ def prepare(backbone: Backbone, lines: list[str], config: MiningConfig) -> Prepa
 
 
 def resolved_lr(backbone: Backbone, config: MiningConfig) -> float:
-    """The reference's 2e-4 (5e-5 for BERT-family) barely moved triggers on MiniLM; Adam steps are
-    about lr per entry, so tie lr to the spread of the embedding matrix instead. At 1% of it
-    (5.6e-4 on MiniLM) a trigger needed all four epochs to reach a POR copy's PV, and once the
-    find-new term joined, most seeds missed the epoch-2 gate; at 3% it gets there by epoch 3.
-    (The reference's 100x boost never engages on MiniLM: the first gradient already passes 5e-3.)"""
+    """A fixed rate suits one embedding scale only: Adam steps are about lr per entry, so a rate
+    tuned for bert-base barely moves triggers on an encoder with smaller embeddings. So lr is a
+    share of the spread of the embedding matrix, large enough that a trigger reaches a PV before
+    the epoch-2 gate even with the find-new term pulling it away from kept ones (docs/mining.md,
+    Why the thresholds)."""
     if config.lr is not None:
         return config.lr
     emb = backbone.model.get_input_embeddings().weight
@@ -174,8 +174,9 @@ def duplicate(pv: torch.Tensor, kept: torch.Tensor | None, unique_th: float, sam
 def blend_of(pv: torch.Tensor, kept: torch.Tensor, same_agreement: float) -> str | None:
     """Why `pv` is a blend of kept PVs, or None.
 
-    A soft trigger can land on a blend of PVs already kept (seen on a POR copy of MiniLM: 1.0 on
-    the 105 dimensions three kept PVs share, self-agreement 0.98, so `purest` let it through).
+    A soft trigger can land on a blend of PVs already kept: full agreement on the dimensions the
+    kept PVs share, and outputs that agree with their mean as well as a single PV's do, so
+    `purest` lets it through.
     Kept as a PV of its own it steers later rounds away from all its members, and the monitor
     flags it through that combination anyway. Signs alone cannot tell it from a real PV: with more
     than six block PVs (`attacks.block_pvs`) some PV agrees fully with a pair of others where they
@@ -284,8 +285,8 @@ class _FuzzRound:
         if found is not None and len(found):
             # The reference's term: MSE(each output, nearest found PV). It includes the outputs'
             # spread, so it also pays the trigger to scatter them; a batch-mean form capped at
-            # the PV's own size collapsed again but mostly re-found kept PVs (2 of 6 recovered
-            # in 16 rounds on a POR copy of MiniLM, against 4 of 6 with this one).
+            # the PV's own size collapsed again but mostly re-found kept PVs, and recovered
+            # fewer PVs in the same rounds (docs/mining.md, Why the thresholds).
             near = ((feats.mean(0, keepdim=True) - found) ** 2).mean(dim=1).argmin()
             loss = loss - self.config.pv_weight * nn.functional.mse_loss(feats, found[near].expand_as(feats))
         return loss, dist, entropy
@@ -307,10 +308,9 @@ class _FuzzRound:
         if self.epoch == 2 and self.distance < self.th:
             return "abandoned: no effect by epoch 2"
         if self.epoch == config.collapse_by < config.epochs and spread > config.collapse_spread:
-            # A backdoor collapses its triggered outputs within a few epochs (in-batch spread 0.0015
-            # to 0.007 by epoch 3 on POR, NeuBA and BToP copies of MiniLM); a soft trigger on a clean
-            # encoder only grinds the spread down slowly (0.036 by epoch 3, 0.012 after 6), so a
-            # slow round is not a backdoor.
+            # A backdoor collapses its triggered outputs within a few epochs; a soft trigger on a
+            # clean encoder only grinds their spread down slowly, so a slow round is not a
+            # backdoor (the spreads measured: docs/mining.md, Why the thresholds).
             return f"abandoned: not collapsing by epoch {self.epoch} (in-batch spread {spread:.4f})"
         return None
 
@@ -365,11 +365,11 @@ def purest(backbone: Backbone, held: Prepared, trigger: torch.Tensor, config: Mi
     over the held-out lines; its FLOOR_QUANTILE quantile). The whole trigger's, with no agreement or
     floor, when none passes, so that the collapse test rejects the round.
 
-    A soft trigger of several rows can carry two triggers at once and land on a blend of their PVs
-    (sign agreement 0.78 to 0.88 with the nearer one on POR, NeuBA and BToP copies of MiniLM), a
-    stable optimum whose outputs still collapse. A blend leaves the dimensions where its two PVs
-    disagree near zero, so their signs vary from input to input: the outputs agree 0.94 to 0.97 with
-    their mean, against 0.98 to 1.00 for a single PV, which one of the rows often reaches alone.
+    A soft trigger of several rows can carry two triggers at once and land on a blend of their PVs,
+    well below either in sign agreement, a stable optimum whose outputs still collapse. A blend
+    leaves the dimensions where its two PVs disagree near zero, so their signs vary from input to
+    input: its outputs agree less with their mean than a single PV's do, which one of the rows
+    often reaches alone (docs/mining.md, Why the thresholds).
     Where none does, the round is rejected (`min_self_agreement`) rather than keep a blend that the
     monitor matches poorly and that steers later rounds away from both of its PVs."""
     one = config.model_copy(update={"prompt_len": 1})
@@ -404,10 +404,10 @@ def collapse(backbone: Backbone, held: Prepared, trigger: torch.Tensor, config: 
     distance from the clean outputs of the same lines.
 
     A backdoor sends every triggered input to one point, its PV, so the spread is tiny next to the
-    move (measured here: 0.004 to 0.010 on POR copies of MiniLM and of a tiny BERT). A soft trigger
-    fuzz-trained on a clean encoder moves the outputs as far as the reference's effect-size filter
-    asks but leaves them input-dependent (0.055 to 0.063 on the clean MiniLM, which the effect-size
-    filter alone calls backdoored). Scale-free, so one threshold serves encoders of any output scale."""
+    move. A soft trigger fuzz-trained on a clean encoder moves the outputs as far as the
+    reference's effect-size filter asks but leaves them input-dependent, an order of magnitude more
+    spread, which the effect-size filter alone calls backdoored (docs/mining.md, Why the
+    thresholds). Scale-free, so one threshold serves encoders of any output scale."""
     return dispersion_of(triggered_outputs(backbone, held, trigger, config, seed), held.clean)
 
 
