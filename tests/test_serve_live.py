@@ -22,6 +22,7 @@ import yaml
 
 from lmsan_serve import load_backbone
 from lmsan_serve.guard import Guard
+from lmsan_serve.kinds import Mode
 from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.signatures import SignatureSet
 
@@ -193,7 +194,7 @@ def test_user_config_redeploy_reconfigures_in_place(app):
     ep = app["endpoint"]
     other = app["work"] / "other.safetensors"
     shutil.copy(app["truth"], other)
-    config = app["config"].model_copy(update={"signatures": str(other), "task_modes": {"sst": "flag"}})
+    config = app["config"].model_copy(update={"signatures": str(other), "task_modes": {"sst": Mode.FLAG}})
     serve.run(make_app(config), name="lmsan", route_prefix="/", blocking=False)
     wait_for(lambda: ep.get("/v1/signatures")[1].get("path") == str(other), "user_config reload")
     _, body = classify(ep, "sst", [TRIGGERED[2]])
