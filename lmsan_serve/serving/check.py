@@ -14,10 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LmsanError, first_problem
-from .config import Reloadable, ServeConfig, parse_config
+from ..kinds import Mode, Position
+from .config import Reloadable, ServeConfig, parse_config, task_mode
+
+if TYPE_CHECKING:
+    from ..signatures import SignatureSet
 
 IMPORT_PATH = "lmsan_serve.serving.app:build_app"
 CLASSIFIER = "GuardedClassifier"
@@ -111,7 +115,6 @@ def _user_config(app: dict) -> dict[str, Any]:
 
 
 def _check_files(config: ServeConfig, check: AppCheck) -> None:
-    from ..prompts.model import read_manifest
     from ..signatures import SignatureSet
     from ..signing import load_public_keys
 
@@ -124,7 +127,7 @@ def _check_files(config: ServeConfig, check: AppCheck) -> None:
         sig = SignatureSet.load(config.signatures, trusted_keys=keys)
         check.pvs, check.verdict = len(sig), sig.meta.verdict
     for task in config.tasks:
-        _check_task(config, task, sig, read_manifest)
+        _check_task(config, task, sig)
 
 
 def _check_model(model: str, check: AppCheck) -> None:
@@ -138,22 +141,23 @@ def _check_model(model: str, check: AppCheck) -> None:
         check.notes.append(f"model {model!r} is no local folder here: a hub id, fetched when a replica starts")
 
 
-def _check_task(config: ServeConfig, task: str, sig, read_manifest) -> None:
+def _check_task(config: ServeConfig, task: str, sig: SignatureSet | None) -> None:
     from ..data import load_examples
+    from ..prompts.model import read_manifest
 
     settings = config.task(task)
     folder = Path(settings.prompt)
     if not folder.is_dir():
         raise LmsanError(f"task {task!r}: prompt folder not found: {folder}")
     manifest, prompt_config, _ = read_manifest(folder)
-    mode = config.task_modes.get(task) or settings.mode or config.mode
-    if mode != "off" and sig is None:
+    mode = task_mode(config, settings, task)
+    if mode != Mode.OFF and sig is None:
         raise LmsanError(f"task {task!r} is guarded (mode {mode}) but no signature file is given")
     trained_on = manifest["backbone"].get("fingerprint")
     if sig is not None and trained_on != sig.meta.backbone.fingerprint and not config.allow_fingerprint_mismatch:
         raise LmsanError(f"task {task!r}: its prompt was trained on other weights than the signature file "
                          f"was mined on ({str(trained_on)[:12]} vs {sig.meta.backbone.fingerprint[:12]})")
-    if sig is not None and sig.position == "mask" and prompt_config.position != "mask":
+    if sig is not None and sig.position == Position.MASK and prompt_config.position != Position.MASK:
         raise LmsanError(f"task {task!r}: the signatures watch [MASK], but its prompt has no cloze template")
     if settings.calibration:
         load_examples(settings.calibration, require_label=False)

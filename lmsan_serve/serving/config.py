@@ -105,6 +105,7 @@ class ServeConfig(Reloadable):
         t = self.tasks[name]
         return TaskConfig(prompt=t) if isinstance(t, str) else t
 
+
     def reloadable(self) -> dict:
         return Reloadable.model_validate(self.model_dump(include=set(Reloadable.model_fields))).model_dump()
 
@@ -136,3 +137,9 @@ def parse_config(data: dict) -> ServeConfig:
         return ServeConfig.model_validate(data)
     except ValidationError as exc:
         raise LmsanError(f"invalid serve config at {first_problem(exc, default='config')}") from exc
+
+
+def task_mode(settings: Reloadable, task: TaskConfig, name: str) -> Mode:
+    """The guard mode task `name` is served in: a `task_modes` override, else the task's own
+    mode, else the app's."""
+    return settings.task_modes.get(name) or task.mode or settings.mode

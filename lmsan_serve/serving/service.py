@@ -25,7 +25,7 @@ from ..monitor import inputs_for_bound
 from ..prompts import PromptClassifier
 from ..signatures import SignatureSet
 from ..signing import load_public_keys
-from .config import Reloadable, ServeConfig
+from .config import Reloadable, ServeConfig, task_mode
 from .metrics import GuardMetrics
 
 log = logging.getLogger("lmsan.serve")
@@ -208,7 +208,7 @@ class GuardService:
 
     # -- serving ---------------------------------------------------------------------------------
     def mode_of(self, task: str) -> Mode:
-        return self.settings.task_modes.get(task) or self.config.task(task).mode or self.settings.mode
+        return task_mode(self.settings, self.config.task(task), task)
 
     def guard(self, task: str) -> tuple[Guard, LoadedSignatures | None]:
         """The guard that scores `task`'s requests now and the signature snapshot it holds (None with
