@@ -23,6 +23,10 @@ def demo_layout(tmp_path, tiny_por, tiny_por_prompt) -> Path:
     demo.mkdir(parents=True)
     (demo / "por").symlink_to(tiny_por, target_is_directory=True)
     (demo / "prompt-sst2").symlink_to(tiny_por_prompt, target_is_directory=True)
+    # The shipped configs serve the file the demo's mining writes; check-config validates that
+    # file (format, checksum, weights), not how it was made, so the planted set stands in here.
+    (demo / "mined").mkdir()
+    (demo / "mined" / "search.safetensors").symlink_to(tiny_por / "truth.safetensors")
     return tmp_path
 
 

@@ -37,7 +37,7 @@ from .deploy_files import (
 IMPORT_PATH = "lmsan_serve.serving.app:build_app"
 DEPLOYMENT_NAMES = {"GuardedClassifier", "LmsanIngress"}
 # What `lmsan demo --out DIR` writes, relative to DIR.
-DEMO_LAYOUT = {"model": "por", "tasks": {"sst2": "prompt-sst2"}, "signatures": "por/truth.safetensors"}
+DEMO_LAYOUT = {"model": "por", "tasks": {"sst2": "prompt-sst2"}, "signatures": "mined/search.safetensors"}
 
 _HISTOGRAMS = ("ray_lmsan_match_ratio", "ray_lmsan_guard_seconds")
 KNOWN_METRICS = {
