@@ -143,7 +143,7 @@ class PlainPass:
         g = self.guard
         batch = g.classifier.encode(g.backbone, [text])
         out = g.classifier.forward_batch(g.backbone, batch)
-        mon = self.monitor(g.backbone.select(out.hidden, self.position, batch.monitor_index))
+        mon = self.monitor(g.backbone.select(out.hidden, self.position, batch.monitor_index, g.classifier.cls_index))
         return Pass(g.classifier.labels[int(out.logits[0].argmax())], bool(mon.flagged[0]))
 
     @torch.no_grad()
@@ -151,7 +151,7 @@ class PlainPass:
         g = self.guard
         batch = g.classifier.encode(g.backbone, texts)
         out = g.classifier.forward_batch(g.backbone, batch)
-        return g.backbone.select(out.hidden, self.position, batch.monitor_index).float().cpu()
+        return g.backbone.select(out.hidden, self.position, batch.monitor_index, g.classifier.cls_index).float().cpu()
 
 
 # -- 1. monitor ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import LmsanError
-from .kinds import Position
+from .kinds import Position, PromptLayout
 
 MINILM = "minilm"
 
@@ -98,6 +98,8 @@ class Backbone:
     Soft prompts take `prompt_len` slots right after the first token, so [CLS] stays at index 0;
     their hidden states are overwritten at the input of the first layer (shallow prompt) or of every
     layer (deep prompt) by forward pre-hooks, which works for any encoder with a per-layer module list.
+    Under the `over_cls` layout (peft's) the prompt also holds [CLS]'s state and overwrites indices
+    0..n, so the slots come first and [CLS] sits at index n.
     """
 
     model: nn.Module
@@ -108,6 +110,7 @@ class Backbone:
     _num_layers: int | None = field(default=None, repr=False)
     _depth: int = field(default=0, repr=False)
     _prompt: torch.Tensor | None = field(default=None, repr=False)
+    _keep_first: bool = field(default=True, repr=False)  # the splice keeps index 0 (`after_cls`)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
     _capture: threading.local = field(default_factory=threading.local, repr=False)
@@ -168,9 +171,9 @@ class Backbone:
             if depth == (self._num_layers or 0) - 1 and getattr(self._capture, "on", False):
                 self._capture.hidden = hidden
             return None
-        n = prompt.shape[1]
+        n, kept = prompt.shape[1], 1 if self._keep_first else 0
         spliced = torch.cat(
-            [hidden[:, :1], prompt[depth].to(hidden.dtype).expand(hidden.shape[0], -1, -1), hidden[:, 1 + n :]],
+            [hidden[:, :kept], prompt[depth].to(hidden.dtype).expand(hidden.shape[0], -1, -1), hidden[:, kept + n :]],
             dim=1,
         )
         if depth == (self._num_layers or 0) - 1 and getattr(self._capture, "on", False):
@@ -180,8 +183,11 @@ class Backbone:
         return args, {**kwargs, "hidden_states": spliced}
 
     @contextlib.contextmanager
-    def prompted(self, prompt: torch.Tensor | None) -> Iterator[None]:
+    def prompted(self, prompt: torch.Tensor | None,
+                 layout: PromptLayout = PromptLayout.AFTER_CLS) -> Iterator[None]:
         """Run forward passes with `prompt` ([depth, n, H]) spliced in; depth 1 = shallow, L = deep.
+        `after_cls` writes indices 1..n and keeps [CLS] at 0; `over_cls` writes indices 0..n-1,
+        the last of them [CLS]'s own state (n counts it there).
 
         Holds a lock: several prompts share the module hooks, so passes with different prompts
         must not interleave."""
@@ -190,11 +196,12 @@ class Backbone:
         if prompt is not None and prompt.shape[0] > (self._num_layers or 0):
             raise LmsanError(f"prompt has {prompt.shape[0]} layers, the encoder {self._num_layers}")
         with self._lock:
-            previous, self._prompt = self._prompt, prompt
+            previous = self._prompt, self._keep_first
+            self._prompt, self._keep_first = prompt, layout == PromptLayout.AFTER_CLS
             try:
                 yield
             finally:
-                self._prompt = previous
+                self._prompt, self._keep_first = previous
 
     # -- attention of the monitored token, for ranking purge candidates ------------------------
     @contextlib.contextmanager
@@ -240,12 +247,14 @@ class Backbone:
             kwargs["token_type_ids"] = token_type_ids
         return self.model(**kwargs).last_hidden_state
 
-    def select(self, hidden: torch.Tensor, position: str, index: torch.Tensor) -> torch.Tensor:
-        """Output vectors at the monitored position: [CLS] (index 0), the pooler, or [MASK] (`index`)."""
+    def select(self, hidden: torch.Tensor, position: str, index: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Output vectors at a position: the token at index `first` (`cls`; [CLS] unless a prompt
+        moved it), the pooler over that token, or per row the token at `index` (`mask`)."""
         if position == Position.CLS:
-            return hidden[:, 0]
+            return hidden[:, first]
         if position == Position.POOLER:
-            return self.model.pooler(hidden)
+            # the pooler reads its input's first token: hand it the sequence from `first` on
+            return self.model.pooler(hidden[:, first:] if first else hidden)
         if position == Position.MASK:
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
         raise LmsanError(f"unknown position {position!r}")

@@ -137,12 +137,15 @@ class Guard:
             pairs = text_pairs[s : s + batch_size] if text_pairs is not None else None
             batch = self.classifier.encode(self.backbone, texts[s : s + batch_size], pairs)
             out = self.classifier.forward_batch(self.backbone, batch)
-            feats.append(self._monitored(out.hidden, batch.monitor_index))
+            feats.append(self._monitored(out.hidden, batch.monitor_index, self.classifier.cls_index))
         return torch.cat(feats) if feats else torch.zeros(0, self.backbone.hidden_size, device=self.backbone.device)
 
-    def _monitored(self, hidden: torch.Tensor, monitor_index: torch.Tensor) -> torch.Tensor:
+    def _monitored(self, hidden: torch.Tensor, monitor_index: torch.Tensor, cls_index: int) -> torch.Tensor:
+        """The output the signatures describe: [CLS] (or the pooler over it) wherever the pass put
+        it (`cls_index`: 0 on the bare encoder, after the slots of an `over_cls` prompt, whose
+        first token is a slot), or the [MASK] at `monitor_index`."""
         assert self.signatures is not None
-        return self.backbone.select(hidden, self.signatures.position, monitor_index)
+        return self.backbone.select(hidden, self.signatures.position, monitor_index, first=cls_index)
 
     @property
     def mode(self) -> Mode:
@@ -159,7 +162,7 @@ class Guard:
         # shared by every pass, so a bare pass must not interleave with a prompted one.
         with self.backbone.prompted(None):
             hidden = self.backbone.encode_hidden(input_ids, attention_mask, token_type_ids)
-        return self.monitor(self._monitored(hidden, monitor_index)).margin  # type: ignore[misc]
+        return self.monitor(self._monitored(hidden, monitor_index, 0)).margin  # type: ignore[misc]
 
     def _labelled(self, logits: torch.Tensor) -> list[tuple[str, dict[str, float]]]:
         probs = torch.softmax(logits.float(), dim=-1).cpu()
@@ -185,7 +188,7 @@ class Guard:
             return [GuardResult(lab, sc, Verdict(flagged=False, action=Action.OFF)) for lab, sc in labelled]
 
         started = time.perf_counter()
-        mon = self.monitor(self._monitored(out.hidden, batch.monitor_index))
+        mon = self.monitor(self._monitored(out.hidden, batch.monitor_index, self.classifier.cls_index))
         sig = self.signatures
         assert sig is not None
         results: list[GuardResult] = []
@@ -244,7 +247,8 @@ class Guard:
             return None
         assert self.signatures is not None
         idx = torch.tensor(rows, device=layer_input.device)
-        index = batch.monitor_index[idx] if self.signatures.position == Position.MASK else torch.zeros_like(idx)
+        index = batch.monitor_index[idx] if self.signatures.position == Position.MASK else \
+            torch.full_like(idx, self.classifier.cls_index)
         row_att = self.backbone.attention_row(layer_input[idx], batch.attention_mask[idx], index)
         if row_att is None:
             return None
@@ -299,7 +303,8 @@ class Guard:
         again = self.classifier.encode(self.backbone, purged_texts, pairs)
         out = self.classifier.forward_batch(self.backbone, again)
         stats.purge_passes += 1
-        mon = self.monitor(self._monitored(out.hidden, again.monitor_index))  # type: ignore[misc]
+        mon = self.monitor(self._monitored(out.hidden, again.monitor_index,  # type: ignore[misc]
+                                           self.classifier.cls_index))
         retry = []
         for j, (r, (lab, sc)) in enumerate(zip(purged_rows, self._labelled(out.logits), strict=True)):
             verdict = results[r].guard

@@ -60,3 +60,18 @@ class PromptMethod(_Named):
 
     PREFIX = "prefix"  # at every layer (deep prompt, P-tuning v2 style)
     PROMPT = "prompt"  # at the input only (shallow prompt tuning)
+
+
+class AuditSink(_Named):
+    """Where the served guard writes one JSON line per flagged input (`audit` in the serve config)."""
+
+    STDOUT = "stdout"  # the replica's stdout: what a cluster's log collector ships by default
+    LOG = "log"  # the `lmsan.audit` logger, for deployments that route Python logging themselves
+    OFF = "off"  # no audit lines (the metrics still count every detection)
+
+
+class PromptLayout(_Named):
+    """Where a soft prompt's slots sit relative to [CLS] (`PromptConfig.layout`)."""
+
+    AFTER_CLS = "after_cls"  # [CLS] keeps index 0 and position 0, the n slots follow it
+    OVER_CLS = "over_cls"  # n slots, then [CLS] at index and position n (peft's layout, imported prompts)

@@ -6,6 +6,7 @@ import torch
 from lmsan_serve import load_backbone
 from lmsan_serve.data import Example
 from lmsan_serve.errors import LmsanError
+from lmsan_serve.kinds import PromptLayout
 from lmsan_serve.prompts import PromptClassifier, PromptConfig, accuracy, train_prompt
 
 from .toy import toy, toy_test
@@ -97,3 +98,41 @@ def test_prompts_on_one_backbone_are_thread_safe(tiny_backbone, toy_prompt):
         futures = [(m, pool.submit(m.predict, tiny_backbone, examples)) for m in (toy_prompt, other) * 4]
         for m, fut in futures:
             assert fut.result() == expected[id(m)]
+
+
+def test_the_layout_field_keeps_saved_prompts_loading_and_is_checked(tmp_path, tiny_backbone, toy_prompt):
+    """Prompts saved before `layout` existed have no such field: they load as `after_cls`, and the
+    field is written only where it differs, so such a prompt still reads in older versions."""
+    toy_prompt.save(tmp_path / "p")
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert "layout" not in manifest["config"]
+    loaded = PromptClassifier.load(tmp_path / "p", tiny_backbone)
+    assert loaded.config.layout == PromptLayout.AFTER_CLS and loaded.cls_index == 0
+    assert loaded.predict(tiny_backbone, toy(12)) == toy_prompt.predict(tiny_backbone, toy(12))
+    # an over_cls manifest over an after_cls tensor: one slot short
+    manifest["config"].update(method="prompt", layout="over_cls")
+    (tmp_path / "p" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LmsanError, match="(shape|does not fit)"):
+        PromptClassifier.load(tmp_path / "p", tiny_backbone)
+    manifest["config"]["layout"] = "sideways"
+    (tmp_path / "p" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LmsanError, match="invalid manifest.json"):
+        PromptClassifier.load(tmp_path / "p", tiny_backbone)
+    with pytest.raises(ValueError, match="needs method 'prompt'"):
+        PromptConfig(method="prefix", layout="over_cls")
+
+
+def test_an_over_cls_prompt_trains_over_cls_and_round_trips(tmp_path, tiny_backbone):
+    cfg = PromptConfig(method="prompt", length=3, position="pooler", layout="over_cls", max_steps=5)
+    model = train_prompt(tiny_backbone, cfg, toy(), None, progress=False)
+    assert tuple(model.prompt.shape) == (1, 4, tiny_backbone.hidden_size) and model.cls_index == 3
+    batch = model.encode(tiny_backbone, ["simply great"])
+    with torch.no_grad():
+        hidden = model.forward_batch(tiny_backbone, batch).hidden
+        with tiny_backbone.prompted(model.prompt):  # the same tensor, spliced after [CLS] instead
+            after = tiny_backbone.encode_hidden(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+    assert (hidden - after).abs().max() > 1e-3  # the layout changes the pass
+    model.save(tmp_path / "p")
+    loaded = PromptClassifier.load(tmp_path / "p", tiny_backbone)
+    assert loaded.config.layout == PromptLayout.OVER_CLS
+    assert loaded.predict(tiny_backbone, toy(12)) == model.predict(tiny_backbone, toy(12))

@@ -1,4 +1,5 @@
-"""`lmsan train-prompt` and `lmsan classify`: a soft prompt on a frozen backbone, and the guard run locally."""
+"""`lmsan train-prompt`, `lmsan import-prompt` and `lmsan classify`: a soft prompt on a frozen backbone (trained
+here or with peft), and the guard run locally."""
 
 from __future__ import annotations
 
@@ -44,6 +45,23 @@ def cmd_train_prompt(args: argparse.Namespace) -> int:
         f", dev accuracy {acc:.3f}" if acc is not None else ""
     )
     emit(args, human, {"out": str(out), "labels": model.labels, **training})
+    return 0
+
+
+def cmd_import_prompt(args: argparse.Namespace) -> int:
+    from ..backbone import load_backbone
+    from ..prompts.peft_import import import_peft_prompt, read_peft_adapter
+
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    out = writable_dir(args.out, "output folder")
+    adapter = read_peft_adapter(args.peft_dir)  # a bad adapter folder fails before the encoder loads
+    backbone = load_backbone(args.model, args.device)
+    model = import_peft_prompt(args.peft_dir, backbone, out, labels, allow_other_base=args.allow_other_base)
+    human = (f"wrote {out}: a {adapter.peft_type.value} prompt of {adapter.num_virtual_tokens} virtual tokens, "
+             f"labels {','.join(model.labels)}")
+    emit(args, human, {"out": str(out), "labels": model.labels, "peft_type": adapter.peft_type.value,
+                       "num_virtual_tokens": adapter.num_virtual_tokens, "layout": model.config.layout.value,
+                       "position": model.config.position.value})
     return 0
 
 
@@ -127,6 +145,20 @@ def add_train_prompt(sub) -> None:
     p.set_defaults(func=cmd_train_prompt)
 
 
+def add_import_prompt(sub) -> None:
+    p = sub.add_parser("import-prompt", help="import a soft prompt trained with peft as a prompt folder",
+                       description="Reads a peft SEQ_CLS prompt-tuning adapter (adapter_config.json + "
+                       "adapter_model.safetensors), checks it against the backbone and writes a prompt folder "
+                       "that gives peft's predictions (layout over_cls, head on the pooler; see docs/cli.md).")
+    add_common(p)
+    p.add_argument("peft_dir", metavar="PEFT_DIR", help="folder written by peft's save_pretrained")
+    p.add_argument("--out", required=True, help="prompt folder to write")
+    p.add_argument("--labels", help="comma-separated class names, in the classifier's order (default 0,1,...)")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="accept an adapter whose recorded base model has another name than --model")
+    p.set_defaults(func=cmd_import_prompt)
+
+
 def add_classify(sub) -> None:
     p = sub.add_parser("classify", help="guarded classification, locally (no server)",
                        description="Classify TEXT arguments or --input FILE.jsonl through the guard.")
@@ -145,4 +177,5 @@ def add_classify(sub) -> None:
 
 def register(sub) -> None:
     add_train_prompt(sub)
+    add_import_prompt(sub)
     add_classify(sub)

@@ -1,10 +1,11 @@
 """Soft prompt + linear head over a frozen, shared backbone.
 
 The prompt is a [depth, n, H] tensor that `Backbone.prompted` splices in after [CLS]: depth 1 for
-shallow prompt tuning, the number of layers for deep prompts. We do not use peft's prompt-learning
-wrappers: their forward drops `token_type_ids` (which breaks BERT sentence pairs), they keep one
-active adapter per model (so concurrent tasks would fight over shared state) and their prefix
-tuning needs a key/value cache that DeBERTa and DistilBERT lack.
+shallow prompt tuning, the number of layers for deep prompts. Prompts imported from peft use the
+`over_cls` layout instead: n + 1 input states, the slots and then [CLS], written over indices 0..n.
+We do not use peft's prompt-learning wrappers: their forward drops `token_type_ids` (which breaks
+BERT sentence pairs), they keep one active adapter per model (so concurrent tasks would fight over
+shared state) and their prefix tuning needs a key/value cache that DeBERTa and DistilBERT lack.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..backbone import Backbone
 from ..data import Example, text_pairs
 from ..encoding import EncodedBatch, encode
 from ..errors import LmsanError, first_problem
+from ..kinds import PromptLayout
 from .config import PromptConfig
 
 MANIFEST_VERSION = 1
@@ -44,7 +46,7 @@ class PromptClassifier(nn.Module):
             raise LmsanError(f"need at least two labels, got {labels}")
         self.config = config
         self.labels = list(labels)
-        self.prompt = nn.Parameter(torch.zeros(depth, config.length, hidden_size))
+        self.prompt = nn.Parameter(torch.zeros(depth, config.slots, hidden_size))
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(hidden_size, len(labels))
         self.manifest: dict = {}
@@ -53,12 +55,13 @@ class PromptClassifier(nn.Module):
     def for_backbone(cls, backbone: Backbone, config: PromptConfig, labels: list[str]) -> PromptClassifier:
         if backbone.num_layers is None:
             raise LmsanError(f"soft prompts are not supported on {backbone.model_type} encoders yet")
-        if config.position == "mask" and backbone.tokenizer.mask_token_id is None:
-            raise LmsanError(f"position 'mask' needs a mask token; {backbone.name} has none")
+        why = backbone.supports_position(config.position)
+        if why:
+            raise LmsanError(why)
         depth = backbone.num_layers if config.method == "prefix" else 1
         model = cls(config, labels, backbone.hidden_size, depth).to(backbone.device)
         model._init_prompt(backbone)
-        model.manifest = model._manifest(backbone)
+        model.manifest = model.describe(backbone)
         return model
 
     def _init_prompt(self, backbone: Backbone) -> None:
@@ -66,17 +69,24 @@ class PromptClassifier(nn.Module):
         inits from word embeddings), so the first steps already live in the encoder's space."""
         gen = torch.Generator().manual_seed(self.config.seed)
         vocab = backbone.model.get_input_embeddings().weight.shape[0]
-        ids = torch.randint(1000 if vocab > 2000 else 0, vocab, (1, self.config.length), generator=gen)
+        ids = torch.randint(1000 if vocab > 2000 else 0, vocab, (1, self.config.slots), generator=gen)
         ids = ids.to(backbone.device)
         with torch.no_grad():
             out = backbone.model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
             states = torch.stack([h[0] for h in out.hidden_states[: self.prompt.shape[0]]])
         self.prompt.data.copy_(states)
 
-    def _manifest(self, backbone: Backbone) -> dict:
+    def describe(self, backbone: Backbone) -> dict:
+        """The manifest for this prompt on `backbone`: its settings, labels and the weights it runs on."""
+        config = self.config.model_dump()
+        # Written only where it is not the default: an after_cls prompt stays readable by versions
+        # that predate the field, and one of them refuses an over_cls prompt (an unknown field)
+        # rather than run it in the wrong layout.
+        if self.config.layout == PromptLayout.AFTER_CLS:
+            del config["layout"]
         return {
             "format_version": MANIFEST_VERSION,
-            "config": self.config.model_dump(),
+            "config": config,
             "labels": self.labels,
             "backbone": {
                 "name": backbone.name,
@@ -85,6 +95,11 @@ class PromptClassifier(nn.Module):
                 "model_type": backbone.model_type,
             },
         }
+
+    @property
+    def cls_index(self) -> int:
+        """Token index of [CLS] in this prompt's passes (where the monitor reads `cls` and `pooler`)."""
+        return self.config.cls_index
 
     # -- inference -------------------------------------------------------------------------------
     def encode(self, backbone: Backbone, texts: list[str], pairs: list[str] | None = None) -> EncodedBatch:
@@ -105,8 +120,11 @@ class PromptClassifier(nn.Module):
         token_type_ids: torch.Tensor | None,
         monitor_index: torch.Tensor,
     ) -> ForwardOutput:
-        """One prompted pass: logits from the head's position plus the hidden states the monitor reads."""
-        with backbone.prompted(self.prompt):
+        """One prompted pass: logits from the head's position plus the hidden states the monitor reads.
+
+        The head reads the first token (under `over_cls` the first slot, as peft's classifier
+        does), not necessarily [CLS]: the guard reads [CLS] at `cls_index` on its own."""
+        with backbone.prompted(self.prompt, self.config.layout):
             hidden = backbone.encode_hidden(input_ids, attention_mask, token_type_ids)
         feats = backbone.select(hidden, self.config.position, monitor_index)
         return ForwardOutput(logits=self.head(self.dropout(feats)), hidden=hidden)
@@ -165,8 +183,11 @@ class PromptClassifier(nn.Module):
         if prompt is None or "head.weight" not in tensors or "head.bias" not in tensors:
             raise LmsanError(f"{p}: prompt.safetensors lacks prompt or head tensors")
         depth = prompt.shape[0]
+        why = backbone.supports_position(config.position)
+        if why:
+            raise LmsanError(f"{p}: {why}")
         expected_depth = backbone.num_layers if config.method == "prefix" else 1
-        if prompt.shape != (expected_depth, config.length, backbone.hidden_size):
+        if prompt.shape != (expected_depth, config.slots, backbone.hidden_size):
             raise LmsanError(f"{p}: prompt tensor shape {tuple(prompt.shape)} does not fit this backbone")
         if tensors["head.weight"].shape != (len(labels), backbone.hidden_size) or \
                 tensors["head.bias"].shape != (len(labels),):
