@@ -21,7 +21,6 @@ Run `python bench/bench_serve.py --help`; see bench/README.md.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import platform
@@ -34,8 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmsan_serve.backbone import load_backbone
+from lmsan_serve.client import EndpointError, GuardClient, RetryPolicy
 from lmsan_serve.data import clip_words, insert_trigger, load_examples, shipped
 from lmsan_serve.errors import LmsanError
+from lmsan_serve.kinds import Action
 from lmsan_serve.serving import parse_config
 from lmsan_serve.serving.run import free_port, start, stop
 from lmsan_serve.signatures import SignatureSet
@@ -81,40 +82,33 @@ class Item:
     phase: Phase
 
 
-def drive(host: str, port: int, items: list[Item], concurrency: int) -> float:
-    """Send every item as one request from `concurrency` keep-alive clients; returns wall seconds."""
+def drive(url: str, items: list[Item], concurrency: int) -> float:
+    """Send every item as one request from `concurrency` keep-alive clients; returns wall seconds.
+    No retries: a retry would hide an error and add its backoff to a latency; errors are counted."""
     lock = threading.Lock()
     queue = list(reversed(items))
 
     def client() -> None:
-        conn = http.client.HTTPConnection(host, port, timeout=120)
-        while True:
-            with lock:
-                if not queue:
-                    break
-                item = queue.pop()
-            body = json.dumps({"task": item.task, "inputs": [item.text]})
-            t0 = time.perf_counter()
-            try:
-                conn.request("POST", "/v1/classify", body, {"content-type": "application/json"})
-                resp = conn.getresponse()
-                data = json.loads(resp.read())
-                status = resp.status
-            except (OSError, http.client.HTTPException, ValueError):
-                conn.close()
-                conn = http.client.HTTPConnection(host, port, timeout=120)
-                status, data = 0, {}
-            ms = (time.perf_counter() - t0) * 1000
-            with lock:
-                if status != 200:
-                    item.phase.errors += 1
-                    continue
-                item.phase.latencies_ms.append(ms)
-                guard = data["results"][0]["guard"]
-                item.phase.flagged += guard["flagged"]
-                if item.trigger is not None and guard["action"] == "purged" and item.trigger in guard["removed"]:
-                    item.phase.purged_right += 1
-        conn.close()
+        with GuardClient(url, timeout=120.0, retries=RetryPolicy.none()) as endpoint:
+            while True:
+                with lock:
+                    if not queue:
+                        break
+                    item = queue.pop()
+                t0 = time.perf_counter()
+                try:
+                    verdict = endpoint.classify(item.task, [item.text])[0].guard
+                except EndpointError:
+                    verdict = None
+                ms = (time.perf_counter() - t0) * 1000
+                with lock:
+                    if verdict is None:
+                        item.phase.errors += 1
+                        continue
+                    item.phase.latencies_ms.append(ms)
+                    item.phase.flagged += verdict.flagged
+                    if item.trigger is not None and verdict.action == Action.PURGED and item.trigger in verdict.removed:
+                        item.phase.purged_right += 1
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     t0 = time.perf_counter()
@@ -178,12 +172,11 @@ def run(args: argparse.Namespace, served: Served) -> dict:
     endpoint = start(config, port=free_port(), metrics_port=None, num_cpus=args.num_cpus or os.cpu_count(),
                      replicas=args.replicas)
     ready_s = time.perf_counter() - t0
-    host, port = "127.0.0.1", int(endpoint.url.rsplit(":", 1)[1])
     try:
         say("warming up ...")
         warm = Phase("warmup")
         warmup = clean(8 if args.quick else 40)
-        drive(host, port, [Item(t, s, None, warm) for t in ("sst2", "sst2-off") for s in warmup], args.concurrency)
+        drive(endpoint.url, [Item(t, s, None, warm) for t in ("sst2", "sst2-off") for s in warmup], args.concurrency)
 
         off, on = Phase("clean, mode off"), Phase("clean, mode enforce")
         per_round = max(1, args.requests // args.rounds)
@@ -194,7 +187,7 @@ def run(args: argparse.Namespace, served: Served) -> dict:
             took = {}
             for task, phase in order:
                 say(f"round {r + 1}/{args.rounds}: {per_round} clean requests, {phase.name}")
-                took[task] = drive(host, port, [Item(task, s, None, phase) for s in texts], args.concurrency)
+                took[task] = drive(endpoint.url, [Item(task, s, None, phase) for s in texts], args.concurrency)
                 phase.seconds += took[task]
             round_ratios.append(took["sst2-off"] / took["sst2"])  # throughput enforce / off in this round
 
@@ -206,14 +199,14 @@ def run(args: argparse.Namespace, served: Served) -> dict:
                 say(f"{phase.name}: {n // 2} requests")
                 items = ([Item("sst2", t, trig, phase) for t, trig in triggered(n // 2)] if is_trig
                          else [Item("sst2", s, None, phase) for s in clean(n // 2)])
-                phase.seconds += drive(host, port, items, args.concurrency)
+                phase.seconds += drive(endpoint.url, items, args.concurrency)
 
         mixed_trig, mixed_clean = Phase("mixed: triggered"), Phase("mixed: clean")
         items = [Item("sst2", s, None, mixed_clean) for s in clean(args.mixed)]
         for i, (t, trig) in enumerate(triggered(args.mixed // 10)):
             items.insert(i * 10 + 5, Item("sst2", t, trig, mixed_trig))
         say(f"mixed stream: {len(items)} requests, {len(items) - args.mixed} triggered")
-        mixed_s = drive(host, port, items, args.concurrency)  # one stream: no per-kind throughput
+        mixed_s = drive(endpoint.url, items, args.concurrency)  # one stream: no per-kind throughput
     finally:
         stop(endpoint)
 

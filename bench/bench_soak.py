@@ -8,10 +8,11 @@ Three phases against one app with two replicas of the classifier:
    with a valid copy, then with garbage, then with the valid file again, while clients keep
    sending. The replicas reload the good files, keep the last good set on the bad one, and no
    request fails.
-3. replica kill: one replica process is killed with SIGKILL under load. Clients follow the
-   documented retry policy (docs/serving.md: retry a connection error or a 502/503/504 up to 3
-   times with backoff; classification is idempotent). Reports requests lost after retries and
-   how long Serve took to bring the replica back.
+3. replica kill: one replica process is killed with SIGKILL under load. Clients are
+   `lmsan_serve.client.GuardClient`s, which follow the documented retry policy (docs/serving.md:
+   retry a connection error or a 502/503/504 up to 3 times with backoff; classification is
+   idempotent). Reports requests lost after retries and how long Serve took to bring the replica
+   back.
 
 Every answer is checked. A triggered input must come back flagged and purged with its trigger
 named; a clean input must come back with the label the prompt gives it unguarded (computed up
@@ -24,7 +25,6 @@ suite (`tests/test_soak.py`); the long form is `python bench/bench_soak.py` (10 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import random
@@ -36,10 +36,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-RETRY_STATUSES = (502, 503, 504)  # what the proxy answers while a replica is gone or restarting
-RETRIES = 3
-BACKOFF_S = 0.5
+from lmsan_serve.client import EndpointError, GuardClient
+from lmsan_serve.kinds import Action
+
+if TYPE_CHECKING:  # the model code (torch) loads only once the run starts, not for --help
+    from lmsan_serve.guard import GuardResult
+
 # The endpoint batches an input with whatever else is in flight, and padding to another length
 # moves its label scores by float rounding: an input whose two best labels are this close could
 # change label between batches without anything being wrong, so it is left out of the clean pool.
@@ -55,7 +59,7 @@ class Tally:
     wrong_clean: int = 0  # 200, but a clean input's label is not its unguarded label
     false_flags: int = 0  # clean inputs answered as flagged
     clean_answered: int = 0
-    statuses: dict[int, int] = field(default_factory=dict)
+    statuses: dict[int, int] = field(default_factory=dict)  # last status of each lost request; 0: no answer
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def pct(self, q: float) -> float | None:
@@ -71,43 +75,19 @@ class Tally:
                 "first_try_statuses": {str(k): v for k, v in sorted(self.statuses.items())}}
 
 
-def post_with_retry(host: str, port: int, body: bytes, conn: list) -> tuple[int, dict, int]:
-    """One request under the documented policy; `conn` holds a reusable keep-alive connection.
-    Returns (status, body, retries used)."""
-    status, data = 0, {}
-    for attempt in range(RETRIES + 1):
-        if attempt:
-            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
-        try:
-            if conn[0] is None:
-                conn[0] = http.client.HTTPConnection(host, port, timeout=120)
-            conn[0].request("POST", "/v1/classify", body, {"content-type": "application/json"})
-            resp = conn[0].getresponse()
-            raw = resp.read()
-            status = resp.status
-            data = json.loads(raw) if raw else {}
-        except (OSError, http.client.HTTPException, ValueError):
-            if conn[0] is not None:
-                conn[0].close()
-            conn[0], status, data = None, 0, {}
-        if status not in (0, *RETRY_STATUSES):
-            return status, data, attempt
-    return status, data, RETRIES
-
-
-def check_answer(tally: Tally, result: dict, trigger: str | None, label: str | None) -> None:
+def check_answer(tally: Tally, result: GuardResult, trigger: str | None, label: str | None) -> None:
     """Count one answered input (under `tally.lock`): a triggered one must be purged with its
     `trigger` named; a clean one must keep its unguarded `label` and not be flagged."""
-    guard = result["guard"]
+    guard = result.guard
     if trigger is not None:
-        tally.wrong += not (guard["action"] == "purged" and trigger in guard["removed"])
+        tally.wrong += not (guard.action == Action.PURGED and trigger in guard.removed)
         return
     tally.clean_answered += 1
-    tally.false_flags += bool(guard["flagged"])
-    tally.wrong_clean += result["label"] != label
+    tally.false_flags += bool(guard.flagged)
+    tally.wrong_clean += result.label != label
 
 
-def load(host: str, port: int, task: str, clean: list[tuple[str, str]], triggered: list[tuple[str, str]],
+def load(url: str, task: str, clean: list[tuple[str, str]], triggered: list[tuple[str, str]],
          clients: int, seconds: float, tally: Tally, stop: threading.Event | None = None) -> float:
     """`clients` threads send one input per request for `seconds` (or until `stop`); 1 in 10
     triggered. `clean` holds (text, unguarded label), `triggered` (text, trigger)."""
@@ -116,27 +96,26 @@ def load(host: str, port: int, task: str, clean: list[tuple[str, str]], triggere
 
     def client(k: int) -> None:
         rng = random.Random(k)
-        conn: list = [None]
-        while time.monotonic() < deadline and not stop.is_set():
-            trig = label = None
-            if rng.random() < 0.1:
-                text, trig = rng.choice(triggered)
-            else:
-                text, label = rng.choice(clean)
-            body = json.dumps({"task": task, "inputs": [text]}).encode()
-            t0 = time.perf_counter()
-            status, data, retries = post_with_retry(host, port, body, conn)
-            ms = (time.perf_counter() - t0) * 1000
-            with tally.lock:
-                if status != 200:
-                    tally.lost += 1
-                    tally.statuses[status] = tally.statuses.get(status, 0) + 1
+        with GuardClient(url, timeout=120.0) as endpoint:  # the default RetryPolicy is the documented one
+            while time.monotonic() < deadline and not stop.is_set():
+                trig = label = None
+                if rng.random() < 0.1:
+                    text, trig = rng.choice(triggered)
+                else:
+                    text, label = rng.choice(clean)
+                t0 = time.perf_counter()
+                try:
+                    answer = endpoint.classify_answer(task, [text])
+                except EndpointError as exc:
+                    with tally.lock:
+                        tally.lost += 1
+                        tally.statuses[exc.status or 0] = tally.statuses.get(exc.status or 0, 0) + 1
                     continue
-                tally.latencies_ms.append(ms)
-                tally.retried += int(retries > 0)
-                check_answer(tally, data["results"][0], trig, label)
-        if conn[0] is not None:
-            conn[0].close()
+                ms = (time.perf_counter() - t0) * 1000
+                with tally.lock:
+                    tally.latencies_ms.append(ms)
+                    tally.retried += int(answer.retries > 0)
+                    check_answer(tally, answer.results[0], trig, label)
 
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
     t0 = time.perf_counter()
@@ -218,10 +197,9 @@ def run(model: str, prompt: str, truth: Path, work: Path, *, clients: int, soak_
     say(f"starting the endpoint with {replicas} replicas ...")
     endpoint = start(config, port=free_port(), metrics_port=None, num_cpus=max(2, os.cpu_count() or 2),
                      replicas=replicas)
-    host, port = "127.0.0.1", int(endpoint.url.rsplit(":", 1)[1])
     res: dict = {"clients": clients, "replicas": replicas, "model": model, "clean_pool": len(clean)}
     try:
-        load(host, port, "sst", clean, triggered, clients, min(10.0, phase_s), Tally())  # warm up
+        load(endpoint.url, "sst", clean, triggered, clients, min(10.0, phase_s), Tally())  # warm up
         # 1. soak
         rss_start = replica_processes()
         say(f"soak: {clients} clients for {soak_s:.0f} s ...")
@@ -233,7 +211,7 @@ def run(model: str, prompt: str, truth: Path, work: Path, *, clients: int, soak_
 
         sampler = threading.Thread(target=sample_rss, daemon=True)
         sampler.start()
-        took = load(host, port, "sst", clean, triggered, clients, soak_s, tally)
+        took = load(endpoint.url, "sst", clean, triggered, clients, soak_s, tally)
         sampled.set()
         rss_end = replica_processes()
         res["soak"] = tally.summary(took) | {
@@ -248,7 +226,7 @@ def run(model: str, prompt: str, truth: Path, work: Path, *, clients: int, soak_
         tally, stop_evt = Tally(), threading.Event()
         box: dict = {}
         th = threading.Thread(target=lambda: box.setdefault(
-            "s", load(host, port, "sst", clean, triggered, clients, phase_s * 3, tally, stop_evt)))
+            "s", load(endpoint.url, "sst", clean, triggered, clients, phase_s * 3, tally, stop_evt)))
         th.start()
         states = []
         for data in (good, b"garbage, not a signature file", good):
@@ -270,7 +248,7 @@ def run(model: str, prompt: str, truth: Path, work: Path, *, clients: int, soak_
         say(f"killing replica pid {victims[0]} of {len(victims)} under load ...")
         tally, stop_evt, box = Tally(), threading.Event(), {}
         th = threading.Thread(target=lambda: box.setdefault(
-            "s", load(host, port, "sst", clean, triggered, clients, 600, tally, stop_evt)))
+            "s", load(endpoint.url, "sst", clean, triggered, clients, 600, tally, stop_evt)))
         th.start()
         time.sleep(phase_s / 2)
         killed_at = time.monotonic()

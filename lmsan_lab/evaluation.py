@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from lmsan_serve.client import GuardClient
 from lmsan_serve.data import Example, text_pairs
 from lmsan_serve.guard import Guard, GuardResult, GuardStats
-from lmsan_serve.serving.run import Endpoint
 
 from .adaptive import PAIR_ONLY, VARIANTS, attacked_examples
 
@@ -47,15 +47,16 @@ def local_runner(guard: Guard, batch_size: int = 64) -> Runner:
     return run
 
 
-def http_runner(endpoint: Endpoint, tasks: dict[str, str], chunk: int = 16, clients: int = 4) -> Runner:
-    """A `Runner` that classifies through the served endpoint: mode -> task name."""
+def http_runner(client: GuardClient, tasks: dict[str, str], chunk: int = 16, clients: int = 4) -> Runner:
+    """A `Runner` that classifies through the served endpoint (`client`, shared by `clients` threads,
+    which retries as documented): mode -> task name."""
 
     def run(examples: list[Example], mode: str, stats: GuardStats) -> list[GuardResult]:
         parts = [examples[i : i + chunk] for i in range(0, len(examples), chunk)]
         as_inputs = [[e.text if not e.text_pair else {"text": e.text, "text_pair": e.text_pair} for e in part]
                      for part in parts]
         with ThreadPoolExecutor(clients) as pool:
-            out = [r for rs in pool.map(lambda inputs: endpoint.classify(tasks[mode], inputs), as_inputs) for r in rs]
+            out = [r for rs in pool.map(lambda inputs: client.classify(tasks[mode], inputs), as_inputs) for r in rs]
         stats.inputs += len(out)
         stats.flagged += sum(r.guard.flagged for r in out)
         return out

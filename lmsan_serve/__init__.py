@@ -13,6 +13,8 @@ The public API, importable from here:
 - `Guard(backbone, classifier, signatures, mode=...)`: `classify(texts)` gives one `GuardResult`
   per input, its `guard` a `Verdict` (flagged, action, PV, score, removed words, purged text).
 - `ServeConfig`, `parse_config`: the HTTP endpoint's settings (`lmsan_serve.serving`).
+- `GuardClient(url)`: calls a running endpoint, retrying as documented (`RetryPolicy`); a 4xx
+  raises `RequestRejected`, no usable answer `EndpointError` (`lmsan_serve.client`).
 
 Names load on first use, so `import lmsan_serve` stays cheap for the CLI.
 """
@@ -32,14 +34,16 @@ _EXPORTS = {
     "MiningConfig": "mining", "MiningResult": "mining", "mine": "mining",
     "PromptClassifier": "prompts", "PromptConfig": "prompts", "train_prompt": "prompts",
     "ServeConfig": "serving", "parse_config": "serving",
+    "GuardClient": "client", "RetryPolicy": "client", "EndpointError": "client", "RequestRejected": "client",
 }
 
-__all__ = ["Backbone", "Guard", "GuardResult", "LmsanError", "MiningConfig", "MiningResult", "PromptClassifier",
-           "PromptConfig", "ServeConfig", "SignatureSet", "Verdict", "__version__", "load_backbone", "mine",
-           "parse_config", "train_prompt"]
+__all__ = ["Backbone", "EndpointError", "Guard", "GuardClient", "GuardResult", "LmsanError", "MiningConfig",
+           "MiningResult", "PromptClassifier", "PromptConfig", "RequestRejected", "RetryPolicy", "ServeConfig",
+           "SignatureSet", "Verdict", "__version__", "load_backbone", "mine", "parse_config", "train_prompt"]
 
 if TYPE_CHECKING:
     from .backbone import Backbone, load_backbone
+    from .client import EndpointError, GuardClient, RequestRejected, RetryPolicy
     from .errors import LmsanError
     from .guard import Guard, GuardResult, Verdict
     from .mining import MiningConfig, MiningResult, mine
