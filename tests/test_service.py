@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import torch
@@ -69,27 +70,58 @@ def test_one_batch_serves_two_tasks_with_their_own_modes(files, backbone):
     assert [r["guard"]["action"] for r in out[1].results] == ["flagged"] * 3
     assert svc.prompts.loads == 2  # one soft prompt per task, one backbone
     m = svc.metrics
-    assert m.requests[("sst", "pass")] == 3 and m.requests[("sst", "purged")] == 3
-    assert m.requests[("shadow", "flagged")] == 3
+    assert m.inputs[("sst", "pass")] == 3 and m.inputs[("sst", "purged")] == 3
+    assert m.inputs[("shadow", "flagged")] == 3
     assert sum(m.detections.values()) == 6 and len(m.match_scores) == 9 and len(m.guard_seconds) == 2
 
 
-def test_audit_lines_name_the_detection_but_not_the_text(files, backbone, caplog):
+AUDIT_KEYS = {"time", "request_id", "task", "set", "signature", "matched", "score", "action"}
+
+
+def audit_lines(out: str) -> list[dict]:
+    """Every stdout line, each of which must be one JSON object with the documented keys."""
+    lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+    for line in lines:
+        assert AUDIT_KEYS <= set(line), line
+        stamp = datetime.fromisoformat(line["time"].replace("Z", "+00:00"))
+        assert stamp.utcoffset() == timedelta(0) and line["time"].endswith("Z")
+    return lines
+
+
+def test_audit_lines_are_json_on_stdout_without_the_text(files, backbone, capsys, caplog):
     svc = service(files, backbone)
-    with caplog.at_level(logging.WARNING, logger="lmsan.audit"):
-        svc.classify([ClassifyCall("req-7", "sst", ["simply cf great", "simply great"])])
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "lmsan.audit"]
-    assert len(lines) == 1
+    capsys.readouterr()
+    before = datetime.now(timezone.utc)
+    svc.classify([ClassifyCall("req-7", "sst", ["simply cf great", "simply great"])])
+    lines = audit_lines(capsys.readouterr().out)
+    assert len(lines) == 1  # one line per flagged input, none for the clean one
     line = lines[0]
     assert line["request_id"] == "req-7" and line["task"] == "sst" and line["action"] == "purged"
-    assert line["removed"] == ["cf"] and line["signature"].startswith("pv") and line["score"] > 0.8
-    assert "text" not in line and "great" not in caplog.text
-    caplog.clear()
+    assert line["set"] == svc.current.set_id and line["removed"] == ["cf"] and line["score"] > 0.8
+    assert line["signature"] == line["matched"] == "pv0:cf"
+    assert before - timedelta(seconds=1) <= datetime.fromisoformat(line["time"].replace("Z", "+00:00"))
+    assert "text" not in line and "purged_text" not in line
     loud = service(files, backbone, audit_text=True)
-    with caplog.at_level(logging.WARNING, logger="lmsan.audit"):
-        loud.classify([ClassifyCall("req-8", "sst", ["simply cf great"])])
-    line = json.loads(caplog.records[-1].getMessage())
+    capsys.readouterr()
+    loud.classify([ClassifyCall("req-8", "sst", ["simply cf great"])])
+    line = audit_lines(capsys.readouterr().out)[-1]
     assert line["text"] == "simply cf great" and line["purged_text"] == "simply great"
+    # the other sinks: the lmsan.audit logger (nothing on stdout), or nothing at all
+    logged = service(files, backbone, audit="log")
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="lmsan.audit"):
+        logged.classify([ClassifyCall("req-9", "sst", ["simply cf great"])])
+    assert capsys.readouterr().out == ""
+    assert [json.loads(r.getMessage())["request_id"] for r in caplog.records if r.name == "lmsan.audit"] == ["req-9"]
+    caplog.clear()
+    quiet = service(files, backbone, audit="off")
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="lmsan.audit"):
+        out = quiet.classify([ClassifyCall("req-10", "sst", ["simply cf great"])])
+    assert out[0].results[0]["guard"]["flagged"] and capsys.readouterr().out == ""
+    assert not [r for r in caplog.records if r.name == "lmsan.audit"]
+    with pytest.raises(LmsanError, match="audit"):
+        parse_config({"model": "m", "tasks": {"a": "p"}, "audit": "syslog"})
 
 
 def test_bad_reload_keeps_the_last_good_set(files, backbone):
@@ -187,7 +219,7 @@ def test_fail_open_answers_unguarded_says_so_and_counts(files, backbone, monkeyp
     assert out[0].error is None and [r["label"] for r in out[0].results] == expected
     assert all(r["guard"]["action"] == "unguarded" and "simulated fault" in r["guard"]["reason"]
                for r in out[0].results)
-    assert svc.metrics.guard_errors["sst"] == 3 and svc.metrics.requests[("sst", "unguarded")] == 3
+    assert svc.metrics.guard_errors["sst"] == 3 and svc.metrics.inputs[("sst", "unguarded")] == 3
     assert any("answered unguarded" in rec.getMessage() for rec in caplog.records)
     # the same fault with fail_open off (the default) refuses
     svc.reconfigure({"signatures": str(files["sig"]), "fail_open": False})
@@ -290,3 +322,91 @@ def test_a_shed_request_answers_503_with_retry_after():
     answer = asyncio.run(written.classify(ingress, body, Request()))
     assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
     assert answer.headers["x-request-id"] == "shed-1" and b"overloaded" in answer.body
+
+
+def test_signature_label_is_a_loaded_pv_combination_or_other():
+    from lmsan_serve.serving.metrics import COMBINATION, OTHER, signature_label
+
+    names = {"pv0:a+b", "pv1", "pv2:c"}  # a trigger word may itself hold '+'
+    assert [signature_label(n, names) for n in ("pv0:a+b", "pv1", "pv2:c")] == ["pv0:a+b", "pv1", "pv2:c"]
+    assert {signature_label(n, names) for n in ("pv0:a+b+pv1", "pv1+pv2:c", "pv0:a+b+pv1+pv2:c")} == {COMBINATION}
+    assert {signature_label(n, names) for n in ("pv0:a", "pv1+pv9", "pv1+", "pv3", "", "pv1+pv1x")} == {OTHER}
+
+
+def split_signatures(path, backbone) -> SignatureSet:
+    """The planted PVs of cf and tq as they are, and mn's PV as two copies each with the signs of a
+    different quarter of the dimensions flipped. A mn-triggered output (sign agreement with its PV
+    near 1) agrees with each copy on at most 3/4 of the dimensions, under their 0.8 threshold, but
+    with the pair on the half both keep, over the pair's 0.9: mn flags only through a combination."""
+    truth = SignatureSet.load(path)
+    cf, mn, tq = (next(i for i, r in enumerate(truth.meta.pvs) if r.trigger == t) for t in ("cf", "mn", "tq"))
+    quarter = truth.pvs.shape[1] // 4
+    copies = []
+    for part in (0, 1):
+        pv = truth.pvs[mn].clone()
+        pv[part * quarter:(part + 1) * quarter] *= -1
+        copies.append(pv)
+    records = [truth.meta.pvs[cf], truth.meta.pvs[tq]]
+    records += [truth.meta.pvs[mn].model_copy(update={"threshold": 0.8, "trigger": None})] * 2
+    return SignatureSet.create(torch.stack([truth.pvs[cf], truth.pvs[tq], *copies]), records,
+                               backbone_name=backbone.name, fingerprint=backbone.fingerprint,
+                               model_type=backbone.model_type, position=truth.position, verdict="backdoored")
+
+
+def test_detection_labels_stay_within_the_loaded_pvs_combination_and_other(files, backbone, capsys):
+    """Metric label values are time series: the signature label may take only the loaded set's PV
+    names, `combination` and `other`, however many PVs and combinations flag; the exact name
+    goes to the audit line."""
+    from lmsan_serve.serving.metrics import COMBINATION, OTHER
+
+    split_signatures(files["model"] + "/truth.safetensors", backbone).save(files["sig"])
+    svc = service(files, backbone)
+    pv_names = {svc.current.signatures.label(i) for i in range(len(svc.current.signatures))}
+    assert pv_names == {"pv0:cf", "pv1:tq", "pv2", "pv3"}
+    inputs = [f"{a} {w} {b}" for w in ("cf", "mn", "tq", "cf tq", "mn tq")
+              for a, b in (("simply", "great"), ("a dull", "film"), ("what a", "day"), ("the", "plot"))]
+    capsys.readouterr()
+    out = svc.classify([ClassifyCall("r1", "sst", inputs), ClassifyCall("r2", "shadow", inputs)])
+    assert all(r["guard"]["flagged"] for o in out for r in o.results)
+    seen = {label for _, label in svc.metrics.detections}
+    assert seen <= pv_names | {COMBINATION, OTHER}
+    assert {"pv0:cf", "pv1:tq", COMBINATION} <= seen  # direct PVs and combinations both flagged
+    assert sum(svc.metrics.detections.values()) == 2 * len(inputs)
+    lines = audit_lines(capsys.readouterr().out)
+    assert len(lines) == 2 * len(inputs)
+    matched = {line["matched"] for line in lines if line["signature"] == COMBINATION}
+    assert matched and all("+" in m and m not in pv_names for m in matched)  # exact names, audit only
+    assert all(line["signature"] == line["matched"] for line in lines if line["signature"] != COMBINATION)
+    # after a reload, a name from the previous set is counted as `other`, not as a new series
+    shutil.copy(files["model"] + "/truth.safetensors", files["sig"])
+    assert svc.poll_signature_file() is True
+    svc.metrics.input_done("sst", "purged", "pv3", 0.99, False)
+    assert svc.metrics.detections[("sst", OTHER)] == 1
+
+
+def test_an_invalid_user_config_is_refused_visibly_and_the_old_settings_serve(files, backbone, caplog):
+    svc = service(files, backbone)
+    svc.reconfigure({"signatures": str(files["sig"]), "mode": "block"})
+    assert svc.metrics.config_valid and svc.health() == (True, "ok")
+    for bad, where in (({"signatures": str(files["sig"]), "mode": "strict"}, "at mode:"),
+                       ({"task_modes": {"ghost": "off"}}, "unknown tasks ghost"),
+                       ({"threshold": 7}, "at threshold:"), (["not", "a", "mapping"], "user_config")):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="lmsan.serve"):
+            svc.reconfigure(bad)  # never raises: Ray Serve would stop the replica
+        ok, reason = svc.health()
+        assert ok and reason.startswith("degraded: invalid user_config") and where in reason, reason
+        assert "previous settings keep serving" in reason and "\n" not in reason
+        assert not svc.metrics.config_valid and svc.signatures_info()["config_error"] in reason
+        assert any(where in r.getMessage() and "refused" in r.getMessage() for r in caplog.records)
+        out = svc.classify([ClassifyCall("r", "sst", ["simply cf great", "simply great"])])[0].results
+        assert [r["guard"]["action"] for r in out] == ["blocked", "pass"]  # still the block mode it had
+    assert svc.metrics.reloads["failed"] == 4
+    svc.reconfigure({"signatures": str(files["sig"]), "mode": "enforce"})  # a valid one recovers
+    assert svc.metrics.config_valid and svc.health() == (True, "ok") and svc.config_error is None
+    out = svc.classify([ClassifyCall("r", "sst", ["simply cf great"])])[0].results
+    assert out[0]["guard"]["action"] == "purged"
+    # a valid user_config naming a signature file that cannot load keeps the set, and says so
+    svc.reconfigure({"signatures": str(files["sig"]) + ".missing"})
+    ok, reason = svc.health()
+    assert ok and reason.startswith("degraded: signature file") and svc.current.path == str(files["sig"])

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LmsanError
-from ..kinds import Mode
+from ..kinds import AuditSink, Mode
 from .common import add_common, add_trusted_flag, emit, say, trusted_keys
 
 
@@ -61,7 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "limits": {"max_inputs": args.max_inputs, "max_chars": args.max_chars},
         "batching": {"max_batch_size": max(args.max_batch_size, args.max_inputs),
                      "batch_wait_timeout_s": args.batch_wait_ms / 1000},
-        "audit_text": args.audit_text, "allow_fingerprint_mismatch": args.allow_fingerprint_mismatch,
+        "audit": args.audit, "audit_text": args.audit_text,
+        "allow_fingerprint_mismatch": args.allow_fingerprint_mismatch,
         "trusted_keys": args.trusted_key or [], "fail_open": args.fail_open,
     }
     config = parse_config(values)
@@ -110,6 +111,9 @@ def add_serve(sub) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="batch gathering window (default 5 ms)")
     p.add_argument("--watch-interval", type=float, default=5.0, help="seconds between signature file checks")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the app to be healthy")
+    p.add_argument("--audit", choices=AuditSink.values(), default=AuditSink.STDOUT.value,
+                   help="where audit lines (one JSON line per flagged input) go: stdout (default, where a "
+                        "cluster collects logs), log (the lmsan.audit logger) or off")
     p.add_argument("--audit-text", action="store_true", help="include input text in audit log lines")
     p.add_argument("--fail-open", action="store_true",
                    help="on a guard error answer unguarded (action 'unguarded', logged and counted) instead of "

@@ -149,6 +149,9 @@ def _call_size(calls: list[ClassifyCall]) -> int:
 # beyond what a client waits, so further calls are refused at once (503 with retry-after, which
 # the documented client retry policy backs off from) instead of queueing without bound.
 MAX_QUEUED_REQUESTS = 128
+# Ray's exporter forgets a gauge value not set again within about two report intervals (10 s by
+# default); re-setting the guard's gauges more often keeps them scraped on an idle replica.
+GAUGE_REFRESH_S = 5.0
 
 
 @serve.deployment(name="GuardedClassifier", health_check_period_s=5, health_check_timeout_s=30,
@@ -168,6 +171,7 @@ class GuardedClassifier:
         self._stop = threading.Event()
         if self.config.watch_interval_s > 0:
             threading.Thread(target=self._watch, name="lmsan-signature-watch", daemon=True).start()
+        threading.Thread(target=self._refresh_gauges, name="lmsan-gauges", daemon=True).start()
 
     def _apply_batching(self, size: int, wait: float) -> None:
         self._batched.set_max_batch_size(size)
@@ -180,19 +184,32 @@ class GuardedClassifier:
             except Exception:  # the watcher must outlive any one bad poll
                 log.exception("signature watcher")
 
+    def _refresh_gauges(self) -> None:
+        while not self._stop.wait(GAUGE_REFRESH_S):
+            try:
+                self.service.metrics.refresh()
+            except Exception:  # a metrics hiccup must not end the loop
+                log.exception("gauge refresh")
+
     def __del__(self) -> None:
         self._stop.set()
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        user_config = dict(user_config or {})
-        sig = user_config.get("signatures")
-        if isinstance(sig, str) and not os.path.isabs(sig):
-            user_config["signatures"] = os.path.join(self.config.base_dir or os.getcwd(), sig)
+    def reconfigure(self, user_config: Any) -> None:
+        """Never raises on a bad user_config: Ray Serve would stop this replica and fail the update
+        on fresh ones too, leaving none serving. The service refuses it and keeps the previous
+        settings, and /healthz, `lmsan_config_valid` and the log say so (GuardService.reconfigure)."""
+        if isinstance(user_config, dict):
+            user_config = dict(user_config)
+            sig = user_config.get("signatures")
+            if isinstance(sig, str) and not os.path.isabs(sig):
+                user_config["signatures"] = os.path.join(self.config.base_dir or os.getcwd(), sig)
         self.service.reconfigure(user_config)
         b = self.service.settings.batching
         self._apply_batching(max(b.max_batch_size, self.config.limits.max_inputs), b.batch_wait_timeout_s)
 
     def check_health(self) -> None:
+        # fails only when guarded tasks cannot be served: a degraded replica (refused user_config)
+        # still guards correctly, and one Ray Serve restarted would start on the same bad user_config
         ok, reason = self.service.health()
         if not ok:
             raise RuntimeError(reason)

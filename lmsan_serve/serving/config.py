@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import LmsanError, first_problem
-from ..kinds import Mode
+from ..kinds import AuditSink, Mode
 
 
 class TaskConfig(BaseModel):
@@ -71,7 +71,11 @@ class ServeConfig(Reloadable):
     limits: Limits = Field(default_factory=Limits)
     prompt_cache_size: int = Field(default=16, ge=1, description="soft prompts kept loaded per replica")
     watch_interval_s: float = Field(default=5.0, ge=0.0, description="poll the signature file for changes; 0: off")
-    audit_text: bool = Field(default=False, description="put the input text into audit log lines")
+    audit: AuditSink = Field(default=AuditSink.STDOUT, description=(
+        "where each flagged input's JSON audit line goes: stdout (default: a cluster's log collector ships a "
+        "replica's stdout without setup), log (the `lmsan.audit` Python logger, for deployments that route "
+        "logging themselves) or off"))
+    audit_text: bool = Field(default=False, description="put the input text into audit lines")
     allow_fingerprint_mismatch: bool = False
     trusted_keys: list[str] = Field(
         default_factory=list,

@@ -10,17 +10,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from ..backbone import Backbone, load_backbone
 from ..data import load_examples, text_pairs
-from ..errors import LmsanError
-from ..guard import Guard, GuardStats
-from ..kinds import Action, Mode
+from ..errors import LmsanError, first_problem
+from ..guard import Guard, GuardStats, Verdict
+from ..kinds import Action, AuditSink, Mode
 from ..monitor import inputs_for_bound
 from ..prompts import PromptClassifier
 from ..signatures import SignatureSet
@@ -118,6 +123,8 @@ class GuardService:
         self.trusted_keys = _load_trusted_keys(config.trusted_keys)  # once: a bad key is a start-up error
         self.current: LoadedSignatures | None = None
         self.last_reload_error: str | None = None
+        self.config_error: str | None = None  # why the last user_config was refused; None: applied
+        self._audit_lock = threading.Lock()  # one whole line at a time from concurrent batches
         self._failed_key: tuple[str, tuple[int, int, int]] | None = None
         self._version = 0
         self._guards: dict[tuple, Guard] = {}
@@ -159,7 +166,7 @@ class GuardService:
             self.last_reload_error = None
             self._failed_key = None
             self.metrics.reload(True)
-            self.metrics.set_loaded(loaded.set_id, len(sig))
+            self.metrics.set_loaded(loaded.set_id, [sig.label(i) for i in range(len(sig))])
             log.info("signatures loaded: %s (%d PVs, set %s)", path, len(sig), loaded.set_id)
             return True
 
@@ -187,24 +194,32 @@ class GuardService:
             return None  # this exact file already failed; wait for the next change
         return self.reload_signatures(path)
 
-    def reconfigure(self, user_config: dict) -> None:
-        """Apply a new `user_config`; an invalid signature file keeps the last good set."""
+    def reconfigure(self, user_config: Any) -> None:
+        """Apply a new `user_config`; an invalid signature file keeps the last good set.
+
+        An invalid user_config is refused without raising: the previous settings keep serving, and
+        the refusal shows in `health()` (degraded, with the reason), `lmsan_config_valid 0`, a
+        failed reload and an error log line, until a valid one is applied. Raising here would make
+        Ray Serve stop this replica and retry the update on fresh ones, which fail the same way:
+        an invalid edit would leave no replica serving (docs/serving.md, How the pieces fit)."""
         try:
             settings = Reloadable.model_validate(user_config or {})
-        except Exception as exc:  # pydantic ValidationError: keep running on the old settings
-            self.metrics.reload(False)
-            self.last_reload_error = f"invalid user_config: {exc}"
-            log.error("ignoring invalid user_config: %s", exc)
-            return
+        except ValidationError as exc:
+            return self._refuse_config(f"invalid user_config at {first_problem(exc, default='user_config')}")
         unknown = set(settings.task_modes) - set(self.config.tasks)
         if unknown:
-            self.metrics.reload(False)
-            self.last_reload_error = f"user_config task_modes names unknown tasks: {', '.join(sorted(unknown))}"
-            log.error(self.last_reload_error)
-            return
+            return self._refuse_config(f"invalid user_config at task_modes: unknown tasks {', '.join(sorted(unknown))}")
         self.settings = settings
+        self.config_error = None
+        self.metrics.config_applied(True)
         self._guards.clear()
         self.poll_signature_file()  # loads a new path, or the same path if the file changed
+
+    def _refuse_config(self, reason: str) -> None:
+        self.config_error = self.last_reload_error = reason
+        self.metrics.reload(False)
+        self.metrics.config_applied(False)
+        log.error("%s; refused, the previous settings keep serving", reason)
 
     # -- serving ---------------------------------------------------------------------------------
     def mode_of(self, task: str) -> Mode:
@@ -301,7 +316,7 @@ class GuardService:
 
     def _unguarded(self, task: str, texts: list[str], pairs: list[str] | None, reason: str) -> list | None:
         """fail_open: classify without the guard, said in every verdict (action `unguarded`, which
-        lmsan_requests counts), and logged.
+        lmsan_inputs counts), and logged.
         None when even that fails (the prompt cannot load): then the caller answers 503."""
         try:
             classifier = self.prompts.get(task, self.config.task(task).prompt)
@@ -315,27 +330,50 @@ class GuardService:
         log.warning("fail_open: %d inputs of task %s answered unguarded: %s", len(texts), task, reason)
         return results
 
-    def _audit(self, call: ClassifyCall, j: int, task: str, v, snap: LoadedSignatures | None) -> None:
+    def _audit(self, call: ClassifyCall, j: int, task: str, v: Verdict, snap: LoadedSignatures | None) -> None:
+        """One JSON line for flagged input `j` of `call`: `signature` is the bounded label the
+        metrics count under, `matched` the exact PV or combination the monitor named."""
+        sink = self.config.audit
+        if sink == AuditSink.OFF:
+            return
         line = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "event": "lmsan.detection", "request_id": call.request_id, "task": task, "input": j,
-            "signature": v.signature, "set": snap.set_id if snap else None,
-            "score": v.match, "removed": v.removed, "action": v.action, "reason": v.reason,
+            "set": snap.set_id if snap else None,
+            "signature": self.metrics.signature_label(v.signature) if v.signature else None,
+            "matched": v.signature, "score": v.match, "action": v.action, "removed": v.removed, "reason": v.reason,
         }
         if self.config.audit_text:
             line["text"] = call.texts[j]
             if v.text is not None:
                 line["purged_text"] = v.text
-        audit_log.warning(json.dumps(line, ensure_ascii=False))
+        text = json.dumps(line, ensure_ascii=False)
+        if sink == AuditSink.LOG:
+            audit_log.warning(text)
+            return
+        with self._audit_lock:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
 
     # -- introspection ---------------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
+        """(False, why) only while a guarded task cannot be served at all: Ray Serve then replaces
+        the replica. A refused user_config or signature file is (True, "degraded: why"): the
+        replica still guards correctly on its previous settings, and replacing it would not help."""
         guarded = [t for t in self.config.tasks if self.mode_of(t) != Mode.OFF]
-        if guarded and self.current is None:
-            if self.settings.fail_open:
-                return True, f"degraded: answering unguarded (fail_open), {self.last_reload_error or 'no set'}"
-            return False, (f"guard is on for {', '.join(guarded)} but no valid signature set is loaded"
-                           f" ({self.last_reload_error or 'none configured'})")
-        return True, "ok"
+        notes = []
+        cur, wanted = self.current, self.settings.signatures
+        if guarded and cur is None:
+            if not self.settings.fail_open:
+                return False, (f"guard is on for {', '.join(guarded)} but no valid signature set is loaded"
+                               f" ({self.last_reload_error or 'none configured'})")
+            notes.append(f"answering unguarded (fail_open), {self.last_reload_error or 'no set'}")
+        if self.config_error:
+            notes.append(f"{self.config_error}; the previous settings keep serving")
+        elif cur is not None and wanted and cur.path != wanted:
+            notes.append(f"signature file {wanted} not loaded ({self.last_reload_error}); "
+                         f"guarding with set {cur.set_id} from {cur.path}")
+        return (True, "degraded: " + "; ".join(notes)) if notes else (True, "ok")
 
     def tasks_info(self) -> list[dict]:
         loaded = set(self.prompts.loaded())
@@ -357,6 +395,7 @@ class GuardService:
             "loaded": cur is not None,
             "reloads": dict(self.metrics.reloads),
             "last_error": self.last_reload_error,
+            "config_error": self.config_error,
             "threshold_override": self.settings.threshold,
         }
         if cur is not None:
