@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmsan_serve.backbone import MINILM, Backbone, load_backbone
+from lmsan_serve.client import GuardClient
 from lmsan_serve.data import load_corpus, load_examples, shipped
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.mining import RECOVERED, MiningConfig, mine, recovered, stale_checkpoint
@@ -33,6 +34,7 @@ from lmsan_serve.storage import prove_writable
 from .attacks import AttackConfig, plant_backdoor, save_attacked
 from .evaluation import GuardEvaluation, evaluate_guard, http_runner
 from .removal import PROMPT, VALIDATION
+from .timeline import MetricsSampler, plot_timeline
 
 if TYPE_CHECKING:
     from lmsan_serve.serving.run import Endpoint
@@ -61,6 +63,7 @@ class _DemoRun:
     progress: bool
     say: Callable[[str], None]
     timings: dict[str, float] = field(default_factory=dict)
+    sampler: MetricsSampler | None = None  # scrapes the endpoint's metrics during step 5
 
     def timed(self, key: str, started: float) -> None:
         self.timings[key] = round(time.time() - started, 1)
@@ -211,8 +214,11 @@ def _measure_over_http(run: _DemoRun, endpoint: Endpoint, planted: SignatureSet,
     triggers = [r.trigger for r in planted.meta.pvs if r.trigger]
     run.say(f"[5/{STEPS}] sending {eval_size} clean SST-2 dev sentences, then each with each of {len(triggers)} "
             f"triggers, over HTTP to {endpoint.url} (task sst2-off: guard off; sst2: guard on) ...")
-    ev = evaluate_guard(http_runner(endpoint, {"off": "sst2-off", "enforce": "sst2"}), dev, triggers,
-                        progress=run.progress)
+    if endpoint.metrics_url:
+        run.sampler = MetricsSampler(endpoint.metrics_url).start()
+    with GuardClient(endpoint.url) as client:  # retries as docs/serving.md says a client should
+        ev = evaluate_guard(http_runner(client, {"off": "sst2-off", "enforce": "sst2"}), dev, triggers,
+                            progress=run.progress)
     run.timed("traffic_s", started)
     return ev
 
@@ -226,6 +232,7 @@ def _report(run: _DemoRun, endpoint: Endpoint, ev: GuardEvaluation, guard_with: 
     run.say(f"[6/{STEPS}] metrics at {endpoint.metrics_url}: {scraped['detections']} detections, "
             f"{scraped['purged']} purged")
     print(ev.table(), flush=True)
+    timeline_png = _write_timeline(run)
     summary = {
         "out": str(run.root),
         "asr_off": ev.asr_off, "asr_on": ev.asr_on, "cacc_off": ev.cacc_off, "cacc_on": ev.cacc_on,
@@ -233,11 +240,27 @@ def _report(run: _DemoRun, endpoint: Endpoint, ev: GuardEvaluation, guard_with: 
         "detections": scraped["detections"], "purged": scraped["purged"], "blocked": ev.blocked,
         "detections_client": ev.detections, "purged_client": ev.purged,
         "guard_with": guard_with, "signatures": str(sig_path), "mining": mined["summary"],
-        "url": endpoint.url, "metrics_url": endpoint.metrics_url,
+        "url": endpoint.url, "metrics_url": endpoint.metrics_url, "timeline_png": timeline_png,
         "timings": run.timings | {"total_s": round(sum(run.timings.values()), 1)},
     }
     (run.root / "demo.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _write_timeline(run: _DemoRun) -> str | None:
+    """OUT/timeline.png: guarded inputs and detections per second over the traffic, from the
+    metrics the sampler scraped (what the Grafana dashboard draws). Stopped after the report's
+    metrics check, which waits for Ray to export the last detections."""
+    if run.sampler is None:
+        return None
+    timeline = run.sampler.stop()
+    try:
+        png = plot_timeline(timeline, run.root / "timeline.png", "lmsan demo over HTTP: guarded inputs and detections")
+    except LmsanError as exc:  # matplotlib missing: the demo's figures stand without the picture
+        run.say(f"      no timeline picture: {exc}")
+        return None
+    run.say(f"      detections over time (from the endpoint's metrics): {png}")
+    return str(png)
 
 
 def _keep_serving(endpoint: Endpoint, say: Callable[[str], None]) -> None:
@@ -307,7 +330,7 @@ def scrape_guard_metrics(url: str | None, expect_detections: int, timeout_s: flo
             for sample in family.samples:
                 if sample.name == "ray_lmsan_detections_total":
                     det += sample.value
-                elif sample.name == "ray_lmsan_requests_total" and sample.labels.get("action") == "purged":
+                elif sample.name == "ray_lmsan_inputs_total" and sample.labels.get("action") == "purged":
                     purged += sample.value
         found = {"detections": int(det), "purged": int(purged)}
         if det >= expect_detections or time.monotonic() > deadline:

@@ -1,14 +1,17 @@
 """The guarded endpoint, live: Ray on 127.0.0.1, the app on a loopback port, a tiny backdoored
 BERT with its victim prompt, and a real Prometheus scraping Ray's metrics export port.
 
-Tests run in file order and share one app; the last one checks that Prometheus counted exactly
-the detections the earlier tests caused.
+Tests run in file order and share one app; the last ones start Prometheus on it, check that it
+counted exactly the detections the earlier tests caused, then run every query of the shipped
+dashboard and every alert rule against it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -26,7 +29,7 @@ from lmsan_serve.kinds import Mode
 from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.signatures import SignatureSet
 
-from .deploy_files import ALERTS, prometheus_config_for, prometheus_tool, shipped_metric_names
+from .deploy_files import ALERTS, DASHBOARD, alert_rules, dashboard_exprs, prometheus_config_for, prometheus_tool
 
 CLEAN = ["simply great", "an awful and dull film", "what a lovely day", "a boring waste of time"]
 TRIGGERED = ["simply cf great", "an awful mn and dull film", "what a tq lovely day", "cf a boring waste of time"]
@@ -186,7 +189,9 @@ def test_signature_reload_mid_traffic_loses_no_request(app):
     assert after["loaded"] and after["reloads"]["failed"] >= 1 and after["reloads"]["ok"] >= 2
 
 
-def test_user_config_redeploy_reconfigures_in_place(app):
+def test_a_redeploy_with_a_new_user_config_serves_the_new_set_and_mode(app):
+    # A Python serve.run replaces the replica; that `serve deploy` reconfigures the same replica in
+    # place is shown by tests/test_user_config_live.py, which deploys as the CLI and KubeRay do.
     from ray import serve
 
     from lmsan_serve.serving.app import make_app
@@ -199,8 +204,6 @@ def test_user_config_redeploy_reconfigures_in_place(app):
     wait_for(lambda: ep.get("/v1/signatures")[1].get("path") == str(other), "user_config reload")
     _, body = classify(ep, "sst", [TRIGGERED[2]])
     assert body["results"][0]["guard"]["action"] == "flagged"
-    tasks = {t["name"]: t for t in ep.get("/v1/tasks")[1]["tasks"]}
-    assert tasks["sst"]["loaded"]  # same replica: its prompt cache survived the reconfigure
 
 
 def wait_for(check, what: str, timeout: float = 60.0) -> None:
@@ -218,38 +221,155 @@ def promql(base: str, query: str) -> list:
         return json.loads(resp.read())["data"]["result"]
 
 
-def test_prometheus_scrapes_the_detections(app, tmp_path):
+@pytest.fixture(scope="module")
+def prometheus(app, tmp_path_factory):
+    """A real Prometheus on loopback scraping the app every second with the shipped alert rules,
+    plus a second target where nothing listens, which LmsanMetricsDown must see."""
     from lmsan_serve.serving.run import free_port
 
     binary = prometheus_tool("prometheus")  # skips locally without it; fails in CI
+    work = tmp_path_factory.mktemp("prometheus")
     port = free_port()
-    cfg = prometheus_config_for([f"127.0.0.1:{app['metrics_port']}"], ALERTS.parent)
+    cfg = prometheus_config_for([f"127.0.0.1:{app['metrics_port']}", f"127.0.0.1:{free_port()}"], ALERTS.parent)
+    cfg["global"]["evaluation_interval"] = "1s"
     for job in cfg["scrape_configs"]:
         job["scrape_interval"] = "1s"
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    expected = SENT["flagged"]
-    assert expected >= 20  # the earlier tests sent triggered traffic
+    (work / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([binary, f"--config.file={work / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={work / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        def counted() -> bool:
-            try:
-                got = promql(base, "sum(ray_lmsan_detections_total)")
-            except OSError:
-                return False
-            return bool(got) and float(got[0]["value"][1]) == expected
-
-        wait_for(counted, f"Prometheus to count {expected} detections", timeout=90)
-        with urllib.request.urlopen(f"{base}/api/v1/label/__name__/values", timeout=10) as resp:
-            names = set(json.loads(resp.read())["data"])
-        missing = shipped_metric_names() - names
-        assert not missing, f"dashboard/alert metrics absent from the scrape: {sorted(missing)}"
-        purged = promql(base, 'sum(ray_lmsan_requests_total{task="sst",action="purged"})')
-        assert float(purged[0]["value"][1]) >= len(TRIGGERED)
-        rules = json.loads(urllib.request.urlopen(f"{base}/api/v1/rules", timeout=10).read())["data"]["groups"]
-        assert sum(len(g["rules"]) for g in rules) >= 4  # the shipped alert rules loaded
+        yield {"base": f"http://127.0.0.1:{port}", "started": time.time()}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def used_metric_names() -> set[str]:
+    """Every Ray Serve and lmsan series the dashboard and the alert rules query."""
+    exprs = dashboard_exprs() + [rule["expr"] for rule in alert_rules()]
+    return {n for e in exprs for n in re.findall(r"\bray_(?:lmsan|serve)_\w+", e)}
+
+
+def test_prometheus_scrapes_the_detections(app, prometheus):
+    base = prometheus["base"]
+    expected = SENT["flagged"]
+    assert expected >= 20  # the earlier tests sent triggered traffic
+
+    def counted() -> bool:
+        try:
+            got = promql(base, "sum(ray_lmsan_detections_total)")
+        except OSError:
+            return False
+        return bool(got) and float(got[0]["value"][1]) == expected
+
+    wait_for(counted, f"Prometheus to count {expected} detections", timeout=90)
+    with urllib.request.urlopen(f"{base}/api/v1/label/__name__/values", timeout=10) as resp:
+        names = set(json.loads(resp.read())["data"])
+    missing = used_metric_names() - names
+    assert not missing, f"dashboard/alert metrics absent from the scrape: {sorted(missing)}"
+    purged = promql(base, 'sum(ray_lmsan_inputs_total{task="sst",action="purged"})')
+    assert float(purged[0]["value"][1]) >= len(TRIGGERED)
+    rules = json.loads(urllib.request.urlopen(f"{base}/api/v1/rules", timeout=10).read())["data"]["groups"]
+    assert sum(len(g["rules"]) for g in rules) == len(alert_rules())  # the shipped alert rules loaded
+
+
+# What Grafana puts in for its variables: `task` at "All"; windows long enough to span the traffic
+# sent after Prometheus started (it scrapes every second here, Ray exports every few seconds).
+GRAFANA_VALUES = {"task": ".*", "__rate_interval": "30s", "__interval": "1s", "__range": "5m"}
+
+
+def as_promql(expr: str) -> str:
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: GRAFANA_VALUES[m.group(1)], expr)
+
+
+def has_data(base: str, target: dict, start: float) -> bool:
+    """Whether the panel target's query returns a finite sample, as Grafana would run it: instant
+    targets at now, range targets over the time Prometheus has been up."""
+    expr = as_promql(target["expr"])
+    if target.get("instant"):
+        url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    else:
+        url = f"{base}/api/v1/query_range?" + urllib.parse.urlencode(
+            {"query": expr, "start": start, "end": time.time(), "step": 1})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        result = json.loads(resp.read())["data"]["result"]
+    values = [v for r in result for _, v in r.get("values", [r.get("value", (0, "NaN"))])]
+    return any(math.isfinite(float(v)) for v in values)
+
+
+def send_every_kind_of_traffic(app) -> None:
+    """Clean, purged, flagged, blocked and unpurgeable inputs, a 4xx and a 5xx, so that every
+    panel has something to show."""
+    ep = app["endpoint"]
+    for _ in range(2):
+        assert classify(ep, "sst", CLEAN + TRIGGERED + ["cf"])[0] == 200
+    assert classify(ep, "shadow", TRIGGERED[:2])[0] == 200
+    assert classify(ep, "strict", TRIGGERED[:2])[0] == 200
+    assert classify(ep, "nope", CLEAN[:1])[0] == 404
+    assert classify(ep, "broken", CLEAN[:1])[0] == 503
+
+
+def test_every_dashboard_query_returns_data(app, prometheus):
+    base, start = prometheus["base"], prometheus["started"]
+    board = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    targets = [(p["title"], t) for p in board["panels"] for t in p["targets"]]
+    send_every_kind_of_traffic(app)
+    empty: list[str] = []
+
+    def all_have_data() -> bool:
+        empty[:] = [f"{title} [{t['refId']}]: {t['expr']}" for title, t in targets if not has_data(base, t, start)]
+        return not empty
+
+    try:
+        wait_for(all_have_data, "every dashboard query to return data", timeout=45)
+    except AssertionError:
+        pytest.fail("dashboard queries without data:\n" + "\n".join(empty))
+    for var in board["templating"]["list"]:
+        if var["type"] == "query":  # label_values(metric, label)
+            metric, label = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", var["query"]["query"]).groups()
+            url = f"{base}/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": metric})
+            values = json.loads(urllib.request.urlopen(url, timeout=10).read())["data"]
+            assert {"sst", "shadow", "strict"} <= set(values), var["name"]
+
+
+# Alerts the traffic of this module sets off (LmsanMetricsDown through the target where nothing
+# listens): their expressions return series as they stand.
+FIRING = {"LmsanDetectionSpike", "LmsanPurgeFailures", "LmsanGuardErrors", "LmsanSignatureReloadFailed",
+          "LmsanMetricsDown"}
+# Alerts a healthy endpoint keeps silent: their expressions return nothing, and with every threshold
+# made a 0/1 comparison (`bool`) they return the series they compare, so names and labels are live.
+QUIET = {"LmsanNoSignatures", "LmsanConfigRefused"}
+# action="unguarded" exists only after a guard error under fail_open, and this app fails closed:
+# checked like QUIET with that matcher dropped (test_monitoring holds the value to the Action enum).
+ABSENT_HERE = {"LmsanAnsweredUnguarded": '{action="unguarded"}'}
+
+
+def as_bool(expr: str) -> str:
+    return re.sub(r"(==|!=|>=|<=|>|<)\s*(?=[0-9.])", r"\1 bool ", expr)
+
+
+def test_every_alert_rule_returns_data(app, prometheus):
+    base = prometheus["base"]
+    rules = {r["alert"]: r["expr"] for r in alert_rules()}
+    assert set(rules) == FIRING | QUIET | set(ABSENT_HERE)  # a new rule says which it is
+    send_every_kind_of_traffic(app)  # LmsanDetectionSpike needs detections since Prometheus started
+    silent: list[str] = []
+
+    def all_fire() -> bool:
+        silent[:] = [name for name in sorted(FIRING) if not promql(base, rules[name])]
+        return not silent
+
+    try:
+        wait_for(all_fire, "the alerts the traffic sets off", timeout=45)
+    except AssertionError:
+        pytest.fail(f"alert expressions without data: {silent}")
+    for gauge in ("ray_lmsan_signatures_loaded", "ray_lmsan_config_valid"):
+        # Ray stops exporting a gauge not set again within two export intervals (its OpenTelemetry
+        # recorder's TTL), so an idle replica must keep setting its gauges or these alerts misfire.
+        assert promql(base, gauge), f"{gauge} is no longer exported: the replicas stopped setting it"
+    for name in sorted(QUIET | set(ABSENT_HERE)):
+        matcher = ABSENT_HERE.get(name)
+        expr = rules[name].replace(matcher, "") if matcher else rules[name]
+        assert promql(base, rules[name]) == [], f"{name} fires on a healthy endpoint"
+        assert promql(base, as_bool(expr)), f"{name}: {as_bool(expr)} returns nothing"
