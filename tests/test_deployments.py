@@ -1,17 +1,12 @@
 """The shipped deployment files parse, validate against the schemas that will read them, and agree
-with each other (paths, ports, metric names). promtool checks run where the binary is installed,
-and must run in CI (see `deploy_files.prometheus_tool`)."""
+with each other (paths, ports). The Prometheus and Grafana files are checked in test_monitoring."""
 
 from __future__ import annotations
 
 import importlib
-import json
-import re
 import shlex
-import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 from ray import serve
 from ray.serve.config import AutoscalingConfig
@@ -21,34 +16,16 @@ from lmsan_serve.cli import build_parser, subcommands
 from lmsan_serve.serving.config import Reloadable, ServeConfig, parse_config
 
 from .deploy_files import (
-    ALERTS,
-    DASHBOARD,
     DEPLOYMENTS,
     PROMETHEUS_CONFIG,
     REPO,
-    alert_rules,
-    dashboard_exprs,
     load_yaml,
-    prometheus_config_for,
-    prometheus_tool,
-    shipped_metric_names,
 )
 
 IMPORT_PATH = "lmsan_serve.serving.app:build_app"
 DEPLOYMENT_NAMES = {"GuardedClassifier", "LmsanIngress"}
 # What `lmsan demo --out DIR` writes, relative to DIR.
 DEMO_LAYOUT = {"model": "por", "tasks": {"sst2": "prompt-sst2"}, "signatures": "mined/search.safetensors"}
-
-_HISTOGRAMS = ("ray_lmsan_match_ratio", "ray_lmsan_guard_seconds")
-KNOWN_METRICS = {
-    "ray_lmsan_requests_total",
-    "ray_lmsan_detections_total",
-    "ray_lmsan_purge_failures_total",
-    "ray_lmsan_guard_errors_total",
-    "ray_lmsan_signatures_loaded",
-    "ray_lmsan_signature_reloads_total",
-} | {f"{h}{s}" for h in _HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
-
 
 # -- Serve config (shared by serve-demo.yaml and the RayService) ----------------------------------
 def _unknown_keys(data: dict, model) -> set[str]:
@@ -216,201 +193,6 @@ def test_ports_agree_across_compose_prometheus_and_dockerfile():
     assert {port, metrics_port} <= _dockerfile_exposed()
 
 
-# -- Prometheus -----------------------------------------------------------------------------------
-def test_prometheus_config_and_alert_rules_parse():
-    config = load_yaml(PROMETHEUS_CONFIG)
-    assert config["global"]["scrape_interval"] == "5s"
-    for rule_file in config["rule_files"]:
-        assert (PROMETHEUS_CONFIG.parent / rule_file).is_file()
-    rules = alert_rules()
-    assert rules
-    for rule in rules:
-        assert rule["expr"].strip() and "for" in rule, rule["alert"]
-        assert rule["labels"]["severity"] in {"info", "warning", "critical"}, rule["alert"]
-        assert rule["annotations"]["summary"], rule["alert"]
-    # The alerts the runbook promises: detection spike, purge failures, no signatures, guard errors.
-    covered = {name for rule in rules for name in re.findall(r"ray_lmsan_\w+", rule["expr"])}
-    assert {"ray_lmsan_detections_total", "ray_lmsan_purge_failures_total",
-            "ray_lmsan_signatures_loaded", "ray_lmsan_guard_errors_total"} <= covered
-
-
-def test_prometheus_config_for_replaces_targets_and_rules(tmp_path):
-    config = prometheus_config_for(["127.0.0.1:9999"], tmp_path)
-    assert [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]] == \
-        ["127.0.0.1:9999"]
-    assert config["rule_files"] == [str(tmp_path / "alerts.yml")]
-    assert load_yaml(PROMETHEUS_CONFIG)["scrape_configs"][0]["static_configs"][0]["targets"] == ["app:8080"]
-
-
-def test_a_missing_prometheus_tool_skips_locally_and_fails_in_ci(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))  # no binary found
-    monkeypatch.delenv("CI", raising=False)
-    monkeypatch.delenv("LMSAN_REQUIRE_PROMETHEUS", raising=False)
-    with pytest.raises(pytest.skip.Exception, match="promtool is not installed"):
-        prometheus_tool("promtool")
-    for name, value in (("CI", "true"), ("LMSAN_REQUIRE_PROMETHEUS", "1")):
-        with monkeypatch.context() as m:
-            m.setenv(name, value)
-            with pytest.raises(pytest.fail.Exception, match="promtool is required here"):
-                prometheus_tool("promtool")
-    monkeypatch.setenv("CI", "false")
-    with pytest.raises(pytest.skip.Exception):
-        prometheus_tool("prometheus")
-
-
-def _promtool(*args: str) -> None:
-    done = subprocess.run([prometheus_tool("promtool"), *args], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
-def test_promtool_accepts_config_and_rules():
-    _promtool("check", "config", str(PROMETHEUS_CONFIG))
-    _promtool("check", "rules", str(ALERTS))
-
-
-# Scenarios for `promtool test rules`, one minute per sample. Annotations are stripped from the
-# rules under test so that the cases pin the expressions, `for:` and labels, not the wording.
-_RULE_CASES = [
-    {   # a counter that appears at its first failure is caught although increase() sees no change
-        "input_series": [{"series": 'ray_lmsan_purge_failures_total{task="sst2",WorkerId="w1"}',
-                          "values": "_x15 1x30"},
-                         {"series": 'up{job="lmsan",instance="app:8080"}', "values": "1x45"}],
-        "alert_rule_test": [
-            {"eval_time": "17m", "alertname": "LmsanPurgeFailures",
-             "exp_alerts": [{"exp_labels": {"severity": "warning", "task": "sst2"}}]},
-            {"eval_time": "40m", "alertname": "LmsanPurgeFailures", "exp_alerts": []},
-            {"eval_time": "17m", "alertname": "LmsanMetricsDown", "exp_alerts": []},
-        ],
-    },
-    {
-        "input_series": [{"series": 'ray_lmsan_guard_errors_total{task="sst2",WorkerId="w1"}',
-                          "values": "0x10 0+1x10"}],
-        "alert_rule_test": [
-            {"eval_time": "5m", "alertname": "LmsanGuardErrors", "exp_alerts": []},
-            {"eval_time": "15m", "alertname": "LmsanGuardErrors",
-             "exp_alerts": [{"exp_labels": {"severity": "critical", "task": "sst2"}}]},
-        ],
-    },
-    {   # fail_open served inputs unguarded on sst2 from minute 10; guarded traffic on other only
-        "input_series": [
-            {"series": 'ray_lmsan_requests_total{task="sst2",action="unguarded",WorkerId="w1"}',
-             "values": "_x10 3+3x10"},
-            {"series": 'ray_lmsan_requests_total{task="other",action="pass",WorkerId="w1"}', "values": "0+5x20"},
-        ],
-        "alert_rule_test": [
-            {"eval_time": "5m", "alertname": "LmsanAnsweredUnguarded", "exp_alerts": []},
-            {"eval_time": "12m", "alertname": "LmsanAnsweredUnguarded",
-             "exp_alerts": [{"exp_labels": {"severity": "critical", "task": "sst2"}}]},
-        ],
-    },
-    {   # 10% of guarded inputs flagged on sst2, 1% on other
-        "input_series": [
-            {"series": 'ray_lmsan_requests_total{task="sst2",action="pass",WorkerId="w1"}', "values": "0+90x20"},
-            {"series": 'ray_lmsan_requests_total{task="sst2",action="purged",WorkerId="w1"}', "values": "0+10x20"},
-            {"series": 'ray_lmsan_detections_total{task="sst2",signature="pv0",WorkerId="w1"}',
-             "values": "0+10x20"},
-            {"series": 'ray_lmsan_requests_total{task="other",action="pass",WorkerId="w1"}', "values": "0+99x20"},
-            {"series": 'ray_lmsan_requests_total{task="other",action="flagged",WorkerId="w1"}', "values": "0+1x20"},
-            {"series": 'ray_lmsan_detections_total{task="other",signature="pv0",WorkerId="w1"}',
-             "values": "0+1x20"},
-        ],
-        "alert_rule_test": [
-            {"eval_time": "15m", "alertname": "LmsanDetectionSpike",
-             "exp_alerts": [{"exp_labels": {"severity": "warning", "task": "sst2"}}]},
-        ],
-    },
-    {
-        "input_series": [{"series": 'ray_lmsan_signatures_loaded{set="0123456789ab",WorkerId="w1"}',
-                          "values": "0x10"}],
-        "alert_rule_test": [
-            {"eval_time": "3m", "alertname": "LmsanNoSignatures", "exp_alerts": []},
-            {"eval_time": "8m", "alertname": "LmsanNoSignatures",
-             "exp_alerts": [{"exp_labels": {"severity": "critical"}}]},
-        ],
-    },
-    {
-        "input_series": [{"series": 'ray_lmsan_signatures_loaded{set="0123456789ab",WorkerId="w1"}',
-                          "values": "6x10"}],
-        "alert_rule_test": [{"eval_time": "8m", "alertname": "LmsanNoSignatures", "exp_alerts": []}],
-    },
-    {   # nothing reports at all
-        "input_series": [{"series": 'up{job="lmsan",instance="app:8080"}', "values": "0x10"}],
-        "alert_rule_test": [
-            {"eval_time": "8m", "alertname": "LmsanNoSignatures",
-             "exp_alerts": [{"exp_labels": {"severity": "critical"}}]},
-            {"eval_time": "8m", "alertname": "LmsanMetricsDown",
-             "exp_alerts": [{"exp_labels": {"severity": "critical", "job": "lmsan", "instance": "app:8080"}}]},
-        ],
-    },
-]
-
-
-def test_alert_rules_fire_on_the_intended_series(tmp_path):
-    prometheus_tool("promtool")  # before any file is written
-    groups = load_yaml(ALERTS)["groups"]
-    for group in groups:
-        for rule in group["rules"]:
-            rule.pop("annotations", None)
-    (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": groups}))
-    tests = [{"interval": "1m", **case} for case in _RULE_CASES]
-    (tmp_path / "tests.yml").write_text(yaml.safe_dump({"rule_files": ["rules.yml"], "tests": tests}))
-    _promtool("test", "rules", str(tmp_path / "tests.yml"))
-
-
-# -- Grafana --------------------------------------------------------------------------------------
-def test_grafana_provisioning_matches_compose():
-    datasource = load_yaml(DEPLOYMENTS / "grafana/provisioning/datasources/prometheus.yml")["datasources"][0]
-    assert datasource["uid"] == "prometheus" and datasource["type"] == "prometheus"
-    assert datasource["url"] == "http://prometheus:9090"
-    assert "9090:9090" in _compose()["services"]["prometheus"]["ports"]
-
-    provider = load_yaml(DEPLOYMENTS / "grafana/provisioning/dashboards/lmsan.yml")["providers"][0]
-    mounts = dict(v.split(":")[:2] for v in _compose()["services"]["grafana"]["volumes"])
-    assert mounts["./grafana/dashboards"] == provider["options"]["path"]
-
-
-def test_dashboard_panels_query_prometheus():
-    board = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    assert board["uid"] == "lmsan-guard" and board["schemaVersion"] >= 36
-    panels = board["panels"]
-    assert len({p["id"] for p in panels}) == len(panels)
-    cells = set()
-    for panel in panels:
-        assert panel["datasource"]["uid"] == "prometheus", panel["title"]
-        exprs = [t.get("expr", "").strip() for t in panel["targets"]]
-        assert any(exprs), panel["title"]
-        assert all(t["datasource"]["uid"] == "prometheus" for t in panel["targets"]), panel["title"]
-        g = panel["gridPos"]
-        assert g["x"] + g["w"] <= 24, panel["title"]
-        area = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
-        assert not area & cells, f"{panel['title']} overlaps another panel"
-        cells |= area
-    for var in board["templating"]["list"]:
-        assert var["datasource"]["uid"] == "prometheus"
-    assert all(e.strip() for e in dashboard_exprs())
-
-
-def test_dashboard_covers_the_guard_metrics():
-    board = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    used = {n for p in board["panels"] for t in p["targets"] for n in re.findall(r"ray_lmsan_\w+", t["expr"])}
-    assert {
-        "ray_lmsan_requests_total",
-        "ray_lmsan_detections_total",
-        "ray_lmsan_purge_failures_total",
-        "ray_lmsan_guard_errors_total",
-        "ray_lmsan_match_ratio_bucket",
-        "ray_lmsan_guard_seconds_bucket",
-        "ray_lmsan_signatures_loaded",
-        "ray_lmsan_signature_reloads_total",
-    } <= used
-
-
-def test_shipped_metric_names_are_the_exported_ones():
-    names = shipped_metric_names()
-    assert "ray_lmsan_match_ratio_bucket" in names
-    assert names <= KNOWN_METRICS, sorted(names - KNOWN_METRICS)
-
-
 # -- Dockerfile -----------------------------------------------------------------------------------
 def _dockerfile_instructions() -> list[str]:
     text = (REPO / "Dockerfile").read_text(encoding="utf-8")
@@ -422,47 +204,3 @@ def _dockerfile_exposed() -> set[int]:
     return {int(p.split("/")[0]) for ln in _dockerfile_instructions() if ln.startswith("EXPOSE ")
             for p in ln.split()[1:]}
 
-
-def test_dockerfile_pins_cpu_torch_before_the_project():
-    lines = _dockerfile_instructions()
-    torch_at = next(i for i, ln in enumerate(lines) if "download.pytorch.org/whl/cpu" in ln and "torch==" in ln)
-    project_at = next(i for i, ln in enumerate(lines) if re.search(r"pip install (\S+ )*\.( |$)", ln))
-    assert torch_at < project_at
-    pin = re.search(r"torch==[\w.+]+", lines[torch_at]).group(0)
-    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
-    assert f"TORCH_SPEC ?= {pin}" in makefile, "Dockerfile and Makefile pin different torch versions"
-    assert 8000 in _dockerfile_exposed()
-    assert any(ln.startswith("COPY deployments") for ln in lines)
-    # both packages are in the image before it installs the project: the CLI's lab commands
-    # (`lmsan demo`, which docker-compose runs) come from lmsan_lab through its entry point
-    copied = [ln.split()[1] for ln in lines[:project_at] if ln.startswith("COPY ")]
-    assert {"lmsan_serve", "lmsan_lab"} <= set(copied), copied
-    # the dependencies install before any source is copied, so a source edit keeps that layer
-    deps_at = next(i for i, ln in enumerate(lines) if "pip install -r" in ln)
-    first_source = next(i for i, ln in enumerate(lines) if ln.startswith(("COPY lmsan_serve", "COPY lmsan_lab")))
-    assert torch_at < deps_at < first_source < project_at
-    assert "--no-deps" in lines[project_at]
-    assert not any("HF_HUB_OFFLINE" in ln for ln in lines), "hub access is the user's choice"
-    health = next(ln for ln in lines if ln.startswith("HEALTHCHECK "))
-    assert "127.0.0.1:8000/healthz" in health
-
-
-def test_mining_rayjob_runs_the_real_cli():
-    import shlex
-
-    import ray
-
-    from lmsan_serve.cli import build_parser
-
-    job = load_yaml(REPO / "mining" / "rayjob.yaml")
-    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
-    argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[0] == "lmsan"
-    args = build_parser().parse_args(argv[1:])
-    assert args.command == "mine" and args.ray_address == "auto" and args.workers > 1 and args.resume
-    cluster = job["spec"]["rayClusterSpec"]
-    assert cluster["rayVersion"] == ray.__version__
-    group = cluster["workerGroupSpecs"][0]
-    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-    gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-    assert args.workers <= gpus * group["maxReplicas"]  # every worker can hold a round at once
