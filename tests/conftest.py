@@ -10,6 +10,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray reads its auth mode once, at import; some test modules import Ray at collection, before the
+# first local node starts, so the mode the product chooses (token) is set here first.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from threads, and on a busy 2-core machine threads oversubscribe.
 torch.set_num_threads(1)

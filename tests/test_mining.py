@@ -170,11 +170,16 @@ def test_cli_mine_and_bad_input(tiny_por, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    import ray
+    """The one-node cluster `lmsan mine --workers 2` starts (public `ray start`), this process its driver."""
+    from lmsan_serve.raycluster import start_local
 
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    node = start_local(num_cpus=2, object_store_bytes=200_000_000)  # small: other tests share the memory
+    try:
+        import ray
+
+        yield ray.get_runtime_context().get_node_id()  # the driver's node: the cluster's only one
+    finally:
+        node.stop()
 
 
 def test_ray_fan_out_equals_the_serial_run(tiny_por, corpus, tmp_path, local_ray):
@@ -192,4 +197,7 @@ def test_ray_fan_out_equals_the_serial_run(tiny_por, corpus, tmp_path, local_ray
         assert torch.allclose(fanned.signatures.pvs, serial.signatures.pvs, atol=1e-5)
         kept = {c["seed"] for c in serial.candidates if c["kept"]}
         assert kept == {c["seed"] for c in fanned.candidates if c["kept"]}
+        assert {c["node"] for c in serial.candidates} == {"local"}
+        assert {c["node"] for c in fanned.candidates} == {local_ray}  # the cluster's only node
+        assert {c["device"] for c in fanned.candidates} == {"cpu"}  # as the backbone's device
     assert kept_any, "no round kept a PV of the tiny POR copy in either mode"

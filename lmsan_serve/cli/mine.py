@@ -14,6 +14,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     from ..backbone import load_backbone
     from ..data import load_corpus
     from ..mining import MiningConfig, mine
+    from ..mining.runners import driver_device, round_device
 
     config = settings(
         MiningConfig,
@@ -30,6 +31,9 @@ def cmd_mine(args: argparse.Namespace) -> int:
     )
     if args.workers < 1:
         raise LmsanError("--workers must be at least 1")
+    on_ray = args.workers > 1 or bool(args.ray_address)
+    # on Ray each round resolves --device on its node; this process only prepares and calibrates
+    rounds_on = round_device(args.device) if on_ray else None
     out = output_file(args.out)  # proved writable now, not after hours of mining
     sign_key = None
     if args.sign_key:
@@ -37,14 +41,14 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
         sign_key = load_private_key(args.sign_key)  # now, not after hours of mining
     corpus = load_corpus(args.corpus)
-    backbone = load_backbone(args.model, args.device)
+    backbone = load_backbone(args.model, driver_device(args.device) if on_ray else args.device)
     why = backbone.supports_position(config.position)
     if why:
         raise LmsanError(why)
     say(args, f"mining {args.model} ({config.mode} mode, position {config.position}, up to {config.rounds} rounds)")
     result = mine(backbone, config, corpus, out, resume=args.resume, progress=progress(args),
                   say=lambda m: say(args, m), workers=args.workers, ray_address=args.ray_address,
-                  sign_key=sign_key)
+                  device=rounds_on, sign_key=sign_key)
     summary = {
         "verdict": result.verdict,
         "pvs": len(result.signatures),
@@ -80,7 +84,9 @@ def add_mine(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--workers", type=int, default=1,
                    help="run rounds as N parallel Ray tasks (local Ray on 127.0.0.1 unless --ray-address)")
-    p.add_argument("--ray-address", help="run rounds on an existing Ray cluster (e.g. ray://head:10001 or auto)")
+    p.add_argument("--ray-address", help="run rounds on an existing Ray cluster (e.g. head:6379, or auto where "
+                   "RAY_ADDRESS names it); with Ray, each round resolves --device on the node that runs it and "
+                   "--device cuda asks Ray for one GPU per round")
     p.add_argument("--wave", type=int, default=1,
                    help="search mode: rounds started from the same found PVs (default 1: each round knows every "
                    "PV found before it; set it to at least --workers to keep workers busy); results do not "

@@ -22,7 +22,7 @@ from ..signatures import DEFAULT_THRESHOLD, PVRecord, SignatureSet
 from ..storage import output_file
 from .config import MiningConfig
 from .model import Candidate, Prepared, duplicate, prepare, resolved_distance, resolved_lr
-from .runners import SerialRunner
+from .runners import Placement, SerialRunner
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -59,6 +59,8 @@ class RoundRecord(TypedDict):
     filters: list[str]
     reasons: list[str]
     pv: list[float] | None
+    node: str  # Ray node id of the node that ran the round, "local" in a serial run; absent in older checkpoints
+    device: str  # the device the round ran on; absent in older checkpoints
 
 
 # Runs rounds for `_detect` and `_search`: (seeds to run, PVs found so far, stop early when true).
@@ -128,7 +130,7 @@ def stale_checkpoint(out: str | Path, backbone: Backbone, config: MiningConfig) 
     return None
 
 
-def _candidate_record(c: Candidate) -> RoundRecord:
+def _candidate_record(c: Candidate, where: Placement) -> RoundRecord:
     """A finished round as the checkpoint keeps it. `filters` are the round's own verdicts; `kept`
     and `reasons` are set when the job merges rounds (uniqueness across a wave, detect's stop)."""
     return {
@@ -146,6 +148,8 @@ def _candidate_record(c: Candidate) -> RoundRecord:
         "filters": list(c.reasons),
         "reasons": list(c.reasons),
         "pv": c.pv.tolist() if c.pv is not None and not c.reasons else None,
+        "node": where.node,
+        "device": where.device,
     }
 
 
@@ -243,13 +247,16 @@ def mine(
     runner=None,
     workers: int = 1,
     ray_address: str | None = None,
+    device: str | None = None,
     sign_key: Ed25519PrivateKey | None = None,
 ) -> MiningResult:
     """Run the mining job and write the signature file to `out` (signed with `sign_key`, an Ed25519
     private key from `signing.load_private_key`, when given).
 
-    `workers` > 1 or a `ray_address` runs rounds as Ray tasks (see `runners.RayRunner`); the
-    result is the same as a serial run with the same settings."""
+    `workers` > 1 or a `ray_address` runs rounds as Ray tasks (see `runners.RayRunner`) on
+    `device` (auto, cpu or cuda, resolved by each task on its node; default: the kind of device
+    `backbone` is on); the result is the same as a serial run with the same settings, up to float
+    rounding where a round runs on another kind of device."""
     out = Path(out)
     _check_output_folder(out)
     fuzz_lines, calib_lines = _split_corpus(corpus, config)
@@ -259,7 +266,7 @@ def mine(
     settings = {"lr": resolved_lr(backbone, config), "distance_th": resolved_distance(prepared, config)}
     own_runner = runner is None
     if runner is None and (workers > 1 or ray_address):
-        runner = _ray_runner(backbone, prepared, config, workers, ray_address, held)
+        runner = _ray_runner(backbone, prepared, config, workers, ray_address, held, device)
     rounds = _Rounds(backbone, config, _checkpoint_path(out), started, resume, say)
     runner = runner or SerialRunner(backbone, prepared, config, held)
     bar = rounds.progress_bar(progress)
@@ -309,13 +316,13 @@ def _prepare_held_out(backbone: Backbone, calib_lines: list[str], config: Mining
 
 
 def _ray_runner(backbone: Backbone, prepared: Prepared, config: MiningConfig, workers: int,
-                ray_address: str | None, held: Prepared) -> RayRunner:
-    """Rounds as Ray tasks, on the backbone's kind of device (imported here: Ray is optional)."""
+                ray_address: str | None, held: Prepared, device: str | None) -> RayRunner:
+    """Rounds as Ray tasks (imported here: Ray is optional), on `device` or else the backbone's
+    kind of device."""
     from .runners import RayRunner
 
-    on_cuda = backbone.device.type == "cuda"
-    return RayRunner(backbone, prepared, config, workers, ray_address, device="cuda" if on_cuda else "cpu",
-                     gpus_per_round=1.0 if on_cuda else 0.0, held=held)
+    device = device or ("cuda" if backbone.device.type == "cuda" else "cpu")
+    return RayRunner(backbone, prepared, config, workers, ray_address, device=device, held=held)
 
 
 class _Rounds:
@@ -347,8 +354,8 @@ class _Rounds:
 
         def run(todo: list[int], found: torch.Tensor | None, done: Callable[[], bool]) -> None:
             """Run `todo` (stopping once `done()`), checkpointing every finished round."""
-            for seed, cand in runner.run(todo, found, self.in_budget):
-                records[seed] = _candidate_record(cand)
+            for seed, cand, where in runner.run(todo, found, self.in_budget):
+                records[seed] = _candidate_record(cand, where)
                 self._save()
                 bar.update(1)
                 if done():

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import LmsanError
-from ..guard import GuardResult, Verdict
+from ..guard import GuardResult
+from ..raycluster import RayNode, choose_auth, free_port, start_local  # noqa: F401  (free_port: re-exported)
 from .config import ServeConfig
 
 APP_NAME = "lmsan"
@@ -33,17 +34,12 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Endpoint:
     url: str
     metrics_url: str | None
     started_ray: bool
+    ray_node: RayNode | None = None  # the local Ray node `start` started, stopped with the endpoint
 
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, dict]:
         return http_json("GET", self.url + path, None, timeout)
@@ -52,12 +48,12 @@ class Endpoint:
         return http_json("POST", self.url + path, body, timeout)
 
     def classify(self, task: str, inputs: list[str | dict], timeout: float = 300.0) -> list[GuardResult]:
-        """POST /v1/classify; one `GuardResult` per input, as `Guard.classify` returns them locally.
-        An input is a text or {"text", "text_pair"}; any answer but 200 raises with its reason."""
-        status, body = self.post("/v1/classify", {"task": task, "inputs": inputs}, timeout=timeout)
-        if status != 200:
-            raise LmsanError(f"the endpoint answered {status}: {body.get('reason', body)}")
-        return [GuardResult(r["label"], r["scores"], Verdict(**r["guard"])) for r in body["results"]]
+        """POST /v1/classify through `GuardClient` (the documented retry policy); one `GuardResult`
+        per input, as `Guard.classify` returns them locally; a final non-200 raises an EndpointError."""
+        from ..client import GuardClient
+
+        with GuardClient(self.url, timeout=timeout) as client:
+            return client.classify(task, inputs)
 
 
 def http_json(method: str, url: str, body: dict | None, timeout: float) -> tuple[int, dict]:
@@ -85,8 +81,12 @@ def start(
     num_cpus: int | None = None,
     ready_timeout_s: float = 300.0,
 ) -> Endpoint:
-    """Deploy the app and wait until /healthz answers 200. Starts a local Ray on loopback unless
-    `ray_address` names a running cluster (then `metrics_port` is that cluster's business)."""
+    """Deploy the app and wait until /healthz answers 200. Starts a one-node Ray on this machine
+    (`raycluster.start_local`, exporting metrics on `metrics_port`), stopped with the endpoint,
+    unless Ray is already connected or `ray_address` names a running cluster (then `metrics_port`
+    is that cluster's business)."""
+    if not ray_address:
+        choose_auth()
     import ray
     from ray import serve
 
@@ -96,22 +96,24 @@ def start(
         raise LmsanError(f"port {port} is out of range")
     if not port_free(host, port):
         raise LmsanError(f"{host}:{port} is already in use (choose another --port)")
-    started = False
+    node = None
     if not ray.is_initialized():
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False)
         else:
             if metrics_port is not None and not port_free("127.0.0.1", metrics_port):
                 raise LmsanError(f"metrics port {metrics_port} is already in use (choose another --metrics-port)")
-            kwargs = {"_metrics_export_port": metrics_port} if metrics_port is not None else {}
-            ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False,
-                     log_to_driver=False, **kwargs)
-            started = True
-    serve.start(http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
-    serve.run(make_app(config, replicas), name=APP_NAME, route_prefix="/", blocking=False)
+            node = start_local(num_cpus=num_cpus, metrics_port=metrics_port)
+    try:
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
+        serve.run(make_app(config, replicas), name=APP_NAME, route_prefix="/", blocking=False)
+    except BaseException:
+        if node is not None:
+            node.stop()
+        raise
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     endpoint = Endpoint(f"http://{shown}:{port}", None if metrics_port is None or ray_address else
-                        f"http://127.0.0.1:{metrics_port}/metrics", started)
+                        f"http://127.0.0.1:{metrics_port}/metrics", node is not None, node)
     deadline = time.monotonic() + ready_timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
@@ -134,7 +136,9 @@ def stop(endpoint: Endpoint | None = None) -> None:
     try:
         serve.shutdown()
     finally:
-        if endpoint is None or endpoint.started_ray:
+        if endpoint is not None and endpoint.ray_node is not None:
+            endpoint.ray_node.stop()  # disconnects, then stops the node it started
+        elif endpoint is None or endpoint.started_ray:
             ray.shutdown()
 
 
