@@ -34,7 +34,7 @@ from lmsan_serve.storage import prove_writable
 from .attacks import AttackConfig, plant_backdoor, save_attacked
 from .evaluation import GuardEvaluation, evaluate_guard, http_runner
 from .removal import PROMPT, VALIDATION
-from .timeline import MetricsSampler, plot_timeline
+from .timeline import MetricsSampler, parse_scrape, plot_timeline
 
 if TYPE_CHECKING:
     from lmsan_serve.serving.run import Endpoint
@@ -314,8 +314,6 @@ def scrape_guard_metrics(url: str | None, expect_detections: int, timeout_s: flo
     """Sum the guard counters in the Prometheus export; waits for Ray's periodic export to catch up."""
     import urllib.request
 
-    from prometheus_client.parser import text_string_to_metric_families
-
     found = {"detections": None, "purged": None}
     if url is None:
         return found
@@ -325,14 +323,9 @@ def scrape_guard_metrics(url: str | None, expect_detections: int, timeout_s: flo
             text = urllib.request.urlopen(url, timeout=10).read().decode()
         except OSError:
             text = ""
-        det = purged = 0.0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "ray_lmsan_detections_total":
-                    det += sample.value
-                elif sample.name == "ray_lmsan_inputs_total" and sample.labels.get("action") == "purged":
-                    purged += sample.value
-        found = {"detections": int(det), "purged": int(purged)}
+        sample = parse_scrape(text, time.monotonic())
+        det = sum(sample.detections.values())
+        found = {"detections": int(det), "purged": int(sample.purged)}
         if det >= expect_detections or time.monotonic() > deadline:
             return found
         time.sleep(2)

@@ -43,6 +43,7 @@ class Sample:
     t: float
     inputs: float  # guarded inputs: every action but `off`
     detections: dict[str, float] = field(default_factory=dict)  # signature label -> flagged inputs
+    purged: float = 0.0  # guarded inputs answered after a purge
 
 
 @dataclass
@@ -63,7 +64,7 @@ def parse_scrape(text: str, t: float) -> Sample:
     """The guard's counters in one Prometheus text export, summed over tasks and Ray's per-process labels."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    inputs = 0.0
+    inputs = purged = 0.0
     detections: dict[str, float] = {}
     try:
         families = list(text_string_to_metric_families(text))
@@ -73,10 +74,11 @@ def parse_scrape(text: str, t: float) -> Sample:
         for s in family.samples:
             if s.name == INPUTS and s.labels.get("action") != Action.OFF.value:
                 inputs += s.value
+                purged += s.value if s.labels.get("action") == Action.PURGED.value else 0.0
             elif s.name == DETECTIONS:
                 label = s.labels.get("signature", "")
                 detections[label] = detections.get(label, 0.0) + s.value
-    return Sample(t, inputs, detections)
+    return Sample(t, inputs, detections, purged)
 
 
 def _increase(before: float, after: float) -> float:

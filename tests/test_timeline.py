@@ -35,6 +35,7 @@ def test_a_scrape_sums_guarded_inputs_and_detections_over_replicas_and_tasks():
     sample = parse_scrape(scrape_text(passed=10, purged=4, off=50, detections={"pv0": 3, "combination": 1}), t=7.0)
     assert sample.t == 7.0
     assert sample.inputs == 14  # pass + purged; the unguarded task's `off` inputs are not guarded
+    assert sample.purged == 4  # what the demo reports as purged
     assert sample.detections == {"pv0": 3, "combination": 1}
 
 
