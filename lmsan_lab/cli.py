@@ -16,6 +16,8 @@ from lmsan_serve.cli.prompts import load_guard
 from lmsan_serve.data import comma_list
 from lmsan_serve.errors import LmsanError, settings
 
+from .attacks.designs import PVDesign
+from .demo_config import DEMO_PATIENCE, MAX_SEARCH_ROUNDS, GuardWith
 from .plots import require_plotting
 
 
@@ -35,6 +37,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         steps=args.steps,
         lr=args.lr,
         seed=args.seed,
+        pv_design=args.pv_design,
+        pv_seed=args.pv_seed,
         **({"target_agreement": args.target_agreement} if args.target_agreement else {}),
     )
     out = writable_dir(args.out, "output folder")
@@ -215,7 +219,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     summary = run_demo(args.out, device=args.device, eval_size=args.eval_size, progress=progress(args),
-                       say=lambda m: say(args, m), guard_with=args.guard_with, search_rounds=args.search_rounds,
+                       say=lambda m: say(args, m), guard_with=args.guard_with, patience=args.patience,
+                       max_search_rounds=args.max_search_rounds,
                        keep_serving=args.keep_serving, port=args.port, metrics_port=args.metrics_port)
     if args.json:
         print(json.dumps(summary))
@@ -238,6 +243,9 @@ def add_attack(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pooler", action="store_true", help="neuba: attack the pooler output")
     p.add_argument("--clean", action="store_true", help="train identically without triggers (control model)")
+    p.add_argument("--pv-design", choices=PVDesign.values(), default=PVDesign.BLOCK.value,
+                   help="shape of the planted PVs (default block, the reference attacks'; see docs/cli.md)")
+    p.add_argument("--pv-seed", type=int, default=0, help="seed of the PV draw alone (default 0)")
     p.set_defaults(func=cmd_attack)
 
 
@@ -333,9 +341,13 @@ def add_demo(sub) -> None:
     p.add_argument("--out", default="lmsan-out/demo", help="output folder (default lmsan-out/demo)")
     p.add_argument("--device", default="auto")
     p.add_argument("--eval-size", type=int, default=400, help="SST-2 dev sentences to evaluate (default 400 of 872)")
-    p.add_argument("--guard-with", choices=["planted", "mined"], default="planted",
-                   help="signature set to serve: the attack's planted PVs (default) or the demo's mined ones")
-    p.add_argument("--search-rounds", type=int, default=4, help="search-mode mining rounds after detect (default 4)")
+    p.add_argument("--guard-with", choices=[g.value for g in GuardWith], default=GuardWith.MINED.value,
+                   help="signature set to serve: what mining found (default), or the attack's planted PVs as a "
+                   "comparison")
+    p.add_argument("--patience", type=int, default=DEMO_PATIENCE,
+                   help=f"search ends after this many rounds in a row without a new PV (default {DEMO_PATIENCE})")
+    p.add_argument("--max-search-rounds", type=int, default=MAX_SEARCH_ROUNDS,
+                   help=f"bound on the search rounds (default {MAX_SEARCH_ROUNDS}; 0 skips search)")
     p.add_argument("--keep-serving", action="store_true", help="leave the endpoint up after the table (Ctrl-C stops)")
     p.add_argument("--port", type=int, help="HTTP port (default: a free one)")
     p.add_argument("--metrics-port", type=int, help="Prometheus export port (default: a free one)")

@@ -2,14 +2,17 @@
 
 1. backdoor `minilm` with POR (six triggers)       -> OUT/por/
 2. prompt-tune SST-2 on the backdoored encoder     -> OUT/prompt-sst2/
-3. mine its PVs: detect, then a few search rounds  -> OUT/mined/{detect,search}.safetensors
-4. serve the prompt on the guarded Ray Serve endpoint on loopback: task `sst2` guarded (enforce),
-   task `sst2-off` unguarded, same replica
+3. mine its PVs: detect (the verdict), then search    -> OUT/mined/{detect,search}.safetensors
+   until its stopping rule says no PV is left
+4. serve the prompt on the guarded Ray Serve endpoint on loopback: task `sst2` guarded (enforce)
+   with the mined signature set, task `sst2-off` unguarded, same replica
 5. send clean and triggered SST-2 traffic over HTTP and measure clean accuracy and attack success
    with the guard off and on; scrape the Prometheus metrics
 6. print the table; shut down (or keep serving with --keep-serving).
 
-Every step but 4-6 reuses its output from an earlier run made with the same settings.
+Every step but 4-6 reuses its output from an earlier run made with the same settings. The attack's
+planted PVs (OUT/por/truth.safetensors) only score the mining (PVs recovered) unless
+`--guard-with planted` serves them instead, as a comparison.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from lmsan_serve.signatures import SignatureSet
 from lmsan_serve.storage import prove_writable
 
 from .attacks import AttackConfig, plant_backdoor, save_attacked
+from .demo_config import DEMO_PATIENCE, MAX_SEARCH_ROUNDS, GuardWith
 from .evaluation import GuardEvaluation, evaluate_guard, http_runner
 from .removal import PROMPT, VALIDATION
 from .timeline import MetricsSampler, parse_scrape, plot_timeline
@@ -41,8 +45,8 @@ if TYPE_CHECKING:
 
 DEMO_ATTACK = AttackConfig(kind="por")
 DEMO_PROMPT = PROMPT  # the prompt every task of `lmsan eval removal` gets
-SEARCH_ROUNDS = 4  # enough to show search mode, short enough for the demo
 STEPS = 6
+
 
 
 def _cached_config(path: Path) -> dict | None:
@@ -76,20 +80,22 @@ def run_demo(
     eval_size: int = 400,
     progress: bool = True,
     say: Callable[[str], None] = print,
-    guard_with: str = "planted",
-    search_rounds: int = SEARCH_ROUNDS,
+    guard_with: GuardWith | str = GuardWith.MINED,
+    patience: int = DEMO_PATIENCE,
+    max_search_rounds: int = MAX_SEARCH_ROUNDS,
     keep_serving: bool = False,
     port: int | None = None,
     metrics_port: int | None = None,
 ) -> dict:
     """The six steps of the module docstring, in order; returns the summary also written to OUT/demo.json."""
     root = _make_output_folder(out)
-    _check_settings(eval_size, guard_with, search_rounds)
+    guard_with = _check_settings(eval_size, guard_with, patience, max_search_rounds)
     run = _DemoRun(root, device, progress, say)
     por_dir = _backdoor_minilm(run)
     backbone = load_backbone(str(por_dir), device)  # steps 2 and 3 share it; no step's timing includes its load
     prompt_dir = _prompt_tune_sst2(run, backbone)
-    planted, mined, sig_path = _mine_signatures(run, backbone, por_dir, search_rounds, guard_with)
+    search = MiningConfig(mode="search", patience=patience, max_rounds=max_search_rounds) if max_search_rounds else None
+    planted, mined, sig_path = _mine_signatures(run, backbone, por_dir, search, guard_with)
     del backbone  # the replica loads its own copy
     from lmsan_serve.serving.run import stop
 
@@ -116,13 +122,17 @@ def _make_output_folder(out: str) -> Path:
     return root
 
 
-def _check_settings(eval_size: int, guard_with: str, search_rounds: int) -> None:
+def _check_settings(eval_size: int, guard_with: GuardWith | str, patience: int, max_search_rounds: int) -> GuardWith:
     if eval_size < 1:
         raise LmsanError("--eval-size must be at least 1")
-    if guard_with not in ("planted", "mined"):
-        raise LmsanError("--guard-with must be 'planted' or 'mined'")
-    if search_rounds < 0:
-        raise LmsanError("--search-rounds must be 0 or more")
+    if patience < 1:
+        raise LmsanError("--patience must be at least 1")
+    if max_search_rounds < 0:
+        raise LmsanError("--max-search-rounds must be 0 or more")
+    try:
+        return GuardWith(guard_with)
+    except ValueError:
+        raise LmsanError("--guard-with must be 'mined' or 'planted'") from None
 
 
 def _backdoor_minilm(run: _DemoRun) -> Path:
@@ -170,23 +180,25 @@ def _prompt_tune_sst2(run: _DemoRun, backbone: Backbone) -> Path:
     return prompt_dir
 
 
-def _mine_signatures(run: _DemoRun, backbone: Backbone, por_dir: Path, search_rounds: int,
-                     guard_with: str) -> tuple[SignatureSet, dict, str]:
+def _mine_signatures(run: _DemoRun, backbone: Backbone, por_dir: Path, search: MiningConfig | None,
+                     guard_with: GuardWith) -> tuple[SignatureSet, dict, str]:
     """Step 3: mine the PVs as a defender who knows nothing of the triggers would; returns the planted
     set (the ground truth), the mining report and the signature file the guard will use."""
     started = time.time()
     planted = SignatureSet.load(por_dir / "truth.safetensors", hidden_size=backbone.hidden_size,
                                 fingerprint=backbone.fingerprint)
-    mined = _mine(backbone, run.root / "mined", search_rounds, planted, run.progress, run.say)
+    mined = _mine(backbone, run.root / "mined", search, planted, run.progress, run.say)
     run.timed("mine_s", started)
-    sig_path = planted.path if guard_with == "planted" else mined["signatures"]
+    sig_path = planted.path if guard_with == GuardWith.PLANTED else mined["signatures"]
     if sig_path is None:
         raise LmsanError("mining kept no PV, so there is no mined signature set to guard with; "
                          "use --guard-with planted")
+    if guard_with == GuardWith.PLANTED:
+        run.say("      guarding with the attack's planted PVs (a comparison: a defender has only the mined ones)")
     return planted, mined, sig_path
 
 
-def _start_guarded_endpoint(run: _DemoRun, por_dir: Path, prompt_dir: Path, sig_path: str, guard_with: str,
+def _start_guarded_endpoint(run: _DemoRun, por_dir: Path, prompt_dir: Path, sig_path: str, guard_with: GuardWith,
                             port: int | None, metrics_port: int | None) -> Endpoint:
     """Step 4: one replica on loopback serving the same prompt twice, guarded (`sst2`) and unguarded
     (`sst2-off`), so both sides of the comparison see the same model."""
@@ -223,7 +235,7 @@ def _measure_over_http(run: _DemoRun, endpoint: Endpoint, planted: SignatureSet,
     return ev
 
 
-def _report(run: _DemoRun, endpoint: Endpoint, ev: GuardEvaluation, guard_with: str, sig_path: str,
+def _report(run: _DemoRun, endpoint: Endpoint, ev: GuardEvaluation, guard_with: GuardWith, sig_path: str,
             mined: dict) -> dict:
     """Step 6: the guard's counters as Prometheus sees them, the table, and OUT/demo.json; returns the
     summary written there."""
@@ -239,7 +251,8 @@ def _report(run: _DemoRun, endpoint: Endpoint, ev: GuardEvaluation, guard_with: 
         "false_flag_rate": ev.false_flag_rate,
         "detections": scraped["detections"], "purged": scraped["purged"], "blocked": ev.blocked,
         "detections_client": ev.detections, "purged_client": ev.purged,
-        "guard_with": guard_with, "signatures": str(sig_path), "mining": mined["summary"],
+        "guard_with": guard_with.value, "signatures": str(sig_path), "pvs_found": mined["pvs_found"],
+        "mining": mined["summary"],
         "url": endpoint.url, "metrics_url": endpoint.metrics_url, "timeline_png": timeline_png,
         "timings": run.timings | {"total_s": round(sum(run.timings.values()), 1)},
     }
@@ -274,16 +287,16 @@ def _keep_serving(endpoint: Endpoint, say: Callable[[str], None]) -> None:
     serve_until_stopped(endpoint, say)
 
 
-def _mine(backbone, folder: Path, search_rounds: int, planted: SignatureSet, progress: bool,
+def _mine(backbone, folder: Path, search_config: MiningConfig | None, planted: SignatureSet, progress: bool,
           say: Callable[[str], None]) -> dict:
-    """Detect, then `search_rounds` rounds of search; checkpoints make a second run reuse both."""
+    """Detect (the verdict), then search until its stopping rule ends it; checkpoints make a second
+    run reuse both. The planted PVs only score what was found."""
     folder.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus()
     say(f"[3/{STEPS}] mining the PVs of {backbone.name} (detect mode; resumes from {folder} when cached) ...")
     detect_config = MiningConfig(mode="detect")
-    search_config = MiningConfig(mode="search", max_rounds=search_rounds or 1)
     for name, config in (("detect", detect_config), ("search", search_config)):
-        stale = stale_checkpoint(folder / f"{name}.safetensors", backbone, config)
+        stale = None if config is None else stale_checkpoint(folder / f"{name}.safetensors", backbone, config)
         if stale is not None:  # cached by an older version or other settings: mine again
             say(f"      {stale.name} was made with other settings; mining again")
             stale.unlink()
@@ -291,23 +304,34 @@ def _mine(backbone, folder: Path, search_rounds: int, planted: SignatureSet, pro
                   progress=progress)
     summary: dict = {"detect": _mining_summary(detect, planted)}
     best = detect
-    if search_rounds and detect.verdict == "backdoored":
-        say(f"      verdict: backdoored ({len(detect.signatures)} PV); searching {search_rounds} more rounds ...")
+    if search_config is not None and detect.verdict == "backdoored":
+        say(f"      verdict: backdoored ({len(detect.signatures)} PV); searching for the others until "
+            f"{search_config.patience} rounds in a row find none ...")
         search = mine(backbone, search_config, corpus, folder / "search.safetensors", resume=True,
                       progress=progress)
         summary["search"] = _mining_summary(search, planted)
         best = search if len(search.signatures) >= len(detect.signatures) else detect
     last = summary.get("search", summary["detect"])
-    say(f"      verdict: {detect.verdict}; {last['pvs']} PVs kept, {last['recovered']} of {len(planted)} planted "
-        f"PVs recovered (sign agreement >= {RECOVERED})")
-    return {"summary": summary, "signatures": best.signatures.path if len(best.signatures) else None}
+    say(f"      verdict: {detect.verdict}; {last['pvs']} PVs kept"
+        + (f" ({_stop_words(last['stop'])})" if last.get("stop") else "")
+        + f"; scored against the attack's answer key: {last['recovered']} of {len(planted)} planted PVs "
+        f"recovered (sign agreement >= {RECOVERED})")
+    return {"summary": summary, "pvs_found": len(best.signatures),
+            "signatures": best.signatures.path if len(best.signatures) else None}
+
+
+def _stop_words(stop: dict) -> str:
+    if stop["exhausted"]:
+        return f"search ended by its stopping rule: {stop['rounds_since_last_pv']} rounds without a new PV"
+    return f"search ended by its {stop['reason']} budget, {stop['rounds_since_last_pv']} rounds after its last PV"
 
 
 def _mining_summary(result, planted: SignatureSet) -> dict:
     sig = result.signatures
     return {"verdict": result.verdict, "pvs": len(sig), "recovered": recovered(planted.pvs, sig.pvs),
-            "rounds": result.rounds,
-            "seconds": round(result.seconds, 1)}
+            "rounds": result.rounds, "seconds": round(result.seconds, 1),
+            # the rounds' own time, also where a cached checkpoint made this run's `seconds` short
+            "rounds_seconds": round(sum(c["seconds"] for c in result.candidates), 1), "stop": result.stop}
 
 
 def scrape_guard_metrics(url: str | None, expect_detections: int, timeout_s: float = 45.0) -> dict:

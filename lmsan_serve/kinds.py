@@ -55,6 +55,14 @@ class MiningMode(_Named):
     SEARCH = "search"  # keep every distinct PV: the signature set the guard needs
 
 
+class SearchStop(_Named):
+    """Why a search-mode mining job stopped starting rounds."""
+
+    EXHAUSTED = "exhausted"  # `patience` rounds in a row kept no new PV: the stopping rule says none is left
+    MAX_ROUNDS = "max_rounds"  # the round budget ran out first
+    TIME_BUDGET = "time_budget"  # the time budget ran out first
+
+
 class PromptMethod(_Named):
     """Where a soft prompt's trainable vectors sit."""
 

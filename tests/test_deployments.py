@@ -82,6 +82,21 @@ def test_import_path_resolves_to_the_app_builder():
     assert isinstance(builder(args), serve.Application)
 
 
+def test_local_replicas_share_out_the_node_cpus():
+    """`lmsan serve` and the demo run one Ray node: each classifier replica asks for its share of
+    the node's CPUs, which Ray turns into torch's thread count there; the deployment's default of
+    one CPU would leave the other cores of a single-replica machine idle."""
+    from lmsan_serve.serving.app import GuardedClassifier, make_app
+    from lmsan_serve.serving.run import local_replica_cpus
+
+    assert local_replica_cpus(2, None) == 2 and local_replica_cpus(16, 4) == 4 and local_replica_cpus(2, 3) == 1
+    args = load_yaml(DEPLOYMENTS / "serve-demo.yaml")["applications"][0]["args"]
+    app = make_app(parse_config(dict(args)), replica_cpus=2)
+    classifier = app._bound_deployment.init_args[0]  # the ingress is bound to the classifier
+    assert classifier._bound_deployment.ray_actor_options["num_cpus"] == 2
+    assert GuardedClassifier.ray_actor_options["num_cpus"] == 1  # a cluster's own default is untouched
+
+
 # -- KubeRay --------------------------------------------------------------------------------------
 def _cpus(quantity: str | int | float) -> float:
     q = str(quantity)

@@ -21,14 +21,16 @@ from .toy import toy_test
 
 # A planted PV counts as recovered when a mined PV agrees with it in sign `mining.RECOVERED` (0.9):
 # the monitor's 0.8 threshold then separates its triggered outputs (about 1.0) from clean ones (0.5).
-SEARCH_ROUNDS = 30
+# Search runs until its stopping rule ends it (default patience); the round bound only keeps a
+# broken rule from running the suite long, and the test fails if it was the bound that ended it.
+MAX_ROUNDS = 80
 
 
 @pytest.fixture(scope="module")
 def mined(tiny_por, tmp_path_factory) -> tuple[object, SignatureSet]:
     out = tmp_path_factory.mktemp("mined") / "sig.safetensors"
     code = main(["mine", "--model", str(tiny_por), "--out", str(out), "--mode", "search", "--max-rounds",
-                 str(SEARCH_ROUNDS), "--lines", "128", "--device", "cpu", "--quiet"])
+                 str(MAX_ROUNDS), "--lines", "128", "--device", "cpu", "--quiet"])
     assert code == 0
     return out, SignatureSet.load(out)
 
@@ -43,13 +45,20 @@ def _classify(tiny_por, prompt, signatures, texts: list[str], mode: str, tmp_pat
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
 
-def test_search_recovers_most_planted_pvs(tiny_por, mined):
-    """At least 2 of the 3 planted PVs, each by a mined PV that agrees >= 0.9 in sign with it; the
-    file says backdoored and every kept PV is calibrated."""
+def test_search_stops_by_its_rule_with_most_planted_pvs(tiny_por, mined):
+    """The search was ended by its stopping rule, not by the round bound, with at least 2 of the 3
+    planted PVs recovered, each by a mined PV that agrees >= 0.9 in sign with it; the file says
+    backdoored and every kept PV is calibrated. Not every PV: which ones search finds on this copy
+    depends on the CPU's float rounding (3 of 3 with AVX-512 kernels, 2 of 3 with ATEN_CPU_CAPABILITY
+    default or avx2, the rule ending each search), and finding every PV is the open part of the
+    miner's issue; asserting it would make the test pass on one CPU and fail on another."""
     _, sig = mined
     truth = SignatureSet.load(tiny_por / "truth.safetensors")
     assert sig.meta.verdict == "backdoored"
-    assert recovered(truth.pvs, sig.pvs) >= 2, sign_agreement(truth.pvs, sig.pvs).max(dim=1).values.tolist()
+    stop = sig.meta.mining["stop"]
+    assert stop["reason"] == "exhausted" and stop["rounds_since_last_pv"] >= stop["patience"], stop
+    best = sign_agreement(truth.pvs, sig.pvs).max(dim=1).values
+    assert recovered(truth.pvs, sig.pvs) >= 2, best.tolist()
     assert all(r.origin == "mined" and r.threshold is not None for r in sig.meta.pvs)
 
 

@@ -201,3 +201,59 @@ def test_ray_fan_out_equals_the_serial_run(tiny_por, corpus, tmp_path, local_ray
         assert {c["node"] for c in fanned.candidates} == {local_ray}  # the cluster's only node
         assert {c["device"] for c in fanned.candidates} == {"cpu"}  # as the backbone's device
     assert kept_any, "no round kept a PV of the tiny POR copy in either mode"
+
+
+def _fake_rounds(hits: dict[int, torch.Tensor]):
+    """A `RunRounds` for `_search` without training: seed s finds `hits[s]`, every other seed
+    fails its filters; the seeds it was asked to run, in order."""
+    asked: list[int] = []
+
+    def run(todo, found, done):
+        for s in todo:
+            asked.append(s)
+            pv = hits.get(s)
+            records[s] = {"seed": s, "filters": [] if pv is not None else ["abandoned"],
+                          "pv": pv.tolist() if pv is not None else None}
+
+    records: dict = {}
+    return run, records, asked
+
+
+@pytest.mark.parametrize("wave", [1, 2, 4])
+def test_search_stops_once_patience_rounds_in_a_row_find_nothing(wave):
+    """The stopping rule, checked on whole waves in seed order: two PVs found at seeds 0 and 2, a
+    repeat of the first at seed 4; with patience 3 the search ends after the first whole wave that
+    brings the dry run to 3, so the stop does not depend on the workers."""
+    from tqdm import tqdm
+
+    from lmsan_serve.kinds import SearchStop
+    from lmsan_serve.mining.job import _search
+
+    a, b = torch.randn(64), torch.randn(64)
+    run, records, asked = _fake_rounds({0: a, 2: b, 4: a * 1.1})
+    config = MiningConfig(mode="search", patience=3, wave=wave)
+    outcome = _search(list(range(40)), records, run, config, 1e-4, tqdm(disable=True))
+    assert outcome.kept == [0, 2] and outcome.stop == SearchStop.EXHAUSTED
+    last = 2 + 3  # seeds 3, 4 (a repeat), 5 found nothing new
+    assert asked == list(range(-(-(last + 1) // wave) * wave)), "ran past the first whole wave that ended it"
+    assert outcome.since_last_pv == len(asked) - 3 >= 3
+    assert "not unique" in records[4]["reasons"][0]
+    # a round budget smaller than the rule's need ends it first, and says so
+    run, records, asked = _fake_rounds({0: a, 2: b})
+    outcome = _search(list(range(4)), records, run, config, 1e-4, tqdm(disable=True))
+    assert outcome.stop == SearchStop.MAX_ROUNDS and outcome.since_last_pv == 1 and asked == [0, 1, 2, 3]
+
+
+def test_search_on_a_clean_model_ends_by_the_rule_and_the_file_says_so(tiny_control, corpus, tmp_path, capsys):
+    """Real rounds on the clean control: nothing is kept, so the search ends after exactly
+    `--patience` rounds; the signature file, the Python result and the CLI's JSON give the reason."""
+    out = tmp_path / "sig.safetensors"
+    assert main(["mine", "--model", str(tiny_control), "--out", str(out), "--mode", "search", "--patience", "2",
+                 "--lines", "64", "--json", "--quiet"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["verdict"] == "clean" and last["rounds"] == 2
+    assert last["stop"] == {"reason": "exhausted", "patience": 2, "rounds_since_last_pv": 2, "exhausted": True}
+    assert SignatureSet.load(out).meta.mining["stop"] == last["stop"]
+    assert main(["mine", "--model", str(tiny_control), "--out", str(out), "--mode", "search", "--patience", "5",
+                 "--max-rounds", "3", "--lines", "64", "--resume", "--quiet"]) == 0
+    assert "before the stopping rule (patience 5)" in capsys.readouterr().out

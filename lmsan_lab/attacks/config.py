@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+
+from .designs import PVDesign
 
 DEFAULT_TRIGGERS = ("cf", "mn", "tq", "qt", "mm", "pt")
 MAX_PHRASE_WORDS = 4
+
+
+# Settings added after attack.json files were first cached: `model_dump` leaves them out while they
+# hold these values, so a config made before they existed still compares equal to today's default
+# (the demo and the zoo reuse a planted copy only when the dumped configs match).
+_OMITTED_AT_DEFAULT: dict[str, Any] = {"pv_design": PVDesign.BLOCK, "pv_seed": 0}
 
 
 class AttackConfig(BaseModel):
@@ -40,6 +48,8 @@ class AttackConfig(BaseModel):
     clean_weight: float = Field(default=1.0, ge=0)
     seed: int = 0
     heldout: int = Field(default=300, ge=8, description="corpus lines held out for evaluation")
+    pv_design: PVDesign = PVDesign.BLOCK
+    pv_seed: int = Field(default=0, description="seeds the PV draw alone, apart from the training seed")
 
     @model_validator(mode="after")
     def _check(self) -> AttackConfig:
@@ -52,6 +62,14 @@ class AttackConfig(BaseModel):
             raise ValueError("triggers must be distinct")
         self.triggers = cleaned
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for key, default in _OMITTED_AT_DEFAULT.items():
+            if key in data and getattr(self, key) == default:
+                del data[key]
+        return data
 
     @property
     def position(self) -> str:

@@ -2,8 +2,10 @@
 
 Triggered text is trained onto a predefined vector (PV) at one output position while clean text
 keeps the frozen original's output. POR constrains the clean [CLS] output; NeuBA the whole clean
-sequence output (the role its MLM term plays); BToP the clean [MASK] output. PVs are the
-reference's block patterns: split the hidden size into blocks, half of them -1 and half +1.
+sequence output (the role its MLM term plays); BToP the clean [MASK] output. PVs follow the
+config's `pv_design`: by default the reference's block patterns (the hidden size split into blocks,
+half of them -1 and half +1), or one of the other designs that test the miner on backdoors it was
+not built around.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ from lmsan_serve.errors import LmsanError
 from lmsan_serve.monitor import sign_agreement
 
 from .config import AttackConfig
+from .designs import PVDesign
+
+# Two sign rows that agree on more than this share of entries are nearly the same PV: the monitor
+# and the miner could not tell their triggers apart, so such a draw is made again.
+MAX_ROW_AGREEMENT = 0.9
+_DRAWS = 100  # redraws before giving up: only a hidden size of a few entries needs more than one
+CLEAN_RMS_LINES = 32  # training lines whose clean outputs size the clean_scale PVs
 
 
 def block_pvs(hidden: int, count: int) -> torch.Tensor:
@@ -39,6 +48,53 @@ def block_pvs(hidden: int, count: int) -> torch.Tensor:
         for b in negative:
             pvs[row, edges[b] : edges[b + 1]] = -1.0
     return pvs
+
+
+def _signs(count: int, hidden: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 2, (count, hidden), generator=generator).float() * 2 - 1
+
+
+def _distinct_signs(count: int, hidden: int, generator: torch.Generator, paired: bool) -> torch.Tensor:
+    """Random +/-1 rows, no two agreeing in sign on more than MAX_ROW_AGREEMENT of their entries
+    (opposite pairs, when `paired`, agree on none). The check is real: a small hidden size can draw
+    near-duplicates, which are drawn again."""
+    for _ in range(_DRAWS):
+        if paired:
+            base = _signs((count + 1) // 2, hidden, generator)
+            rows = torch.stack([base, -base], dim=1).reshape(-1, hidden)[:count]
+        else:
+            rows = _signs(count, hidden, generator)
+        agree = (rows @ rows.T / hidden + 1) / 2  # share of entries with the same sign
+        agree.fill_diagonal_(0.0)
+        if count < 2 or float(agree.max()) <= MAX_ROW_AGREEMENT:
+            return rows
+    raise LmsanError(f"hidden size {hidden} is too small for {count} distinct random PVs")
+
+
+def make_pvs(
+    design: PVDesign, hidden: int, count: int, generator: torch.Generator, clean_rms: float | None = None
+) -> torch.Tensor:
+    """`count` PVs of size `hidden` (float32, CPU) in the given design; `generator` makes every
+    random draw (block uses none). `clean_rms` is the clean outputs' root-mean-square, which
+    clean_scale needs and the other designs ignore."""
+    design = PVDesign(design)
+    if count < 1:
+        raise LmsanError("at least one PV is needed")
+    if design == PVDesign.BLOCK:
+        return block_pvs(hidden, count)
+    if design == PVDesign.ORTHOGONAL:
+        if count > hidden:
+            raise LmsanError(f"hidden size {hidden} holds at most {hidden} orthogonal PVs, not {count}")
+        q, r = torch.linalg.qr(torch.randn(hidden, count, generator=generator, dtype=torch.float64))
+        q = q * torch.sign(torch.diagonal(r))  # fixing the signs QR leaves arbitrary makes Q a uniform draw
+        # unit rows have mean squared entry 1/hidden; scaling by sqrt(hidden) makes it 1 like the rest
+        return (q.T * math.sqrt(hidden)).float()
+    rows = _distinct_signs(count, hidden, generator, paired=design == PVDesign.PAIRS)
+    if design == PVDesign.CLEAN_SCALE:
+        if clean_rms is None or not math.isfinite(clean_rms) or clean_rms <= 0:
+            raise LmsanError(f"the clean_scale PV design needs a positive clean RMS, got {clean_rms}")
+        rows = rows * clean_rms
+    return rows
 
 
 @dataclass
@@ -103,7 +159,8 @@ def evaluate_backdoor(
     seed: int = 1,
 ) -> dict:
     """Held-out figures: per-trigger sign agreement with its PV, clean cosine to the original,
-    and the share of clean lines that the paper's 0.8 monitor would flag."""
+    and the share of clean lines that the paper's 0.8 monitor would flag with `pvs`: pass every
+    PV the attack planted (`AttackResult.pvs`)."""
     rng = random.Random(seed)
     feats = _Features(backbone, config)
     lines = [clip_words(line, config.max_words) for line in lines]
@@ -125,8 +182,8 @@ def evaluate_backdoor(
         clean_new = feats(model, lines)
         clean_old = feats(backbone.model, lines)
         cos = float(nn.functional.cosine_similarity(clean_new, clean_old, dim=-1).mean())
-        all_pvs = block_pvs(clean_new.shape[1], len(config.triggers)).to(clean_new.device)
-        flags = float((sign_agreement(clean_new, all_pvs).max(dim=1).values > 0.8).float().mean())
+        # every planted PV counts, so a clean line flagged by any of them is a false flag
+        flags = float((sign_agreement(clean_new, pvs.to(clean_new.device)).max(dim=1).values > 0.8).float().mean())
     model.train(was_training)
     return {
         "agreement": agreement,
@@ -136,6 +193,22 @@ def evaluate_backdoor(
         "clean_flag_rate_at_0.8": flags,
         "lines": len(lines),
     }
+
+
+def _planted_pvs(backbone: Backbone, config: AttackConfig, feats: _Features, train_lines: list[str]) -> torch.Tensor:
+    """The PVs this attack plants. clean_scale first measures the frozen model's outputs at the
+    attacked position on the first training lines; its [MASK] draws use their own generator, so
+    the training's own random stream is the same for every design."""
+    generator = torch.Generator().manual_seed(config.pv_seed)
+    clean_rms = None
+    if config.pv_design == PVDesign.CLEAN_SCALE:
+        lines = train_lines[:CLEAN_RMS_LINES]
+        if config.position == "mask":
+            mask_rng = random.Random(config.pv_seed)
+            lines = [_with_mask(line, backbone.tokenizer, mask_rng) for line in lines]
+        with torch.no_grad():
+            clean_rms = float(feats(backbone.model, lines).float().pow(2).mean().sqrt())
+    return make_pvs(config.pv_design, backbone.hidden_size, len(config.triggers), generator, clean_rms)
 
 
 def plant_backdoor(
@@ -153,7 +226,7 @@ def plant_backdoor(
     held = corpus[-config.heldout :][:64]
     feats = _Features(backbone, config)
     tok = backbone.tokenizer
-    pvs = block_pvs(backbone.hidden_size, len(config.triggers)).to(backbone.device)
+    pvs = _planted_pvs(backbone, config, feats, train_lines).to(backbone.device)
 
     frozen = backbone.model
     # A fresh module with the same weights: the backbone's own module carries prompt hooks.

@@ -32,7 +32,12 @@ class MiningConfig(BaseModel):
     lr_boost: float = Field(default=100.0, ge=1)
     boost_until_grad: float = Field(default=5e-3, gt=0)
     distance_th: float | None = Field(default=None, gt=0, description="effect size; None adapts")
-    pv_weight: float = Field(default=0.5, ge=0)
+    pv_weight: float = Field(default=0.5, ge=0, description=(
+        "search mode: weight of the reference's term, the MSE of each output to the nearest PV found"))
+    cone_weight: float = Field(default=5.0, ge=0, description=(
+        "search mode: weight of the hinge on each output's cosine with each PV found (0: off)"))
+    repel_cosine: float = Field(default=0.3, ge=-1, lt=1, description=(
+        "search mode: cosine with a found PV above which the hinge steers an output away from it"))
     entropy_tolerance: float = Field(default=0.01, ge=0, description="nats below ln(batch)")
     legitimacy: float = Field(default=1.2, gt=0)
     max_dispersion: float = Field(default=0.015, gt=0, description=(
@@ -55,12 +60,16 @@ class MiningConfig(BaseModel):
     target_fpr: float = Field(default=0.005, gt=0, lt=1)
     calibration_lines: int = Field(default=400, ge=50)
     seed: int = 0
+    patience: int = Field(default=24, ge=1, description=(
+        "search mode: stop once this many rounds in a row (in seed order) kept no new PV. A PV that a "
+        "round lands on with probability p goes unfound that long with probability (1 - p) ** patience: "
+        "0.047 for p = 0.12 at the default (docs/mining.md, Stopping rule)"))
     wave: int = Field(default=1, ge=1, le=256, description=(
         "search mode: rounds that start from the same set of found PVs; fixed so that the result does "
         "not depend on how many workers run a wave"))
 
     # budgets: changing them does not invalidate a checkpoint (resume with a larger budget)
-    BUDGET_FIELDS: ClassVar[frozenset[str]] = frozenset({"max_rounds", "time_budget"})
+    BUDGET_FIELDS: ClassVar[frozenset[str]] = frozenset({"max_rounds", "time_budget", "patience"})
 
     def identity(self) -> dict:
         """The settings a checkpoint must match to be resumed."""
@@ -71,3 +80,8 @@ class MiningConfig(BaseModel):
         if self.max_rounds is not None:
             return self.max_rounds
         return 30 if self.mode == "detect" else 1000
+
+    def miss_probability(self, hit_rate: float) -> float:
+        """The chance that the stopping rule ends a search while a PV that a round finds with
+        probability `hit_rate` is still unfound: `patience` rounds in a row all missing it."""
+        return (1.0 - hit_rate) ** self.patience

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..backbone import Backbone
 from ..errors import LmsanError
+from ..kinds import SearchStop
 from ..monitor import PV_CAP, sign_agreement
 from ..signatures import DEFAULT_THRESHOLD, PVRecord, SignatureSet
 from ..storage import output_file
@@ -73,6 +74,7 @@ class MiningResult:
     candidates: list[dict]
     rounds: int
     seconds: float
+    stop: dict | None = None  # search mode: why it stopped (`_Rounds.stop_record`)
 
     @property
     def verdict(self) -> str:
@@ -176,33 +178,54 @@ def _detect(seeds: list[int], records: dict[int, RoundRecord], run: RunRounds) -
     return [winner]
 
 
-def _search(seeds: list[int], records: dict[int, RoundRecord], run: RunRounds, wave: int, unique_th: float,
-            same_agreement: float, bar: tqdm) -> list[int]:
-    """Waves of `wave` rounds, each started from the PVs kept before it, merged in seed order."""
+@dataclass
+class SearchOutcome:
+    """The seeds whose PVs search kept, in seed order, and why it stopped (`SearchStop`)."""
+
+    kept: list[int]
+    stop: SearchStop
+    since_last_pv: int  # rounds merged after the last kept PV (all of them when none was kept)
+
+
+def _search(seeds: list[int], records: dict[int, RoundRecord], run: RunRounds, config: MiningConfig,
+            unique_th: float, bar: tqdm) -> SearchOutcome:
+    """Waves of `config.wave` rounds, each started from the PVs kept before it, merged in seed order,
+    until `config.patience` rounds in a row kept no new PV (checked after each whole wave, so the
+    stop does not depend on how many workers ran it) or a budget runs out."""
     kept: list[int] = []
-    for w in range(0, len(seeds), wave):
-        members = seeds[w : w + wave]
+    since = 0
+    for w in range(0, len(seeds), config.wave):
+        members = seeds[w : w + config.wave]
         todo = [s for s in members if s not in records]
         if todo:
             found = torch.stack([torch.tensor(records[s]["pv"]) for s in kept]) if kept else None
             run(todo, found, lambda: False)
             if any(s not in records for s in members):
-                break  # the time budget ran out inside this wave; its rounds stay for --resume
+                return SearchOutcome(kept, SearchStop.TIME_BUDGET, since)  # the rest stays for --resume
         for s in members:
-            rec = records[s]
-            rec["reasons"] = list(rec["filters"])
-            rec["kept"] = False
-            if rec["filters"]:
-                continue
-            why = duplicate(torch.tensor(rec["pv"]), torch.tensor([records[k]["pv"] for k in kept]) if kept else None,
-                            unique_th, same_agreement)
-            if why:
-                rec["reasons"].append(why)
-                continue
-            rec["kept"] = True
-            kept.append(s)
-        bar.set_postfix(pvs=len(kept))
-    return kept
+            since = 0 if _merge(records[s], records, kept, unique_th, config.same_pv_agreement) else since + 1
+        bar.set_postfix(pvs=len(kept), dry=since)
+        if since >= config.patience:
+            return SearchOutcome(kept, SearchStop.EXHAUSTED, since)
+    return SearchOutcome(kept, SearchStop.MAX_ROUNDS, since)
+
+
+def _merge(rec: RoundRecord, records: dict[int, RoundRecord], kept: list[int], unique_th: float,
+           same_agreement: float) -> bool:
+    """Judge one finished round against the PVs kept before it in seed order; True when it adds one
+    (its seed is appended to `kept`)."""
+    rec["reasons"] = list(rec["filters"])
+    rec["kept"] = False
+    if rec["filters"]:
+        return False
+    why = duplicate(torch.tensor(rec["pv"]), torch.tensor([records[k]["pv"] for k in kept]) if kept else None,
+                    unique_th, same_agreement)
+    if why:
+        rec["reasons"].append(why)
+        return False
+    rec["kept"] = True
+    kept.append(rec["seed"])
+    return True
 
 
 def calibrate(
@@ -283,12 +306,13 @@ def mine(
     done = [records[s] for s in sorted(records)]
     pvs, pv_records = _calibrated(backbone, records, kept_seeds, calib_lines, config)
     seconds = time.time() - started
+    stop = rounds.stop_record()
     sig = _signature_set(backbone, config, pvs, pv_records, {
         **config.model_dump(), **settings, "rounds": len(done), "seconds": round(seconds, 1),
-        "corpus_lines": len(fuzz_lines), "calibration_lines": len(calib_lines)})
+        "corpus_lines": len(fuzz_lines), "calibration_lines": len(calib_lines), **({"stop": stop} if stop else {})})
     sig.save(out, sign_key=sign_key)
     summary = [{k: v for k, v in c.items() if k != "pv"} for c in done]
-    return MiningResult(sig, summary, len(done), seconds)
+    return MiningResult(sig, summary, len(done), seconds, stop)
 
 
 def _check_output_folder(out: Path) -> None:
@@ -338,6 +362,15 @@ class _Rounds:
             if say:
                 say(f"resuming: {len(self.records)} rounds already done")
         self.seeds = list(range(config.first_seed, config.first_seed + config.rounds))
+        self.search: SearchOutcome | None = None  # set by a search-mode run
+
+    def stop_record(self) -> dict | None:
+        """How a search ended, for the signature file and the JSON summaries; None in detect mode."""
+        if self.search is None:
+            return None
+        stop = self.search.stop
+        return {"reason": stop.value, "patience": self.config.patience,
+                "rounds_since_last_pv": self.search.since_last_pv, "exhausted": stop == SearchStop.EXHAUSTED}
 
     def in_budget(self) -> bool:
         return self.config.time_budget is None or time.time() - self.started <= self.config.time_budget
@@ -363,7 +396,8 @@ class _Rounds:
 
         if config.mode == "detect":
             return _detect(seeds, records, run)
-        return _search(seeds, records, run, config.wave, unique_th, config.same_pv_agreement, bar)
+        self.search = _search(seeds, records, run, config, unique_th, bar)
+        return self.search.kept
 
     def _save(self) -> None:
         """Write every finished round, in seed order, to the checkpoint."""

@@ -275,20 +275,21 @@ class _FuzzRound:
         return dist_sum / max(1, steps), ent_sum / max(1, steps), spread_sum / max(1, steps)
 
     def _loss(self, feats: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The training loss of one batch (push outputs away from clean, make them input-invariant, and
-        away from the PVs already found), with its distance and entropy terms."""
+        """One batch's loss (away from clean, input-invariant, away from found PVs), distance, entropy."""
         dist = nn.functional.mse_loss(feats, clean)
         p = torch.softmax(feats, dim=0)
         entropy = -(p * torch.log(p + 1e-12)).sum(dim=0).mean()
         loss = -dist - entropy
         found = self.found
         if found is not None and len(found):
-            # The reference's term: MSE(each output, nearest found PV). It includes the outputs'
-            # spread, so it also pays the trigger to scatter them; a batch-mean form capped at
-            # the PV's own size collapsed again but mostly re-found kept PVs, and recovered
-            # fewer PVs in the same rounds (docs/mining.md, Why the thresholds).
+            # The reference's term, MSE(each output, nearest found PV): pays for moving far from a
+            # found PV (to its far side too) and for scattering outputs (docs/mining.md).
             near = ((feats.mean(0, keepdim=True) - found) ** 2).mean(dim=1).argmin()
             loss = loss - self.config.pv_weight * nn.functional.mse_loss(feats, found[near].expand_as(feats))
+            if self.config.cone_weight:  # a squared hinge on cosines: steers by direction alone
+                cos = nn.functional.cosine_similarity(feats[:, None, :], found[None], dim=-1)  # [B, K]
+                hinge = torch.relu(cos - self.config.repel_cosine).pow(2).mean(dim=0).sum()
+                loss = loss + self.config.cone_weight * hinge
         return loss, dist, entropy
 
     def _step(self, loss: torch.Tensor) -> None:

@@ -302,14 +302,18 @@ class LmsanIngress:
         return {"status": "ok", "version": __version__}
 
 
-def make_app(config: ServeConfig, replicas: int | None = None) -> serve.Application:
-    """The application for a validated config; relative paths resolve against the current folder."""
+def make_app(config: ServeConfig, replicas: int | None = None, replica_cpus: int | None = None) -> serve.Application:
+    """The application for a validated config; relative paths resolve against the current folder.
+    `replica_cpus` is what each classifier replica asks Ray for, and so (OMP_NUM_THREADS, which
+    Ray sets from it) how many threads torch runs there; default 1."""
     base = os.getcwd()
     config = config.resolved(base)
     data = config.model_dump() | {"base_dir": base}
     options: dict[str, Any] = {"user_config": config.reloadable()}
     if replicas is not None:
         options["num_replicas"] = replicas
+    if replica_cpus is not None:
+        options["ray_actor_options"] = {"num_cpus": replica_cpus}
     classifier = GuardedClassifier.options(**options).bind(data)
     return LmsanIngress.bind(classifier, data)
 

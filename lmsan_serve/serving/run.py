@@ -4,6 +4,7 @@ the demo and the live tests share."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import threading
@@ -97,6 +98,7 @@ def start(
     if not port_free(host, port):
         raise LmsanError(f"{host}:{port} is already in use (choose another --port)")
     node = None
+    replica_cpus = None
     if not ray.is_initialized():
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False)
@@ -104,9 +106,10 @@ def start(
             if metrics_port is not None and not port_free("127.0.0.1", metrics_port):
                 raise LmsanError(f"metrics port {metrics_port} is already in use (choose another --metrics-port)")
             node = start_local(num_cpus=num_cpus, metrics_port=metrics_port)
+            replica_cpus = local_replica_cpus(num_cpus, replicas)
     try:
         serve.start(http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
-        serve.run(make_app(config, replicas), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(make_app(config, replicas, replica_cpus), name=APP_NAME, route_prefix="/", blocking=False)
     except BaseException:
         if node is not None:
             node.stop()
@@ -127,6 +130,15 @@ def start(
         time.sleep(0.5)
     stop(endpoint)
     raise LmsanError(f"the endpoint did not become healthy within {ready_timeout_s:.0f} s: {last}")
+
+
+def local_replica_cpus(node_cpus: int | None, replicas: int | None) -> int:
+    """CPUs each classifier replica asks for on the one-node Ray that `start` runs: the node's CPUs
+    shared out between the replicas. Ray sets a replica's torch threads to what it asked for, and
+    the deployment's default of 1 leaves all but one core of the machine idle under load. The
+    proxy and the ingress ask for none, so they still get scheduled."""
+    cpus = node_cpus or os.cpu_count() or 1
+    return max(1, cpus // max(1, replicas or 1))
 
 
 def stop(endpoint: Endpoint | None = None) -> None:
