@@ -211,10 +211,29 @@ def test_probe_opposites_quick(tiny, tmp_path):
 
 
 def test_quick_refuses_artifacts_of_its_own():
-    for name in ("bench_guard", "bench_serve", "bench_probe", "bench_false_flags"):
+    for name in ("bench_guard", "bench_serve", "bench_probe", "bench_false_flags", "bench_endpoint"):
         module = _load(name)
         with pytest.raises(SystemExit) as exc:
             module.parse_args(["--quick", "--signatures", "x.safetensors"])
         assert exc.value.code == 2, name
         with pytest.raises(SystemExit):
             module.parse_args(["--cache", "somewhere"])  # --cache without --quick
+
+
+@pytest.mark.slow  # Ray start-up and shutdown dominate
+def test_bench_endpoint_quick(tiny, tmp_path):
+    """The endpoint-against-forward benchmark runs end to end: every point of its curve answered
+    every request, and its ratios are real numbers."""
+    out = tmp_path / "endpoint.json"
+    _run("bench_endpoint.py", "--quick", "--cache", tiny["root"], "--replica-cpus", "1,2", "--json", str(out),
+         timeout=300)
+    res = json.loads(out.read_text())
+    assert res["quick"] and res["signatures"] == tiny["mined"] and res["replica_cpus"] == 2
+    assert [r["replica_cpus"] for r in res["runs"]] == [1, 2]
+    for run in res["runs"]:
+        assert [(p["size"], p["clients"], p["task"]) for p in run["curve"]] == [
+            (size, 2, task) for size in (1, 8) for task in ("sst2", "sst2-off")]
+        for p in run["curve"]:
+            assert p["errors"] == 0 and p["requests"] >= 2 and _positive(p["inputs_per_s"]) and _positive(p["p50_ms"])
+    for key in ("forward_inputs_per_s", "endpoint_vs_forward", "idle_vs_forward_one"):
+        assert _positive(res[key]), key

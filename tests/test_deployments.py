@@ -97,6 +97,17 @@ def test_local_replicas_share_out_the_node_cpus():
     assert GuardedClassifier.ray_actor_options["num_cpus"] == 1  # a cluster's own default is untouched
 
 
+def test_replicas_may_hold_a_full_batch_of_requests():
+    """Ray Serve batches the requests ongoing on a replica at once, so a `max_ongoing_requests`
+    below `batching.max_batch_size` keeps batches of one-sentence requests short of their size."""
+    rayservice = load_yaml(DEPLOYMENTS / "kuberay" / "rayservice.yaml")
+    for config in (load_yaml(DEPLOYMENTS / "serve-demo.yaml"), yaml.safe_load(rayservice["spec"]["serveConfigV2"])):
+        app = config["applications"][0]
+        classifier = next(d for d in app["deployments"] if d["name"] == "GuardedClassifier")
+        batch = classifier["user_config"]["batching"]["max_batch_size"]
+        assert classifier["max_ongoing_requests"] >= batch, app["name"]
+
+
 # -- KubeRay --------------------------------------------------------------------------------------
 def _cpus(quantity: str | int | float) -> float:
     q = str(quantity)

@@ -80,12 +80,14 @@ def start(
     replicas: int | None = None,
     ray_address: str | None = None,
     num_cpus: int | None = None,
+    replica_cpus: int | None = None,
     ready_timeout_s: float = 300.0,
 ) -> Endpoint:
     """Deploy the app and wait until /healthz answers 200. Starts a one-node Ray on this machine
     (`raycluster.start_local`, exporting metrics on `metrics_port`), stopped with the endpoint,
     unless Ray is already connected or `ray_address` names a running cluster (then `metrics_port`
-    is that cluster's business)."""
+    is that cluster's business). `replica_cpus`: what each classifier replica asks for; default
+    `local_replica_cpus` on a node started here, the deployment's own setting elsewhere."""
     if not ray_address:
         choose_auth()
     import ray
@@ -98,7 +100,6 @@ def start(
     if not port_free(host, port):
         raise LmsanError(f"{host}:{port} is already in use (choose another --port)")
     node = None
-    replica_cpus = None
     if not ray.is_initialized():
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False)
@@ -106,7 +107,7 @@ def start(
             if metrics_port is not None and not port_free("127.0.0.1", metrics_port):
                 raise LmsanError(f"metrics port {metrics_port} is already in use (choose another --metrics-port)")
             node = start_local(num_cpus=num_cpus, metrics_port=metrics_port)
-            replica_cpus = local_replica_cpus(num_cpus, replicas)
+            replica_cpus = replica_cpus or local_replica_cpus(num_cpus, replicas)
     try:
         serve.start(http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
         serve.run(make_app(config, replicas, replica_cpus), name=APP_NAME, route_prefix="/", blocking=False)
