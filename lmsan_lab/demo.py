@@ -321,9 +321,11 @@ def _mine(backbone, folder: Path, search_config: MiningConfig | None, planted: S
 
 
 def _stop_words(stop: dict) -> str:
+    aimed = f", then {stop['probes']} aimed rounds added {stop['probe_pvs']}" if stop.get("probes") else ""
     if stop["exhausted"]:
-        return f"search ended by its stopping rule: {stop['rounds_since_last_pv']} rounds without a new PV"
-    return f"search ended by its {stop['reason']} budget, {stop['rounds_since_last_pv']} rounds after its last PV"
+        return f"search ended by its stopping rule: {stop['rounds_since_last_pv']} rounds without a new PV{aimed}"
+    since = stop["rounds_since_last_pv"]
+    return f"search ended by its {stop['reason']} budget, {since} rounds after its last PV{aimed}"
 
 
 def _mining_summary(result, planted: SignatureSet) -> dict:

@@ -59,6 +59,12 @@ def test_search_stops_by_its_rule_with_most_planted_pvs(tiny_por, mined):
     assert stop["reason"] == "exhausted" and stop["rounds_since_last_pv"] >= stop["patience"], stop
     best = sign_agreement(truth.pvs, sig.pvs).max(dim=1).values
     assert recovered(truth.pvs, sig.pvs) >= 2, best.tolist()
+    # The control of the aimed rounds: no two of this copy's planted PVs are opposites, so every
+    # round aimed at a kept PV's opposite aims where nothing is planted, and the filters must keep
+    # none of them (one per PV fuzz rounds kept)
+    fuzz_kept = [r for r in sig.meta.pvs if r.seed >= 0]
+    assert float(sign_agreement(truth.pvs, -truth.pvs).max()) < RECOVERED
+    assert stop["probes"] >= len(fuzz_kept) >= 2 and stop["probe_pvs"] == 0, stop
     assert all(r.origin == "mined" and r.threshold is not None for r in sig.meta.pvs)
 
 

@@ -204,18 +204,21 @@ def test_ray_fan_out_equals_the_serial_run(tiny_por, corpus, tmp_path, local_ray
 
 
 def _fake_rounds(hits: dict[int, torch.Tensor]):
-    """A `RunRounds` for `_search` without training: seed s finds `hits[s]`, every other seed
-    fails its filters; the seeds it was asked to run, in order."""
+    """A `RunRounds` for `_search` without training: round key s finds `hits[s]`, every other
+    round fails its filters; the keys it was asked to run, in order (and the aims it was given)."""
     asked: list[int] = []
 
-    def run(todo, found, done):
+    def run(todo, found, done, aims=None):
         for s in todo:
             asked.append(s)
+            if aims:
+                run.aims[s] = aims[s]
             pv = hits.get(s)
             records[s] = {"seed": s, "filters": [] if pv is not None else ["abandoned"],
                           "pv": pv.tolist() if pv is not None else None}
 
     records: dict = {}
+    run.aims = {}
     return run, records, asked
 
 
@@ -227,7 +230,7 @@ def test_search_stops_once_patience_rounds_in_a_row_find_nothing(wave):
     from tqdm import tqdm
 
     from lmsan_serve.kinds import SearchStop
-    from lmsan_serve.mining.job import _search
+    from lmsan_serve.mining.modes import _search
 
     a, b = torch.randn(64), torch.randn(64)
     run, records, asked = _fake_rounds({0: a, 2: b, 4: a * 1.1})
@@ -252,8 +255,33 @@ def test_search_on_a_clean_model_ends_by_the_rule_and_the_file_says_so(tiny_cont
                  "--lines", "64", "--json", "--quiet"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["verdict"] == "clean" and last["rounds"] == 2
-    assert last["stop"] == {"reason": "exhausted", "patience": 2, "rounds_since_last_pv": 2, "exhausted": True}
+    assert last["stop"] == {"reason": "exhausted", "patience": 2, "rounds_since_last_pv": 2, "exhausted": True,
+                            "probes": 0, "probe_pvs": 0}
     assert SignatureSet.load(out).meta.mining["stop"] == last["stop"]
     assert main(["mine", "--model", str(tiny_control), "--out", str(out), "--mode", "search", "--patience", "5",
                  "--max-rounds", "3", "--lines", "64", "--resume", "--quiet"]) == 0
     assert "before the stopping rule (patience 5)" in capsys.readouterr().out
+
+
+def test_search_ends_with_one_round_aimed_at_each_kept_pvs_opposite():
+    """After the stopping rule, one aimed round per PV that fuzz rounds kept, aimed at its negation
+    and merged like any round: the one landing on a new PV adds it, the one landing on a kept PV
+    is rejected as a repeat, and no aimed round is aimed at a PV an aimed round found."""
+    from tqdm import tqdm
+
+    from lmsan_serve.mining.modes import search
+    from lmsan_serve.mining.probe import probe_key
+
+    a, b = torch.randn(64), torch.randn(64)
+    run, records, asked = _fake_rounds({0: a, 2: b, probe_key(0): -a * 0.9, probe_key(2): b * 1.05})
+    config = MiningConfig(mode="search", patience=3)
+    outcome = search(list(range(40)), records, run, config, 1e-4, tqdm(disable=True))
+    assert asked == [0, 1, 2, 3, 4, 5, probe_key(0), probe_key(2)]
+    assert torch.equal(run.aims[probe_key(0)], -a) and torch.equal(run.aims[probe_key(2)], -b)
+    assert outcome.kept == [0, 2, probe_key(0)] and (outcome.probes, outcome.probe_pvs) == (2, 1)
+    assert "not unique" in records[probe_key(2)]["reasons"][0]
+    # off: the search ends at the rule
+    run, records, asked = _fake_rounds({0: a})
+    outcome = search(list(range(40)), records, run, config.model_copy(update={"probe_opposites": False}), 1e-4,
+                     tqdm(disable=True))
+    assert asked == [0, 1, 2, 3] and outcome.probes == 0

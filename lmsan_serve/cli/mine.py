@@ -27,6 +27,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
         first_seed=args.first_seed,
         wave=args.wave,
         patience=args.patience,
+        probe_opposites=args.probe_opposites,
         split_rows=args.split_rows,
         **({"lr": args.lr} if args.lr else {}),
     )
@@ -70,12 +71,14 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
 def stop_line(stop: dict) -> str:
     """Why a search stopped, in words."""
+    probes = f"; {stop['probes']} aimed rounds added {stop['probe_pvs']} PV(s)" if stop["probes"] else ""
     if stop["exhausted"]:
         return (f"search finished: {stop['rounds_since_last_pv']} rounds in a row found no new PV "
-                f"(patience {stop['patience']})")
+                f"(patience {stop['patience']}){probes}")
     what = "round budget (--max-rounds)" if stop["reason"] == "max_rounds" else "time budget (--time-budget)"
     return (f"search stopped by its {what} {stop['rounds_since_last_pv']} rounds after its last new PV, before "
-            f"the stopping rule (patience {stop['patience']}) said none is left: --resume with a larger budget")
+            f"the stopping rule (patience {stop['patience']}) said none is left: --resume with a larger budget"
+            f"{probes}")
 
 
 def add_mine(sub) -> None:
@@ -109,6 +112,8 @@ def add_mine(sub) -> None:
     p.add_argument("--patience", type=int, default=24,
                    help="search mode: stop once this many rounds in a row found no new PV (default 24: a PV "
                    "that 12%% of rounds reach is missed with probability under 5%%)")
+    p.add_argument("--no-probes", dest="probe_opposites", action="store_false",
+                   help="search mode: skip the rounds aimed at each kept PV's sign opposite after the search")
     p.add_argument("--sign-key", metavar="KEY.pem", help="sign the signature file with this Ed25519 private key")
     p.set_defaults(func=cmd_mine)
 

@@ -64,6 +64,9 @@ class MiningConfig(BaseModel):
         "search mode: stop once this many rounds in a row (in seed order) kept no new PV. A PV that a "
         "round lands on with probability p goes unfound that long with probability (1 - p) ** patience: "
         "0.047 for p = 0.12 at the default (docs/mining.md, Stopping rule)"))
+    probe_opposites: bool = Field(default=True, description=(
+        "search mode: after the search, one round per kept PV aimed at its sign opposite, judged by the "
+        "same filters (mining.probe)"))
     wave: int = Field(default=1, ge=1, le=256, description=(
         "search mode: rounds that start from the same set of found PVs; fixed so that the result does "
         "not depend on how many workers run a wave"))

@@ -22,7 +22,8 @@ from ..monitor import PV_CAP, sign_agreement
 from ..signatures import DEFAULT_THRESHOLD, PVRecord, SignatureSet
 from ..storage import output_file
 from .config import MiningConfig
-from .model import Candidate, Prepared, duplicate, prepare, resolved_distance, resolved_lr
+from .model import Candidate, Prepared, prepare, resolved_distance, resolved_lr
+from .modes import SearchOutcome, detect, search
 from .runners import Placement, SerialRunner
 
 if TYPE_CHECKING:
@@ -64,8 +65,6 @@ class RoundRecord(TypedDict):
     device: str  # the device the round ran on; absent in older checkpoints
 
 
-# Runs rounds for `_detect` and `_search`: (seeds to run, PVs found so far, stop early when true).
-RunRounds = Callable[[list[int], torch.Tensor | None, Callable[[], bool]], None]
 
 
 @dataclass
@@ -132,11 +131,12 @@ def stale_checkpoint(out: str | Path, backbone: Backbone, config: MiningConfig) 
     return None
 
 
-def _candidate_record(c: Candidate, where: Placement) -> RoundRecord:
-    """A finished round as the checkpoint keeps it. `filters` are the round's own verdicts; `kept`
-    and `reasons` are set when the job merges rounds (uniqueness across a wave, detect's stop)."""
+def _candidate_record(c: Candidate, where: Placement, key: int) -> RoundRecord:
+    """A finished round as the checkpoint keeps it, under its key (its seed; for an aimed round the
+    negative `probe.probe_key`). `filters` are the round's own verdicts; `kept` and `reasons` are
+    set when the job merges rounds (uniqueness across a wave, detect's stop)."""
     return {
-        "seed": c.seed,
+        "seed": key,
         "kept": False,
         "distance": round(c.distance, 6),
         "entropy_ratio": round(c.entropy_ratio, 6),
@@ -153,79 +153,6 @@ def _candidate_record(c: Candidate, where: Placement) -> RoundRecord:
         "node": where.node,
         "device": where.device,
     }
-
-
-def _detect(seeds: list[int], records: dict[int, RoundRecord], run: RunRounds) -> list[int]:
-    """The lowest seed whose round passed the filters, as a serial run would stop at it."""
-
-    def first_kept() -> int | None:
-        for s in seeds:
-            if s not in records:
-                return None
-            if not records[s]["filters"]:
-                return s
-        return None
-
-    if first_kept() is None:
-        run([s for s in seeds if s not in records], None, lambda: first_kept() is not None)
-    winner = first_kept()
-    if winner is None:
-        return []
-    records[winner]["kept"] = True
-    for s in seeds:
-        if s > winner and s in records and not records[s]["filters"]:
-            records[s]["reasons"] = ["not needed: detect mode stops at the first PV"]
-    return [winner]
-
-
-@dataclass
-class SearchOutcome:
-    """The seeds whose PVs search kept, in seed order, and why it stopped (`SearchStop`)."""
-
-    kept: list[int]
-    stop: SearchStop
-    since_last_pv: int  # rounds merged after the last kept PV (all of them when none was kept)
-
-
-def _search(seeds: list[int], records: dict[int, RoundRecord], run: RunRounds, config: MiningConfig,
-            unique_th: float, bar: tqdm) -> SearchOutcome:
-    """Waves of `config.wave` rounds, each started from the PVs kept before it, merged in seed order,
-    until `config.patience` rounds in a row kept no new PV (checked after each whole wave, so the
-    stop does not depend on how many workers ran it) or a budget runs out."""
-    kept: list[int] = []
-    since = 0
-    for w in range(0, len(seeds), config.wave):
-        members = seeds[w : w + config.wave]
-        todo = [s for s in members if s not in records]
-        if todo:
-            found = torch.stack([torch.tensor(records[s]["pv"]) for s in kept]) if kept else None
-            run(todo, found, lambda: False)
-            if any(s not in records for s in members):
-                return SearchOutcome(kept, SearchStop.TIME_BUDGET, since)  # the rest stays for --resume
-        for s in members:
-            since = 0 if _merge(records[s], records, kept, unique_th, config.same_pv_agreement) else since + 1
-        bar.set_postfix(pvs=len(kept), dry=since)
-        if since >= config.patience:
-            return SearchOutcome(kept, SearchStop.EXHAUSTED, since)
-    return SearchOutcome(kept, SearchStop.MAX_ROUNDS, since)
-
-
-def _merge(rec: RoundRecord, records: dict[int, RoundRecord], kept: list[int], unique_th: float,
-           same_agreement: float) -> bool:
-    """Judge one finished round against the PVs kept before it in seed order; True when it adds one
-    (its seed is appended to `kept`)."""
-    rec["reasons"] = list(rec["filters"])
-    rec["kept"] = False
-    if rec["filters"]:
-        return False
-    why = duplicate(torch.tensor(rec["pv"]), torch.tensor([records[k]["pv"] for k in kept]) if kept else None,
-                    unique_th, same_agreement)
-    if why:
-        rec["reasons"].append(why)
-        return False
-    rec["kept"] = True
-    kept.append(rec["seed"])
-    return True
 
 
 def calibrate(
@@ -370,7 +297,8 @@ class _Rounds:
             return None
         stop = self.search.stop
         return {"reason": stop.value, "patience": self.config.patience,
-                "rounds_since_last_pv": self.search.since_last_pv, "exhausted": stop == SearchStop.EXHAUSTED}
+                "rounds_since_last_pv": self.search.since_last_pv, "exhausted": stop == SearchStop.EXHAUSTED,
+                "probes": self.search.probes, "probe_pvs": self.search.probe_pvs}
 
     def in_budget(self) -> bool:
         return self.config.time_budget is None or time.time() - self.started <= self.config.time_budget
@@ -385,18 +313,19 @@ class _Rounds:
         """Run the rounds the mode needs with `runner`; the seeds whose PVs are kept, in seed order."""
         config, records, seeds = self.config, self.records, self.seeds
 
-        def run(todo: list[int], found: torch.Tensor | None, done: Callable[[], bool]) -> None:
+        def run(todo: list[int], found: torch.Tensor | None, done: Callable[[], bool],
+                aims: dict[int, torch.Tensor] | None = None) -> None:
             """Run `todo` (stopping once `done()`), checkpointing every finished round."""
-            for seed, cand, where in runner.run(todo, found, self.in_budget):
-                records[seed] = _candidate_record(cand, where)
+            for key, cand, where in runner.run(todo, found, self.in_budget, aims):
+                records[key] = _candidate_record(cand, where, key)
                 self._save()
                 bar.update(1)
                 if done():
                     break
 
         if config.mode == "detect":
-            return _detect(seeds, records, run)
-        self.search = _search(seeds, records, run, config, unique_th, bar)
+            return detect(seeds, records, run)
+        self.search = search(seeds, records, run, config, unique_th, bar)
         return self.search.kept
 
     def _save(self) -> None:

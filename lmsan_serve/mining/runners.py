@@ -1,7 +1,8 @@
 """Where fuzz rounds run: in this process, or as Ray tasks on a local or remote cluster.
 
-A runner takes seeds and the PVs found so far and yields `(seed, Candidate, Placement)` as rounds
+A runner takes round keys and the PVs found so far and yields `(key, Candidate, Placement)` as rounds
 finish; the job decides what the results mean, so the result is the same whichever runner ran them.
+A key is a fuzz round's seed, or a negative `probe.probe_key` whose aim is in `aims`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 from ..backbone import Backbone, load_backbone
 from ..errors import LmsanError
 from .config import MiningConfig
-from .model import Candidate, Prepared, fuzz_round
+from .model import Candidate, Prepared
+from .probe import probed_seed, run_round
 
 
 class Placement(NamedTuple):
@@ -58,15 +60,27 @@ class SerialRunner:
         self.backbone, self.prepared, self.config, self.held = backbone, prepared, config, held
 
     def run(self, seeds: list[int], found: torch.Tensor | None,
-            may_start: Callable[[], bool] = lambda: True) -> Iterator[Finished]:
+            may_start: Callable[[], bool] = lambda: True, aims: dict[int, torch.Tensor] | None = None
+            ) -> Iterator[Finished]:
         where = Placement("local", str(self.backbone.device))
-        for seed in seeds:
+        for key in seeds:
             if not may_start():
                 return
-            yield seed, fuzz_round(self.backbone, self.prepared, self.config, seed, found, self.held), where
+            seed, aim = _round_of(key, aims)
+            yield key, run_round(self.backbone, self.prepared, self.config, seed, found, self.held, aim), where
 
     def close(self) -> None:
         pass
+
+
+def _round_of(key: int, aims: dict[int, torch.Tensor] | None) -> tuple[int, torch.Tensor | None]:
+    """The seed a round starts from and its aim (None for a fuzz round)."""
+    probed = probed_seed(key)
+    if probed is None:
+        return key, None
+    if not aims or key not in aims:
+        raise LmsanError(f"internal: aimed round {key} has no aim")
+    return probed, aims[key]
 
 
 # Each Ray worker process loads a backbone once and keeps it for the rounds it runs.
@@ -97,7 +111,8 @@ def _task_device(requested: str) -> str:
 
 
 def _round_task(model: str, device: str, fingerprint: str, prepared: Prepared, held: Prepared | None,
-                config: MiningConfig, seed: int, found: torch.Tensor | None) -> tuple[Candidate, Placement]:
+                config: MiningConfig, seed: int, found: torch.Tensor | None,
+                aim: torch.Tensor | None = None) -> tuple[Candidate, Placement]:
     import ray
 
     key = (model, _task_device(device))
@@ -108,8 +123,8 @@ def _round_task(model: str, device: str, fingerprint: str, prepared: Prepared, h
     if backbone.fingerprint != fingerprint:
         raise LmsanError(f"worker loaded other weights for {model} (fingerprint {backbone.fingerprint[:12]})")
     on = backbone.device
-    cand = fuzz_round(backbone, _to(prepared, on), config, seed, found.to(on) if found is not None else None,
-                      _to(held, on) if held is not None else None)
+    cand = run_round(backbone, _to(prepared, on), config, seed, found.to(on) if found is not None else None,
+                     _to(held, on) if held is not None else None, aim.to(on) if aim is not None else None)
     cand.pv = cand.pv.cpu() if cand.pv is not None else None
     cand.trigger = cand.trigger.cpu() if cand.trigger is not None else None
     return cand, Placement(ray.get_runtime_context().get_node_id(), str(on))
@@ -162,7 +177,8 @@ class RayRunner:
         return 0.0
 
     def run(self, seeds: list[int], found: torch.Tensor | None,
-            may_start: Callable[[], bool] = lambda: True) -> Iterator[Finished]:
+            may_start: Callable[[], bool] = lambda: True, aims: dict[int, torch.Tensor] | None = None
+            ) -> Iterator[Finished]:
         ray = self._ray
         found_cpu = found.cpu() if found is not None else None
         queue = list(seeds)
@@ -170,9 +186,11 @@ class RayRunner:
         try:
             while queue or pending:
                 while queue and len(pending) < self.workers and may_start():
-                    seed = queue.pop(0)
+                    key = queue.pop(0)
+                    seed, aim = _round_of(key, aims)
                     task = self._task.options(num_gpus=self._round_gpus())
-                    pending[task.remote(*self._args, self._prepared, self._held, self._config, seed, found_cpu)] = seed
+                    pending[task.remote(*self._args, self._prepared, self._held, self._config, seed, found_cpu,
+                                        aim.cpu() if aim is not None else None)] = key
                 if not pending:
                     return
                 ready, _ = ray.wait(list(pending), num_returns=1)
