@@ -1,0 +1,110 @@
+"""Tables in the docs generated from the committed result JSON, so that a table cannot say what its
+data does not.
+
+A generated table sits in a Markdown file between
+
+    <!-- generated: NAME -->
+    ...
+    <!-- end generated -->
+
+and NAME is one of TABLES: a function from the JSON file it names to the table's lines.
+
+    .venv/bin/python bench/results_tables.py           # rewrite every generated table
+    .venv/bin/python bench/results_tables.py --check   # exit 1, naming each table that differs
+
+`tests/test_results_tables.py` runs the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+DOCS = [ROOT / "docs" / "results.md"]
+REGION = re.compile(r"(<!-- generated: (?P<name>[a-z-]+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
+
+
+def demo_table(d: dict) -> list[str]:
+    """`lmsan demo --json`: clean accuracy, ASR, false flags and detections, guard off and on."""
+    flagged = f"{d['detections_client']:,} / {d['purged_client']:,} / {d['blocked']:,}"
+    return [
+        f"| | guard off (`sst2-off`) | guard on (`sst2`, {d['guard_with']} set) | target (design.md) |",
+        "|---|---:|---:|---|",
+        f"| clean accuracy, SST-2 dev (first 400) | {d['cacc_off']:.3f} | {d['cacc_on']:.3f} | <= 0.1 pt lost |",
+        f"| attack success rate (any of 6 triggers flips a correct input) | **{d['asr_off']:.3f}** | "
+        f"**{d['asr_on']:.3f}** | <= 1% |",
+        f"| false flags on clean inputs | - | {d['false_flag_rate']:.3f} | <= 0.5% |",
+        f"| triggered inputs flagged / purged / blocked | - | {flagged} | |",
+        f"| detections in the Prometheus export (`ray_lmsan_detections_total`) | | {d['detections']:,} | |",
+        f"| PVs the guard used (found by mining) | | {d['pvs_found']} | |",
+    ]
+
+
+def endpoint_table(d: dict) -> list[str]:
+    """`bench/bench_endpoint.py --replica-cpus 1,2`: guarded inputs/s per point, per replica setting."""
+    runs = {r["replica_cpus"]: r for r in d["runs"]}
+    cpus = sorted(runs)
+    head = " | ".join(f"inputs/s (x forward), replica {c} CPU{'s' if c > 1 else ''}" for c in cpus)
+    lines = [f"| sentences per request | clients | {head} | p50 ms, {cpus[-1]} CPUs |",
+             "|---:|---:|" + "---:|" * len(cpus) + "---:|"]
+    points = [p for p in runs[cpus[-1]]["curve"] if p["task"] == "sst2"]
+    for p in points:
+        same = [next(q for q in runs[c]["curve"] if (q["task"], q["size"], q["clients"]) ==
+                     ("sst2", p["size"], p["clients"])) for c in cpus]
+        cells = " | ".join(f"{q['inputs_per_s']:.1f} ({q['vs_forward']:.2f})" for q in same)
+        lines.append(f"| {p['size']} | {p['clients']} | {cells} | {p['p50_ms']:.0f} |")
+    return lines
+
+
+# table name -> (its JSON file under docs/results, the function that renders it)
+TABLES: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
+    "demo": ("demo.json", demo_table),
+    "endpoint": ("endpoint-minilm.json", endpoint_table),
+}
+
+
+def render(name: str) -> str:
+    if name not in TABLES:
+        raise SystemExit(f"unknown generated table {name!r} (known: {', '.join(TABLES)})")
+    file, fn = TABLES[name]
+    return "\n".join(fn(json.loads((RESULTS / file).read_text(encoding="utf-8")))) + "\n"
+
+
+def regenerate(text: str) -> tuple[str, list[str]]:
+    """`text` with every generated table rendered again, and the names of those that changed."""
+    changed: list[str] = []
+
+    def sub(m: re.Match) -> str:
+        body = render(m["name"])
+        if body != m["body"]:
+            changed.append(m["name"])
+        return m.group(1) + body + m.group(4)
+
+    return REGION.sub(sub, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from its JSON")
+    args = ap.parse_args(argv)
+    stale = []
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        new, changed = regenerate(text)
+        stale += [f"{doc.relative_to(ROOT)}: {name}" for name in changed]
+        if changed and not args.check:
+            doc.write_text(new, encoding="utf-8")
+    if args.check and stale:
+        print("tables differ from their JSON (run bench/results_tables.py): " + "; ".join(stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
