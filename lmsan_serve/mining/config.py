@@ -67,6 +67,8 @@ class MiningConfig(BaseModel):
     probe_opposites: bool = Field(default=True, description=(
         "search mode: after the search, one round per kept PV aimed at its sign opposite, judged by the "
         "same filters (mining.probe)"))
+    aim_agreement: float = Field(default=0.92, gt=0.5, le=1, description=(
+        "an aimed round keeps a PV only when it agrees at least this much in sign with the PV it was aimed at"))
     wave: int = Field(default=1, ge=1, le=256, description=(
         "search mode: rounds that start from the same set of found PVs; fixed so that the result does "
         "not depend on how many workers run a wave"))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone
+from ..monitor import sign_agreement
 from .config import MiningConfig
 from .model import Candidate, Prepared, _FuzzRound, fuzz_round
 
@@ -49,6 +50,20 @@ class _AimedRound(_FuzzRound):
         p = torch.softmax(feats, dim=0)
         entropy = -(p * torch.log(p + 1e-12)).sum(dim=0).mean()
         return nn.functional.mse_loss(feats, self.target.expand_as(feats)), dist, entropy
+
+    def judge(self) -> Candidate:
+        """The fuzz round's filters, and one of the guess's own: the round tests whether a PV sits
+        where it was aimed, so a PV it keeps must agree with the aim in sign at least
+        `config.aim_agreement`. A soft trigger trained onto a target can drag outputs part of the
+        way and still collapse them: that is a forged point, not the guessed PV confirmed
+        (docs/mining.md, Why the thresholds)."""
+        cand = super().judge()
+        if not cand.reasons and cand.pv is not None:
+            agree = float(sign_agreement(cand.pv[None], self.target[None].to(cand.pv.device))[0, 0])
+            if agree < self.config.aim_agreement:
+                cand.reasons.append(f"landed off its aim (sign agreement {agree:.3f} with the guessed PV < "
+                                    f"{self.config.aim_agreement})")
+        return cand
 
 
 def run_round(backbone: Backbone, prepared: Prepared, config: MiningConfig, seed: int,
