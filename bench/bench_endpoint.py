@@ -152,14 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         with quick_artifacts(args.cache) as art:
             return measure(args, Path(art.model), Path(art.prompt), Path(art.mined))
     model = resolve_model(args.model)
-    prompt = resolve_prompt_dir(args.prompt, load_backbone(str(model), "cpu"))
-    return measure(args, model, prompt, Path(args.signatures or "lmsan-out/demo/mined/search.safetensors"))
-
-
-def measure(args: argparse.Namespace, model: Path, prompt: Path, signatures: Path) -> int:
-    """The three measurements of the module docstring, the endpoint part once per --replica-cpus
-    value; prints (and with --json writes) the result."""
     backbone = load_backbone(str(model), "cpu")
+    prompt = resolve_prompt_dir(args.prompt, backbone)
+    return measure(args, model, prompt, Path(args.signatures or "lmsan-out/demo/mined/search.safetensors"), backbone)
+
+
+def measure(args: argparse.Namespace, model: Path, prompt: Path, signatures: Path, backbone=None) -> int:
+    """The three measurements of the module docstring, the endpoint part once per --replica-cpus
+    value; prints (and with --json writes) the result. `backbone`: `model` loaded, when it already is."""
+    backbone = backbone or load_backbone(str(model), "cpu")
     texts = sentences(args.words)
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)

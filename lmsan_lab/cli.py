@@ -341,7 +341,7 @@ def add_demo(sub) -> None:
     p.add_argument("--out", default="lmsan-out/demo", help="output folder (default lmsan-out/demo)")
     p.add_argument("--device", default="auto")
     p.add_argument("--eval-size", type=int, default=400, help="SST-2 dev sentences to evaluate (default 400 of 872)")
-    p.add_argument("--guard-with", choices=[g.value for g in GuardWith], default=GuardWith.MINED.value,
+    p.add_argument("--guard-with", choices=GuardWith.values(), default=GuardWith.MINED.value,
                    help="signature set to serve: what mining found (default), or the attack's planted PVs as a "
                    "comparison")
     p.add_argument("--patience", type=int, default=DEMO_PATIENCE,

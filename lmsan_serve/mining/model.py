@@ -66,8 +66,7 @@ class Prepared:
 
 
 def word_starts(units: Sequence[int | None]) -> list[int]:
-    """Token index where each word starts, plus the end of the text, from per-token word ids
-    (None or negative: not part of a word)."""
+    """Token index where each word starts, plus the end of the text, from per-token word ids (None, <0: none)."""
     def word(i: int) -> bool:
         return units[i] is not None and units[i] >= 0
 
@@ -275,26 +274,27 @@ class _FuzzRound:
         return dist_sum / max(1, steps), ent_sum / max(1, steps), spread_sum / max(1, steps)
 
     def _loss(self, feats: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One batch's loss (away from clean, input-invariant, away from found PVs), distance, entropy."""
+        """One batch's loss (`_objective`), with the distance and entropy terms the gates read."""
         dist = nn.functional.mse_loss(feats, clean)
         p = torch.softmax(feats, dim=0)
         entropy = -(p * torch.log(p + 1e-12)).sum(dim=0).mean()
-        loss = -dist - entropy
-        found = self.found
+        return self._objective(feats, dist, entropy), dist, entropy
+
+    def _objective(self, feats: torch.Tensor, dist: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        """Away from clean, input-invariant, away from the found PVs."""
+        loss, found = -dist - entropy, self.found
         if found is not None and len(found):
-            # The reference's term, MSE(each output, nearest found PV): pays for moving far from a
-            # found PV (to its far side too) and for scattering outputs (docs/mining.md).
+            # The reference's MSE to the nearest found PV: pays for moving far from it (to its far side too)
+            # and for scattering outputs (docs/mining.md).
             near = ((feats.mean(0, keepdim=True) - found) ** 2).mean(dim=1).argmin()
             loss = loss - self.config.pv_weight * nn.functional.mse_loss(feats, found[near].expand_as(feats))
             if self.config.cone_weight:  # a squared hinge on cosines: steers by direction alone
                 cos = nn.functional.cosine_similarity(feats[:, None, :], found[None], dim=-1)  # [B, K]
-                hinge = torch.relu(cos - self.config.repel_cosine).pow(2).mean(dim=0).sum()
-                loss = loss + self.config.cone_weight * hinge
-        return loss, dist, entropy
+                loss = loss + self.config.cone_weight * torch.relu(cos - self.config.repel_cosine).pow(2).mean(0).sum()
+        return loss
 
     def _step(self, loss: torch.Tensor) -> None:
-        """One Adam step; the boosted learning rate drops to the base one for good once a gradient
-        entry passes `boost_until_grad`."""
+        """One Adam step; the boosted rate drops to the base for good once a gradient passes `boost_until_grad`."""
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
         if self.boosted and float(self.trigger.grad.abs().max()) > self.config.boost_until_grad:

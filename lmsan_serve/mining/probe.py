@@ -45,11 +45,8 @@ class _AimedRound(_FuzzRound):
         self.boosted = False
         self.optim = torch.optim.Adam([self.trigger], lr=self.lr)
 
-    def _loss(self, feats: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dist = nn.functional.mse_loss(feats, clean)
-        p = torch.softmax(feats, dim=0)
-        entropy = -(p * torch.log(p + 1e-12)).sum(dim=0).mean()
-        return nn.functional.mse_loss(feats, self.target.expand_as(feats)), dist, entropy
+    def _objective(self, feats: torch.Tensor, dist: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(feats, self.target.expand_as(feats))
 
     def judge(self) -> Candidate:
         """The fuzz round's filters, and one of the guess's own: the round tests whether a PV sits
