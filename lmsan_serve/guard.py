@@ -81,23 +81,14 @@ class Guard:
             raise LmsanError(f"guard mode {mode!r} needs a signature file (or use mode 'off')")
         if threshold is not None and not 0.0 < threshold <= 1.0:
             raise LmsanError("threshold must be in (0, 1]")
-        if signatures is not None:
-            if signatures.hidden_size != backbone.hidden_size:
-                raise LmsanError(
-                    f"signature file is for a {signatures.hidden_size}-wide encoder, backbone is {backbone.hidden_size}"
-                )
-            why = backbone.supports_position(signatures.position)
-            if why:
-                raise LmsanError(why)
-            if signatures.position == Position.MASK and classifier.config.position != Position.MASK:
-                raise LmsanError(
-                    "the signatures watch the [MASK] output, but this prompt has no cloze template to hold one"
-                )
+        # The outputs the guard reads for its signatures, in the order `_monitored` stacks them.
+        self.watched: list[Position] = watched_positions(backbone, classifier, signatures) if signatures else []
         self.backbone = backbone
         self.classifier = classifier.eval()
         self.signatures = signatures
         self.mode = mode
-        self.monitor = Monitor(signatures, threshold, backbone.device) if signatures is not None else None
+        self.monitor = (Monitor(signatures, threshold, backbone.device, watched=self.watched)
+                        if signatures is not None else None)
         self.purifier = purifier or Purifier()
         # Two different triggers whose PVs point opposite ways cancel in the output, which then
         # matches no PV; three triggers can blend below every threshold (docs/reliability.md has
@@ -138,14 +129,19 @@ class Guard:
             batch = self.classifier.encode(self.backbone, texts[s : s + batch_size], pairs)
             out = self.classifier.forward_batch(self.backbone, batch)
             feats.append(self._monitored(out.hidden, batch.monitor_index, self.classifier.cls_index))
-        return torch.cat(feats) if feats else torch.zeros(0, self.backbone.hidden_size, device=self.backbone.device)
+        if feats:
+            return torch.cat(feats)
+        shape = (0, self.backbone.hidden_size) if len(self.watched) == 1 else (0, len(self.watched),
+                                                                                self.backbone.hidden_size)
+        return torch.zeros(shape, device=self.backbone.device)
 
     def _monitored(self, hidden: torch.Tensor, monitor_index: torch.Tensor, cls_index: int) -> torch.Tensor:
-        """The output the signatures describe: [CLS] (or the pooler over it) wherever the pass put
+        """The outputs the signatures describe: [CLS] (or the pooler over it) wherever the pass put
         it (`cls_index`: 0 on the bare encoder, after the slots of an `over_cls` prompt, whose
-        first token is a slot), or the [MASK] at `monitor_index`."""
-        assert self.signatures is not None
-        return self.backbone.select(hidden, self.signatures.position, monitor_index, first=cls_index)
+        first token is a slot), and/or the [MASK] at `monitor_index`: [N, H] for one watched
+        output, else [N, P, H] in `watched` order."""
+        outputs = [self.backbone.select(hidden, p, monitor_index, first=cls_index) for p in self.watched]
+        return outputs[0] if len(outputs) == 1 else torch.stack(outputs, dim=1)
 
     @property
     def mode(self) -> Mode:
@@ -206,7 +202,7 @@ class Guard:
         # (flagged rows; a probed row that fires is purged with the attention it was probed with).
         near = self._near_threshold(mon)
         rows = near + (flagged_rows if self.mode == Mode.ENFORCE else [])
-        saliency = self._saliency(batch, rows, captured.hidden) if rows else None
+        saliency = self._saliency(batch, rows, captured.hidden, mon.best) if rows else None
         fired = self._probe_suspects(batch, near, saliency, stats)
         for i in fired:
             results[i] = self._flagged(results[i].label, results[i].scores, results[i].guard, int(mon.best[i]))
@@ -240,15 +236,18 @@ class Guard:
         stats.purge_variants += pstats.variants
         return fired
 
-    def _saliency(self, batch, rows: list[int], layer_input: torch.Tensor | None) -> torch.Tensor | None:
+    def _saliency(self, batch, rows: list[int], layer_input: torch.Tensor | None,
+                  best: torch.Tensor) -> torch.Tensor | None:
         """How much the monitored token attends to each token in the last layer, for flagged rows:
-        a trigger that drives that output draws its attention, so the purge tests those words first."""
+        a trigger that drives that output draws its attention, so the purge tests those words first.
+        The token is the one of the signature each row matched best (`best`, the monitor's)."""
         if layer_input is None:
             return None
-        assert self.signatures is not None
+        assert self.monitor is not None
         idx = torch.tensor(rows, device=layer_input.device)
-        index = batch.monitor_index[idx] if self.signatures.position == Position.MASK else \
-            torch.full_like(idx, self.classifier.cls_index)
+        on_mask = torch.tensor([self.monitor.position_of(int(best[r])) == Position.MASK for r in rows],
+                               device=layer_input.device)
+        index = torch.where(on_mask, batch.monitor_index[idx], torch.full_like(idx, self.classifier.cls_index))
         row_att = self.backbone.attention_row(layer_input[idx], batch.attention_mask[idx], index)
         if row_att is None:
             return None
@@ -318,3 +317,23 @@ class Guard:
             verdict.action = Action.PURGED
             results[r] = GuardResult(lab, sc, verdict)
         return retry
+
+
+def watched_positions(backbone: Backbone, classifier: PromptClassifier, signatures: SignatureSet) -> list[Position]:
+    """The outputs a guard reads for `signatures`: each position the file names that this prompt's
+    inputs hold ([MASK] only with a cloze template). A file mined at every position may carry PVs
+    of a [MASK] backdoor that a prompt without one never reads; those are left unwatched. Refuses a
+    file made for another width, a position the encoder lacks, or one with nothing to watch."""
+    if signatures.hidden_size != backbone.hidden_size:
+        raise LmsanError(
+            f"signature file is for a {signatures.hidden_size}-wide encoder, backbone is {backbone.hidden_size}"
+        )
+    for position in signatures.positions:
+        why = backbone.supports_position(position)
+        if why:
+            raise LmsanError(why)
+    has_mask = classifier.config.position == Position.MASK
+    watched = [p for p in signatures.positions if p != Position.MASK or has_mask]
+    if not watched:
+        raise LmsanError("the signatures watch the [MASK] output, but this prompt has no cloze template to hold one")
+    return watched

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import LmsanError
+from .kinds import Position
 from .signatures import SignatureSet
 
 
@@ -49,8 +51,11 @@ MIN_COMMON_FRACTION = 1 / 16  # combinations agreeing on fewer dimensions are to
 PV_CAP = 0.97
 
 
-def pv_combinations(pvs: torch.Tensor, max_size: int = 3, limit: int = MAX_COMBOS) -> list[tuple[int, ...]]:
-    """Pairs, then triples, of PVs whose signs agree on enough dimensions, at most `limit` of them."""
+def pv_combinations(pvs: torch.Tensor, max_size: int = 3, limit: int = MAX_COMBOS,
+                    groups: list[int] | None = None) -> list[tuple[int, ...]]:
+    """Pairs, then triples, of PVs whose signs agree on enough dimensions, at most `limit` of them;
+    with `groups` (one id per PV: the output position it describes), only PVs of one group, since
+    PVs at different outputs never blend in one vector."""
     signs = _signs(pvs)
     need = max(8, int(pvs.shape[1] * MIN_COMMON_FRACTION))
     out: list[tuple[int, ...]] = []
@@ -58,6 +63,8 @@ def pv_combinations(pvs: torch.Tensor, max_size: int = 3, limit: int = MAX_COMBO
         for combo in itertools.combinations(range(pvs.shape[0]), size):
             if len(out) >= limit:
                 return out
+            if groups is not None and len({groups[i] for i in combo}) > 1:
+                continue
             if int((signs[list(combo)] == signs[combo[0]]).all(dim=0).sum()) >= need:
                 out.append(combo)
     return out
@@ -95,18 +102,37 @@ class Monitor:
     Indexes past the PVs name combinations: `label(index)` reads them."""
 
     def __init__(self, signatures: SignatureSet, threshold: float | None = None, device: torch.device | None = None,
-                 combinations: bool = True):
+                 combinations: bool = True, watched: list[Position] | None = None):
         self.signatures = signatures
         self.metric = METRICS[signatures.metric]
         dev = device or torch.device("cpu")
         self.pvs = signatures.pvs.to(dev)
+        # The outputs the caller reads, in the order of the middle axis of [N, P, H] features (a
+        # [N, H] tensor is the one output when there is one). A PV at an output not watched (a
+        # [MASK] PV when the prompt has no [MASK]) cannot be scored: it never flags.
+        self.watched = list(watched) if watched is not None else signatures.positions
+        pv_positions = signatures.pv_positions
+        self._column = torch.tensor([self.watched.index(p) if p in self.watched else 0 for p in pv_positions],
+                                    dtype=torch.long, device=dev)
+        self._unwatched = torch.tensor([p not in self.watched for p in pv_positions], dtype=torch.bool, device=dev)
         self.thresholds = signatures.thresholds(threshold).to(dev)
-        self.combos = pv_combinations(signatures.pvs) if combinations and signatures.metric == "sign" else []
+        groups = [self.watched.index(p) if p in self.watched else -1 - i for i, p in enumerate(pv_positions)]
+        self.combos = (pv_combinations(signatures.pvs, groups=groups)
+                       if combinations and signatures.metric == "sign" else [])
         masked, counts = combination_signs(signatures.pvs, self.combos)
         limits = [min(1.0, float(self.thresholds[list(combo)].max()) + COMBO_MARGIN) for combo in self.combos]
         self._combo_signs = masked.to(dev) if masked is not None else None
         self._combo_counts = counts.to(dev)
         self._combo_thresholds = torch.tensor(limits, dtype=torch.float32, device=dev)
+        self._combo_column = self._column[[c[0] for c in self.combos]] if self.combos else self._column[:0]
+        # an unwatched PV never flags: its threshold is out of reach
+        self.thresholds = self.thresholds.masked_fill(self._unwatched, torch.inf)
+
+    def position_of(self, index: int) -> Position:
+        """The output signature `index` (a PV, or past them a combination) is read at."""
+        k = len(self.signatures)
+        pv = index if index < k else self.combos[index - k][0]
+        return self.signatures.pv_positions[pv] if pv >= 0 else self.watched[0]
 
     def label(self, index: int) -> str:
         k = len(self.signatures)
@@ -114,13 +140,36 @@ class Monitor:
             return self.signatures.label(index)
         return "+".join(self.signatures.label(i) for i in self.combos[index - k])
 
+    def _outputs(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, P, H] float features, one slice per watched output."""
+        feats = features.detach().float()
+        if feats.ndim == 2:
+            feats = feats[:, None, :]
+        if feats.ndim != 3 or feats.shape[1] != len(self.watched):
+            raise LmsanError(f"features of shape {tuple(features.shape)} do not hold the {len(self.watched)} "
+                             f"outputs this monitor watches ({', '.join(self.watched)})")
+        return feats
+
     def _scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """[N, K + C]: each output's score against every PV, then against every combination."""
-        scores = self.metric(feats, self.pvs.to(feats.device))
+        """[N, K + C]: each output's score against every PV, then against every combination, each
+        read at the output it describes (0 for a PV at an output not watched)."""
+        n, p, h = feats.shape
+        flat = feats.reshape(n * p, h)
+        scores = self._at(self.metric(flat, self.pvs.to(feats.device)).reshape(n, p, -1), self._column)
+        scores = scores.masked_fill(self._unwatched.to(feats.device), 0.0)
         if self._combo_signs is None:
             return scores
-        combo = combination_agreement(feats, self._combo_signs.to(feats.device), self._combo_counts.to(feats.device))
-        return torch.cat([scores, combo], dim=1)
+        combo = combination_agreement(flat, self._combo_signs.to(feats.device), self._combo_counts.to(feats.device))
+        return torch.cat([scores, self._at(combo.reshape(n, p, -1), self._combo_column)], dim=1)
+
+    @staticmethod
+    def _at(scores: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+        """[N, P, S] scores of every output against every signature -> [N, S], each signature's
+        score at its own output `column[s]`."""
+        if scores.shape[1] == 1:
+            return scores[:, 0]
+        index = column.to(scores.device)[None, None, :].expand(scores.shape[0], 1, -1)
+        return scores.gather(1, index).squeeze(1)
 
     @property
     def limits(self) -> torch.Tensor:
@@ -140,7 +189,7 @@ class Monitor:
         if self.pvs.shape[0] == 0:
             zeros = torch.zeros(n, device=features.device)
             return MonitorResult(zeros.bool(), torch.full((n,), -1, device=features.device), zeros, zeros - 1)
-        feats = features.detach().float()
+        feats = self._outputs(features)
         scores = self._scores(feats)
         margins = scores - self._limits(feats.device)
         k = self.pvs.shape[0]
@@ -185,7 +234,7 @@ class Monitor:
         at 500 inputs the margin is the largest excess of the held-out half, one outlier sets it,
         and in units of 1/sqrt(dims) it switches off combinations that alone catch some trigger
         (docs/serving.md, Per-task calibration, has both fits measured on four tasks)."""
-        feats = features.detach().float()
+        feats = self._outputs(features)
         old = self.thresholds.clone()
         k = self.pvs.shape[0]
         if not k or not len(feats):
@@ -296,8 +345,13 @@ class Calibration:
     fpr_bound: float | None = None  # at most this share of unseen clean inputs flags (None: no inputs)
 
     def to_dict(self) -> dict:
-        return {"lines": self.lines, "thresholds_before": [round(t, 6) for t in self.before],
-                "thresholds_after": [round(t, 6) for t in self.after],
+        return {"lines": self.lines, "thresholds_before": _rounded(self.before),
+                "thresholds_after": _rounded(self.after),
                 "flag_rate_before": round(self.flag_rate_before, 6), "flag_rate_after": round(self.flag_rate_after, 6),
                 "combinations_off": self.combinations_off, "held_out": self.held_out,
                 "margin": round(self.margin, 6), "fpr_bound": self.fpr_bound}
+
+
+def _rounded(thresholds: list[float]) -> list[float | None]:
+    """Thresholds for JSON: None for a PV that cannot flag (at an output not watched)."""
+    return [round(t, 6) if math.isfinite(t) else None for t in thresholds]

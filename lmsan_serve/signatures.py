@@ -44,6 +44,9 @@ class BackboneRef(BaseModel):
 class PVRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     origin: Literal["mined", "planted"]
+    # The output this PV describes; None: the file's `position`. A mined file covers several
+    # positions (a backdoor may sit at any of them), so each PV says where it was found.
+    position: Position | None = None
     trigger: str | None = None
     seed: int | None = None
     threshold: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -139,7 +142,19 @@ class SignatureSet:
 
     @property
     def position(self) -> str:
+        """The file's position: that of every PV whose record names none."""
         return self.meta.position
+
+    @property
+    def pv_positions(self) -> list[Position]:
+        """The output each PV describes, in PV order."""
+        return [Position(r.position or self.meta.position) for r in self.meta.pvs]
+
+    @property
+    def positions(self) -> list[Position]:
+        """The outputs a guard must watch for this file: each PV's position once, in PV order (the
+        file's own position when it has no PVs)."""
+        return list(dict.fromkeys(self.pv_positions)) or [Position(self.meta.position)]
 
     @property
     def metric(self) -> str:
@@ -256,6 +271,7 @@ class SignatureSet:
         """A readable summary (what `lmsan inspect --json` prints)."""
         data = self.meta.model_dump()
         data["num_pvs"] = len(self)
+        data["positions"] = [str(p) for p in self.positions]
         data["path"] = self.path
         data["signed_by"] = self.signed_by
         data["signature_key_id"] = self.signature_key_id

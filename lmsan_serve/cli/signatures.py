@@ -24,7 +24,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  verdict      {meta.verdict}",
         f"  backbone     {meta.backbone.name} ({meta.backbone.model_type}, H={meta.backbone.hidden_size}, "
         f"fingerprint {meta.backbone.fingerprint[:16]})",
-        f"  position     {meta.position}   metric {meta.metric}   default threshold {meta.threshold}",
+        f"  positions    {', '.join(sig.positions)}   metric {meta.metric}   default threshold {meta.threshold}",
         f"  created      {meta.created} by lmsan {meta.tool_version}",
         f"  signed by    {signed}",
         f"  PVs          {len(sig)}",
@@ -34,7 +34,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         extra = ", ".join(f"{k}={v:.3f}" for k, v in rec.scores.items())
         fpr = f" fpr={rec.false_positive_rate:.4f}" if rec.false_positive_rate is not None else ""
         lines.append(
-            f"    [{i}] {rec.origin:7s} trigger={rec.trigger or '-':6s} "
+            f"    [{i}] {rec.origin:7s} at {sig.pv_positions[i]:6s} trigger={rec.trigger or '-':6s} "
             f"seed={rec.seed if rec.seed is not None else '-'}"
             f" threshold={float(thresholds[i]):.3f}{fpr} {extra}"
         )

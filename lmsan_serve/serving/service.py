@@ -155,9 +155,10 @@ class GuardService:
                                         fingerprint=self.backbone.fingerprint,
                                         allow_fingerprint_mismatch=self.config.allow_fingerprint_mismatch,
                                         trusted_keys=self.trusted_keys)
-                why = self.backbone.supports_position(sig.position)
-                if why:
-                    raise LmsanError(f"{path}: {why}")
+                for position in sig.positions:
+                    why = self.backbone.supports_position(position)
+                    if why:
+                        raise LmsanError(f"{path}: {why}")
             except LmsanError as exc:
                 return self._reload_failed(path, key, str(exc))
             self._version += 1
@@ -241,6 +242,10 @@ class GuardService:
         if guard is None or guard.classifier is not classifier:
             guard = Guard(self.backbone, classifier, snap.signatures if snap and mode != "off" else None,
                           mode=mode, threshold=self.settings.threshold)
+            unwatched = [p for p in guard.signatures.positions if p not in guard.watched] if guard.signatures else []
+            if unwatched:
+                log.info("task %s: its prompt holds no %s output, so the PVs there are not watched",
+                         task, "/".join(unwatched))
             self._calibrate(task, guard)
             self._guards = {k: g for k, g in self._guards.items() if k[0] != task}
             self._guards[key] = guard
@@ -404,9 +409,11 @@ class GuardService:
             thresholds = sig.thresholds(self.settings.threshold).tolist()
             info.update({
                 "path": cur.path, "set": cur.set_id, "count": len(sig), "version": cur.version,
-                "loaded_at": cur.loaded_at, "position": meta.position, "metric": meta.metric,
+                "loaded_at": cur.loaded_at, "position": meta.position, "positions": sig.positions,
+                "metric": meta.metric,
                 "verdict": meta.verdict, "backbone": meta.backbone.model_dump(), "signed_by": sig.signed_by,
-                "pvs": [{"signature": sig.label(i), "origin": r.origin, "threshold": round(thresholds[i], 6),
+                "pvs": [{"signature": sig.label(i), "origin": r.origin, "position": sig.pv_positions[i],
+                         "threshold": round(thresholds[i], 6),
                          "false_positive_rate": r.false_positive_rate} for i, r in enumerate(meta.pvs)],
             })
         return info
