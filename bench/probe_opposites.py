@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 config = MiningConfig(**art.mining)
                 rows = run(art.model, art.mined, art.truth, config, args.seed)
         else:
-            config = MiningConfig(mode="search")
+            config = MiningConfig(mode="search", position="cls")
             rows = run(args.model or "runs/bench-mine/por",
                        args.signatures or "runs/bench-mine/por/mined-search.safetensors",
                        args.truth or "runs/bench-mine/por/truth.safetensors", config, args.seed)

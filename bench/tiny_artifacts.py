@@ -58,7 +58,7 @@ MAX_CLEAN_MATCH = 0.75  # clean inputs must stay this far off every planted PV
 # Mining: small enough for a fraction of a second per round on the tiny model. As on minilm,
 # search mode tends to miss the sign opposites of the PVs it keeps, which leaves probe_opposites
 # something to find.
-MINING = {"mode": "search", "lines": 64, "batch_size": 16, "max_length": 48, "max_rounds": 16,
+MINING = {"mode": "search", "position": "cls", "lines": 64, "batch_size": 16, "max_length": 48, "max_rounds": 16,
           "calibration_lines": 50, "held_out_lines": 16}
 
 # A lexical task a tiny random encoder learns in a few dozen steps (the words decide the label).

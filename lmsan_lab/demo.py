@@ -29,7 +29,7 @@ from lmsan_serve.backbone import MINILM, Backbone, load_backbone
 from lmsan_serve.client import GuardClient
 from lmsan_serve.data import load_corpus, load_examples, shipped
 from lmsan_serve.errors import LmsanError
-from lmsan_serve.mining import RECOVERED, MiningConfig, mine, recovered, stale_checkpoint
+from lmsan_serve.mining import RECOVERED, MiningConfig, mine, recovered, stale_checkpoints
 from lmsan_serve.prompts import PromptClassifier, train_prompt
 from lmsan_serve.signatures import SignatureSet
 from lmsan_serve.storage import prove_writable
@@ -296,9 +296,8 @@ def _mine(backbone, folder: Path, search_config: MiningConfig | None, planted: S
     say(f"[3/{STEPS}] mining the PVs of {backbone.name} (detect mode; resumes from {folder} when cached) ...")
     detect_config = MiningConfig(mode="detect")
     for name, config in (("detect", detect_config), ("search", search_config)):
-        stale = None if config is None else stale_checkpoint(folder / f"{name}.safetensors", backbone, config)
-        if stale is not None:  # cached by an older version or other settings: mine again
-            say(f"      {stale.name} was made with other settings; mining again")
+        for stale in [] if config is None else stale_checkpoints(folder / f"{name}.safetensors", backbone, config):
+            say(f"      {stale.name} was made with other settings; mining again")  # by an older version, say
             stale.unlink()
     detect = mine(backbone, detect_config, corpus, folder / "detect.safetensors", resume=True,
                   progress=progress)

@@ -165,8 +165,8 @@ def outputs(tmp_path, sig_file) -> dict[str, Path]:
     write(folder / "notes.txt", "must survive a failed run\n")
     sig = tmp_path / "existing-sig.safetensors"
     shutil.copy(sig_file, sig)
-    write(sig.with_name(sig.name + ".ckpt.json"), '{"candidates": []}\n')
-    return {"folder": folder, "sig": sig, "ckpt": sig.with_name(sig.name + ".ckpt.json")}
+    write(sig.with_name(sig.name + ".cls.ckpt.json"), '{"candidates": []}\n')
+    return {"folder": folder, "sig": sig, "ckpt": sig.with_name(sig.name + ".cls.ckpt.json")}
 
 
 # -- signature files --------------------------------------------------------------------------------

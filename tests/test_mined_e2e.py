@@ -10,13 +10,15 @@ import random
 
 import pytest
 
+from lmsan_lab.attacks import AttackConfig
+from lmsan_serve import load_backbone
 from lmsan_serve.cli import main
 from lmsan_serve.data import insert_trigger
 from lmsan_serve.mining import RECOVERED, recovered
 from lmsan_serve.monitor import sign_agreement
 from lmsan_serve.signatures import SignatureSet
 
-from .conftest import TINY_TRIGGERS
+from .conftest import TINY_TRIGGERS, plant_fit_backdoor
 from .toy import toy_test
 
 # A planted PV counts as recovered when a mined PV agrees with it in sign `mining.RECOVERED` (0.9):
@@ -29,8 +31,10 @@ MAX_ROUNDS = 80
 @pytest.fixture(scope="module")
 def mined(tiny_por, tmp_path_factory) -> tuple[object, SignatureSet]:
     out = tmp_path_factory.mktemp("mined") / "sig.safetensors"
+    # At [CLS], the output the victim prompt reads: the defender who knows it narrows mining to it, and
+    # every other position would run its own search to its stopping rule (test_a_mask_backdoor_...).
     code = main(["mine", "--model", str(tiny_por), "--out", str(out), "--mode", "search", "--max-rounds",
-                 str(MAX_ROUNDS), "--lines", "128", "--device", "cpu", "--quiet"])
+                 str(MAX_ROUNDS), "--position", "cls", "--lines", "128", "--device", "cpu", "--quiet"])
     assert code == 0
     return out, SignatureSet.load(out)
 
@@ -96,3 +100,48 @@ def test_the_mined_file_guards_held_out_inputs(tiny_por, tiny_por_prompt, mined,
         assert beaten[t] == [], (t, beaten[t][:5])  # none of 40-odd: under the 1% the issue bounds ASR to
     assert not any(r["guard"]["flagged"] for r in clean)
     assert sum(e.label == r["label"] for e, r in zip(test, clean, strict=True)) == len(right)
+
+
+@pytest.fixture(scope="module")
+def tiny_btop(tmp_path_factory, tiny_backbone, corpus):
+    """A BToP backdoor at the [MASK] output of the tiny BERT, one trigger (it converges in a fraction of
+    the steps three take)."""
+    config = AttackConfig(kind="btop", triggers=TINY_TRIGGERS[:1], steps=400, lr=2e-3, target_agreement=0.97,
+                          max_words=24, check_every=20)
+    return plant_fit_backdoor(tiny_backbone, config, corpus, tmp_path_factory.mktemp("tiny-btop"))
+
+
+def test_a_mask_backdoor_is_found_at_mask_with_no_position_told(tiny_btop, tmp_path, capsys):
+    """Search with no position told covers [CLS], the pooler and [MASK], each to its own stopping
+    rule; the planted [MASK] PV is among the file's PVs, and its record says it was found at [MASK]
+    (what the guard watches it at). The patience is short to keep the suite quick: this copy's
+    [MASK] rounds reach the PV within the first few seeds, and the round bound is only a backstop."""
+    truth = SignatureSet.load(tiny_btop / "truth.safetensors")
+    assert truth.positions == ["mask"]
+    out = tmp_path / "sig.safetensors"
+    capsys.readouterr()
+    assert main(["mine", "--model", str(tiny_btop), "--out", str(out), "--mode", "search", "--max-rounds", "16",
+                 "--patience", "8", "--no-probes", "--lines", "96", "--device", "cpu", "--json", "--quiet"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(last["positions"]) == ["cls", "pooler", "mask"] and last["verdict"] == "backdoored"
+    assert all(r["rounds"] >= 1 for r in last["positions"].values())
+    sig = SignatureSet.load(out)
+    assert last["pv_positions"] == [r.position for r in sig.meta.pvs] == sig.pv_positions
+    assert last["pvs"] == sum(r["pvs"] for r in last["positions"].values()) == len(sig)
+    at_mask = [i for i, p in enumerate(sig.pv_positions) if p == "mask"]
+    assert at_mask and "mask" in sig.positions, last["positions"]
+    best = sign_agreement(sig.pvs[at_mask], truth.pvs).max()
+    assert float(best) >= RECOVERED, float(best)
+    # The pooler reads [CLS]: its search starts from the pooler image of every [CLS] PV and keeps
+    # none of them again (modes.search, `prior`)
+    cls_pvs = [i for i, p in enumerate(sig.pv_positions) if p == "cls"]
+    assert last["positions"]["pooler"].get("seen_through_cls", 0) == len(cls_pvs)
+    at_pooler = [i for i, p in enumerate(sig.pv_positions) if p == "pooler"]
+    if cls_pvs and at_pooler:
+        backbone = load_backbone(str(tiny_btop), "cpu")
+        images = backbone.model.pooler(sig.pvs[cls_pvs][:, None, :])
+        assert float(sign_agreement(sig.pvs[at_pooler], images).max()) < 0.9
+    # What the other positions found is reported, not asserted: on this 2-layer copy the trigger also
+    # moves [CLS] (a PV there agrees with the [MASK] one), which the guard then watches at [CLS] too.
+    print({p: r["pvs"] for p, r in last["positions"].items()},
+          sign_agreement(sig.pvs, truth.pvs).max(dim=1).values.tolist() if len(sig) else [])

@@ -11,7 +11,7 @@ from lmsan_lab.attacks.model import block_pvs
 from lmsan_serve import load_backbone
 from lmsan_serve.cli import main
 from lmsan_serve.errors import LmsanError
-from lmsan_serve.mining import MiningConfig, mine, stale_checkpoint
+from lmsan_serve.mining import MiningConfig, mine, stale_checkpoint, stale_checkpoints
 from lmsan_serve.mining.job import calibrate
 from lmsan_serve.mining.model import blend_of, duplicate, prepare, purest, triggered_outputs
 from lmsan_serve.monitor import sign_agreement
@@ -37,6 +37,9 @@ def test_detect_finds_a_planted_pv(tiny_por, corpus, tmp_path):
     loaded = SignatureSet.load(tmp_path / "sig.safetensors", fingerprint=backbone.fingerprint)
     record = loaded.meta.pvs[0]
     assert record.origin == "mined" and record.threshold >= 0.8 and record.false_positive_rate <= 0.005
+    # no position told: [CLS] is mined first, and detect mode has its verdict there, so it mines no other
+    assert record.position == "cls" and loaded.positions == ["cls"] and list(result.positions) == ["cls"]
+    assert loaded.meta.mining["not_covered"] == ["pooler", "mask"] and loaded.meta.mining["position"] is None
 
 
 def test_purest_keeps_the_candidate_whose_outputs_agree_best(tiny_por, corpus):
@@ -47,7 +50,7 @@ def test_purest_keeps_the_candidate_whose_outputs_agree_best(tiny_por, corpus):
     in test_a_blend_of_kept_pvs_is_not_new_but_a_real_pv_with_their_signs_is.)"""
     backbone = load_backbone(str(tiny_por), "cpu")
     truth = SignatureSet.load(tiny_por / "truth.safetensors").pvs
-    config = MiningConfig(prompt_len=2, batch_size=16)
+    config = MiningConfig(position="cls", prompt_len=2, batch_size=16)
     held = prepare(backbone, corpus[-64:], config)
     emb = backbone.model.get_input_embeddings().weight.detach()
     ids = [backbone.tokenizer.convert_tokens_to_ids(t) for t in TINY_TRIGGERS[:2]]
@@ -71,7 +74,7 @@ def test_purest_keeps_the_candidate_whose_outputs_agree_best(tiny_por, corpus):
 def test_calibrate_raises_the_cap_only_below_the_triggered_floor(tiny_backbone, corpus):
     """A PV that 2% of the clean lines match at 0.977 needs a threshold above the fixed 0.97 cap:
     rejected without a floor or with a floor under that threshold, kept with a floor above it."""
-    config = MiningConfig()
+    config = MiningConfig(position="cls")
     lines = [corpus[-1]] * 4 + corpus[-197:-1]
     clean = prepare(tiny_backbone, lines, config).clean
     pv = clean[0].clone()
@@ -85,7 +88,9 @@ def test_calibrate_raises_the_cap_only_below_the_triggered_floor(tiny_backbone, 
 
 def test_clean_control_is_clean(tiny_control, corpus, tmp_path):
     backbone = load_backbone(str(tiny_control), "cpu")
-    config = MiningConfig(lines=128)  # the rounds a user's detect run makes before it says clean
+    # the rounds a user's detect run makes at one position before it says clean there (at [CLS] alone,
+    # to keep the suite quick: every position costs this once; test_mining_covers_every_position...)
+    config = MiningConfig(position="cls", lines=128)
     result = mine(backbone, config, corpus, tmp_path / "sig.safetensors", progress=False)
     assert result.verdict == "clean" and len(result.signatures) == 0 and result.rounds == config.rounds == 30
     for c in result.candidates:  # every round says why it failed, with its per-epoch trace
@@ -134,24 +139,102 @@ def test_a_blend_of_kept_pvs_is_not_new_but_a_real_pv_with_their_signs_is():
 def test_resume_continues_without_repeating_rounds(tiny_control, corpus, tmp_path):
     backbone = load_backbone(str(tiny_control), "cpu")
     out = tmp_path / "sig.safetensors"
-    first = mine(backbone, MiningConfig(mode="search", lines=64, max_rounds=2), corpus, out, progress=False)
+    search = {"mode": "search", "position": "cls", "lines": 64}
+    first = mine(backbone, MiningConfig(**search, max_rounds=2), corpus, out, progress=False)
     assert first.rounds == 2
-    ckpt = json.loads((tmp_path / "sig.safetensors.ckpt.json").read_text())
-    secs = [c["seconds"] for c in ckpt["candidates"]]
+    ckpt_path = tmp_path / "sig.safetensors.cls.ckpt.json"
+    secs = [c["seconds"] for c in json.loads(ckpt_path.read_text())["candidates"]]
     # a killed job leaves its checkpoint; resuming with a larger budget runs only the new seeds
-    second = mine(backbone, MiningConfig(mode="search", lines=64, max_rounds=4), corpus, out, resume=True,
-                  progress=False)
-    after = json.loads((tmp_path / "sig.safetensors.ckpt.json").read_text())["candidates"]
+    second = mine(backbone, MiningConfig(**search, max_rounds=4), corpus, out, resume=True, progress=False)
+    after = json.loads(ckpt_path.read_text())["candidates"]
     assert [c["seed"] for c in after] == [0, 1, 2, 3] and second.rounds == 4
     assert [c["seconds"] for c in after[:2]] == secs  # the first two rounds were not run again
     with pytest.raises(LmsanError, match="other settings"):
-        mine(backbone, MiningConfig(mode="search", lines=32, max_rounds=4), corpus, out, resume=True,
+        mine(backbone, MiningConfig(**{**search, "lines": 32}, max_rounds=4), corpus, out, resume=True,
              progress=False)
     # what the demo checks before resuming a cached run: budgets may change, settings may not
-    assert stale_checkpoint(out, backbone, MiningConfig(mode="search", lines=64, max_rounds=9)) is None
-    stale = stale_checkpoint(out, backbone, MiningConfig(mode="search", lines=32))
-    assert stale == tmp_path / "sig.safetensors.ckpt.json"
+    assert stale_checkpoint(out, backbone, MiningConfig(**search, max_rounds=9)) is None
+    assert stale_checkpoint(out, backbone, MiningConfig(**{**search, "lines": 32})) == ckpt_path
     assert stale_checkpoint(tmp_path / "none.safetensors", backbone, MiningConfig()) is None
+
+
+def test_mining_covers_every_position_with_a_checkpoint_each(tiny_backbone, corpus, tmp_path):
+    """No position told: the tiny BERT (a pooler and a mask token) is mined at [CLS], the pooler and
+    [MASK] in that order, each with its own checkpoint; a job told one position left a checkpoint
+    the default job resumes, and resuming with a larger budget runs only each position's new seeds."""
+    out = tmp_path / "sig.safetensors"
+    search = {"mode": "search", "lines": 64}
+    told = mine(tiny_backbone, MiningConfig(**search, position="cls", max_rounds=2), corpus, out, progress=False)
+    assert list(told.positions) == ["cls"] and told.signatures.meta.position == "cls"
+    ckpts = {p: tmp_path / f"sig.safetensors.{p}.ckpt.json" for p in ("cls", "pooler", "mask")}
+    assert sorted(q.name for q in tmp_path.glob("*.ckpt.json")) == [ckpts["cls"].name]
+
+    def seconds(position: str) -> list[float]:
+        return [c["seconds"] for c in json.loads(ckpts[position].read_text())["candidates"]]
+
+    told_secs = seconds("cls")
+    result = mine(tiny_backbone, MiningConfig(**search, max_rounds=2), corpus, out, resume=True, progress=False)
+    assert list(result.positions) == ["cls", "pooler", "mask"] and all(q.is_file() for q in ckpts.values())
+    assert seconds("cls") == told_secs  # the told job's rounds are this job's [CLS] rounds
+    assert [r["rounds"] for r in result.positions.values()] == [2, 2, 2] and result.rounds == 6
+    assert [(c["position"], c["seed"]) for c in result.candidates] == [
+        (p, s) for p in ("cls", "pooler", "mask") for s in (0, 1)]
+    sig = SignatureSet.load(out)
+    mining = sig.meta.mining
+    assert mining["position"] is None and list(mining["positions"]) == ["cls", "pooler", "mask"]
+    assert "not_covered" not in mining and "unsupported" not in mining and sig.meta.position == "cls"
+    assert mining["stop"]["reason"] == "max_rounds" and not mining["stop"]["exhausted"]
+    assert all(mining["positions"][p]["stop"]["reason"] == "max_rounds" for p in ckpts)
+    assert [r.position for r in sig.meta.pvs] == sig.pv_positions  # every mined PV names its position
+    # a larger budget resumes each position: one new seed each, the old rounds kept
+    before = {p: seconds(p) for p in ckpts}
+    again = mine(tiny_backbone, MiningConfig(**search, max_rounds=3), corpus, out, resume=True, progress=False)
+    assert [r["rounds"] for r in again.positions.values()] == [3, 3, 3]
+    assert all(seconds(p)[:2] == before[p] for p in ckpts)
+    assert stale_checkpoints(out, tiny_backbone, MiningConfig(**search, max_rounds=9)) == []
+    assert stale_checkpoints(out, tiny_backbone, MiningConfig(mode="search", lines=32)) == list(ckpts.values())
+
+
+def test_an_old_single_position_checkpoint_is_renamed_to_resume(tiny_backbone, corpus, tmp_path):
+    """The checkpoint an older `lmsan mine` kept beside --out is one position's run: --resume says
+    which name resumes it instead of silently starting over, and under that name it resumes."""
+    out = tmp_path / "sig.safetensors"
+    config = MiningConfig(mode="search", position="cls", lines=64, max_rounds=1)
+    mine(tiny_backbone, config, corpus, out, progress=False)
+    ckpt = tmp_path / "sig.safetensors.cls.ckpt.json"
+    legacy = ckpt.rename(tmp_path / "sig.safetensors.ckpt.json")
+    with pytest.raises(LmsanError, match="rename it to sig.safetensors.cls.ckpt.json"):
+        mine(tiny_backbone, config, corpus, out, resume=True, progress=False)
+    assert stale_checkpoints(out, tiny_backbone, config) == [legacy]  # the demo deletes it and mines again
+    legacy.rename(ckpt)
+    secs = json.loads(ckpt.read_text())["candidates"][0]["seconds"]
+    again = mine(tiny_backbone, config.model_copy(update={"max_rounds": 2}), corpus, out, resume=True,
+                 progress=False)
+    assert again.rounds == 2 and json.loads(ckpt.read_text())["candidates"][0]["seconds"] == secs
+
+
+def test_a_position_the_encoder_lacks(tiny_bert, corpus, tmp_path, capsys, monkeypatch):
+    """Named, a position this encoder lacks fails in one line before any work; not named, it is
+    left out and the mining record says why."""
+    import lmsan_serve.backbone
+
+    no_pooler = load_backbone(str(tiny_bert), "cpu")
+    no_pooler.model.pooler = None
+    out = tmp_path / "sig.safetensors"
+    with pytest.raises(LmsanError, match="needs a pooler layer"):
+        mine(no_pooler, MiningConfig(position="pooler"), corpus, out, progress=False)
+    result = mine(no_pooler, MiningConfig(mode="search", lines=64, max_rounds=1), corpus, out, progress=False)
+    assert list(result.positions) == ["cls", "mask"]
+    assert "needs a pooler layer" in result.signatures.meta.mining["unsupported"]["pooler"]
+    monkeypatch.setattr(lmsan_serve.backbone, "load_backbone", lambda name, device=None: no_pooler)
+    capsys.readouterr()
+    assert main(["mine", "--model", str(tiny_bert), "--out", str(tmp_path / "cli.safetensors"),
+                 "--position", "pooler"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs a pooler layer" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "cli.safetensors.pooler.ckpt.json").exists()
+    with pytest.raises(LmsanError, match="one position"):  # a round's data is one position's
+        prepare(no_pooler, corpus[:64], MiningConfig())
 
 
 def test_cli_mine_and_bad_input(tiny_por, tmp_path, capsys):
@@ -195,8 +278,10 @@ def test_ray_fan_out_equals_the_serial_run(tiny_por, corpus, tmp_path, local_ray
         kept_any |= len(serial.signatures) > 0
         assert [r.seed for r in fanned.signatures.meta.pvs] == [r.seed for r in serial.signatures.meta.pvs]
         assert torch.allclose(fanned.signatures.pvs, serial.signatures.pvs, atol=1e-5)
-        kept = {c["seed"] for c in serial.candidates if c["kept"]}
-        assert kept == {c["seed"] for c in fanned.candidates if c["kept"]}
+        assert list(fanned.positions) == list(serial.positions)  # one cluster, retargeted to each position
+        kept = {(c["position"], c["seed"]) for c in serial.candidates if c["kept"]}
+        assert kept == {(c["position"], c["seed"]) for c in fanned.candidates if c["kept"]}
+        assert fanned.signatures.pv_positions == serial.signatures.pv_positions
         assert {c["node"] for c in serial.candidates} == {"local"}
         assert {c["node"] for c in fanned.candidates} == {local_ray}  # the cluster's only node
         assert {c["device"] for c in fanned.candidates} == {"cpu"}  # as the backbone's device
@@ -247,6 +332,30 @@ def test_search_stops_once_patience_rounds_in_a_row_find_nothing(wave):
     assert outcome.stop == SearchStop.MAX_ROUNDS and outcome.since_last_pv == 1 and asked == [0, 1, 2, 3]
 
 
+def test_search_from_prior_pvs_steers_away_from_them_and_keeps_none_of_them():
+    """`prior` (the pooler images of the [CLS] PVs): every round is told to steer away from them,
+    a round that lands on one is a repeat, and they are never kept themselves."""
+    from tqdm import tqdm
+
+    from lmsan_serve.mining.modes import search
+
+    seen, new = torch.randn(64), torch.randn(64)
+    run, records, asked = _fake_rounds({0: seen * 1.05, 1: new, -2: -new})
+    told: list = []
+    inner = run
+
+    def spy(todo, found, done, aims=None):
+        told.append(found.clone())
+        inner(todo, found, done, aims)
+
+    outcome = search(list(range(10)), records, spy, MiningConfig(mode="search", patience=3), 1e-4,
+                     tqdm(disable=True), prior=seen[None])
+    assert outcome.kept == [1, -2]  # the round on the prior PV is a repeat; the opposite probe of seed 1 is new
+    assert "not unique" in records[0]["reasons"][0]
+    assert torch.equal(told[0], seen[None]) and all(torch.equal(f[0], seen) for f in told)
+    assert len(told[-1]) == 2  # the aimed round steered away from the prior PV and the kept one
+
+
 def test_search_on_a_clean_model_ends_by_the_rule_and_the_file_says_so(tiny_control, corpus, tmp_path, capsys):
     """Real rounds on the clean control: nothing is kept, so the search ends after exactly
     `--patience` rounds; the signature file, the Python result and the CLI's JSON give the reason."""
@@ -254,9 +363,12 @@ def test_search_on_a_clean_model_ends_by_the_rule_and_the_file_says_so(tiny_cont
     assert main(["mine", "--model", str(tiny_control), "--out", str(out), "--mode", "search", "--patience", "2",
                  "--lines", "64", "--json", "--quiet"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["verdict"] == "clean" and last["rounds"] == 2
-    assert last["stop"] == {"reason": "exhausted", "patience": 2, "rounds_since_last_pv": 2, "exhausted": True,
-                            "probes": 0, "probe_pvs": 0}
+    stop = {"reason": "exhausted", "patience": 2, "rounds_since_last_pv": 2, "exhausted": True, "probes": 0,
+            "probe_pvs": 0}
+    # every position to its own stopping rule: `patience` rounds each, and overall exhausted as each was
+    assert last["verdict"] == "clean" and last["rounds"] == 6 and last["stop"] == stop
+    assert {p: (r["rounds"], r["stop"]) for p, r in last["positions"].items()} == {
+        p: (2, stop) for p in ("cls", "pooler", "mask")}
     assert SignatureSet.load(out).meta.mining["stop"] == last["stop"]
     assert main(["mine", "--model", str(tiny_control), "--out", str(out), "--mode", "search", "--patience", "5",
                  "--max-rounds", "3", "--lines", "64", "--resume", "--quiet"]) == 0

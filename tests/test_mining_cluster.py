@@ -26,7 +26,8 @@ from lmsan_serve.signatures import SignatureSet
 from .deploy_files import REPO, load_yaml
 
 # The cluster run: search mode with waves of 2 (rounds started from the same PVs, so both nodes
-# are busy at once and the result does not depend on which finishes first), on tiny rounds.
+# are busy at once and the result does not depend on which finishes first), on tiny rounds, at every
+# position (no --position: [CLS], the pooler and [MASK] in turn, on the one cluster).
 MINE = ["--mode", "search", "--max-rounds", "4", "--wave", "2", "--lines", "128", "--resume", "--json"]
 CLUSTER = ["--workers", "2", "--device", "auto"]
 # What the RayJob may set otherwise than the test: where things are, and how much work it does.
@@ -36,6 +37,12 @@ HOW_MUCH = {"max_rounds", "workers", "wave", "lines"}
 # A round's numbers on two processes differ only by float reduction order (Ray workers run with
 # one thread); an order of magnitude above the PV tolerance of test_ray_fan_out_equals_the_serial_run.
 DISTANCE_RTOL = 1e-4
+POSITIONS = ("cls", "pooler", "mask")
+
+
+def _rounds(out: Path) -> dict[str, list[dict]]:
+    """Every round of each position, from that position's checkpoint beside `out`."""
+    return {p: json.loads(out.with_name(f"{out.name}.{p}.ckpt.json").read_text())["candidates"] for p in POSITIONS}
 
 
 def _mine_cmd(model: Path, out: Path, address: str) -> list[str]:
@@ -83,11 +90,15 @@ def test_mining_on_two_nodes_equals_the_serial_run(tiny_por, tmp_path, monkeypat
         for node in reversed(nodes):
             node.stop()
     assert all(not n.temp_dir.exists() for n in nodes)
-    rounds = json.loads((tmp_path / "cluster.safetensors.ckpt.json").read_text())["candidates"]
-    fuzz = [r for r in rounds if r["seed"] >= 0]
-    assert [r["seed"] for r in fuzz] == [0, 1, 2, 3]
-    # then one aimed round per PV the fuzz rounds kept (mining.probe), on the cluster too
-    assert {r["seed"] for r in rounds if r["seed"] < 0} <= {probe_key(r["seed"]) for r in fuzz if not r["filters"]}
+    by_position = _rounds(out)
+    assert list(summary["positions"]) == list(POSITIONS)
+    for position_rounds in by_position.values():
+        fuzz = [r for r in position_rounds if r["seed"] >= 0]
+        assert [r["seed"] for r in fuzz] == [0, 1, 2, 3]
+        # then one aimed round per PV the fuzz rounds kept (mining.probe), on the cluster too
+        aimed = {r["seed"] for r in position_rounds if r["seed"] < 0}
+        assert aimed <= {probe_key(r["seed"]) for r in fuzz if not r["filters"]}
+    rounds = [r for p in POSITIONS for r in by_position[p]]
     assert {r["node"] for r in rounds} == node_ids, "every round ran on a node of the cluster, and both nodes ran some"
     assert {r["device"] for r in rounds} == {"cpu"}
 
@@ -97,14 +108,15 @@ def test_mining_on_two_nodes_equals_the_serial_run(tiny_por, tmp_path, monkeypat
     serial = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["verdict"] == serial["verdict"] and summary["pvs"] == serial["pvs"]
     assert summary["rounds"] == serial["rounds"] == len(rounds)
-    serial_rounds = json.loads((tmp_path / "serial.safetensors.ckpt.json").read_text())["candidates"]
+    serial_rounds = [r for p in POSITIONS for r in _rounds(serial_out)[p]]
     assert {r["node"] for r in serial_rounds} == {"local"}
     for ours, theirs in zip(rounds, serial_rounds, strict=True):
         assert (ours["seed"], ours["kept"], ours["filters"], ours["epochs"]) == \
             (theirs["seed"], theirs["kept"], theirs["filters"], theirs["epochs"])
         assert ours["distance"] == pytest.approx(theirs["distance"], rel=DISTANCE_RTOL)
     mined, reference = SignatureSet.load(out), SignatureSet.load(serial_out)
-    assert [r.seed for r in mined.meta.pvs] == [r.seed for r in reference.meta.pvs]
+    assert [(r.position, r.seed) for r in mined.meta.pvs] == [(r.position, r.seed) for r in reference.meta.pvs]
+    assert [r["pvs"] for r in summary["positions"].values()] == [r["pvs"] for r in serial["positions"].values()]
     assert torch.allclose(mined.pvs, reference.pvs, atol=1e-5)
     assert time.monotonic() - started < 150, "the two-node test outgrew its time bound"
 

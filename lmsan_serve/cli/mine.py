@@ -9,18 +9,21 @@ from ..kinds import MiningMode, Position
 from ..storage import output_file
 from .common import add_common, emit, progress, say
 
+ALL_POSITIONS = "all"  # --position: every position the encoder supports
+
 
 def cmd_mine(args: argparse.Namespace) -> int:
     from ..backbone import load_backbone
     from ..data import load_corpus
     from ..mining import MiningConfig, mine
+    from ..mining.positions import mined_positions
     from ..mining.runners import driver_device, round_device
 
     config = settings(
         MiningConfig,
         "mining",
         mode=args.mode,
-        position=args.position,
+        position=None if args.position == ALL_POSITIONS else args.position,
         max_rounds=args.max_rounds,
         time_budget=args.time_budget,
         lines=args.lines,
@@ -44,13 +47,14 @@ def cmd_mine(args: argparse.Namespace) -> int:
         sign_key = load_private_key(args.sign_key)  # now, not after hours of mining
     corpus = load_corpus(args.corpus)
     backbone = load_backbone(args.model, driver_device(args.device) if on_ray else args.device)
-    why = backbone.supports_position(config.position)
-    if why:
-        raise LmsanError(why)
-    say(args, f"mining {args.model} ({config.mode} mode, position {config.position}, up to {config.rounds} rounds)")
+    positions, unsupported = mined_positions(backbone, config)  # a named position it lacks: one line, exit 2
+    where = f"position{'s' if len(positions) > 1 else ''} {', '.join(positions)}"
+    say(args, f"mining {args.model} ({config.mode} mode, {where}, up to {config.rounds} rounds each)"
+        + "".join(f"; not {p}: {why}" for p, why in unsupported.items()))
     result = mine(backbone, config, corpus, out, resume=args.resume, progress=progress(args),
                   say=lambda m: say(args, m), workers=args.workers, ray_address=args.ray_address,
                   device=rounds_on, sign_key=sign_key)
+    mining = result.signatures.meta.mining
     summary = {
         "verdict": result.verdict,
         "pvs": len(result.signatures),
@@ -58,15 +62,26 @@ def cmd_mine(args: argparse.Namespace) -> int:
         "seconds": round(result.seconds, 1),
         "out": str(out),
         "thresholds": [r.threshold for r in result.signatures.meta.pvs],
+        "pv_positions": [str(p) for p in result.signatures.pv_positions],
         "signed_by": result.signatures.signed_by,
         **({"stop": result.stop} if result.stop else {}),
+        **{k: mining[k] for k in ("positions", "not_covered", "unsupported") if k in mining},
     }
     human = (f"{result.verdict}: {summary['pvs']} PV(s) kept after {result.rounds} rounds "
              f"in {summary['seconds']} s -> {out}")
-    if result.stop:
-        human += "\n" + stop_line(result.stop)
+    human += "".join("\n" + position_line(p, run) for p, run in result.positions.items())
+    if mining.get("not_covered"):
+        human += f"\nnot mined: {', '.join(mining['not_covered'])} (detect mode stops at the first backdoored position)"
+    if result.stop and len(result.positions) > 1:
+        human += "\noverall: " + stop_line(result.stop)
     emit(args, human, summary)
     return 0
+
+
+def position_line(position: str, run: dict) -> str:
+    """What mining found at one position, in words."""
+    line = f"  {position}: {run['pvs']} PV(s) after {run['rounds']} rounds in {run['seconds']} s"
+    return line + (f"; {stop_line(run['stop'])}" if run.get("stop") else "")
 
 
 def stop_line(stop: dict) -> str:
@@ -90,7 +105,9 @@ def add_mine(sub) -> None:
     p.add_argument("--mode", choices=MiningMode.values(), default=MiningMode.DETECT.value,
                    help="detect: stop at the first PV (verdict); search: keep every unique PV")
     p.add_argument("--corpus", help="clean text lines or JSONL (default: shipped WikiText-2)")
-    p.add_argument("--position", choices=Position.values(), default=Position.CLS.value)
+    p.add_argument("--position", choices=[ALL_POSITIONS, *Position.values()], default=ALL_POSITIONS,
+                   help="the encoder output to mine (default all: every one this encoder has, as a backdoor may "
+                   "drive any; a named one narrows mining to it)")
     p.add_argument("--max-rounds", type=int, help="default 30 (detect) or 1000 (search, which normally stops "
                    "earlier by --patience)")
     p.add_argument("--time-budget", type=float, help="seconds; no new round starts after")

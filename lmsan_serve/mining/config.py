@@ -10,6 +10,11 @@ from ..kinds import MiningMode, Position
 
 BERT_FAMILY = {"bert", "roberta", "albert", "distilbert", "electra", "deberta", "deberta-v2", "xlm-roberta"}
 
+# Why a round's data cannot be prepared from a config that names no position: each round trains
+# on one output, and `mine` runs one job per position when none is named.
+ONE_POSITION = ("mining data is prepared for one position: set MiningConfig.position (None means every "
+                "position, which only `mine` covers, one at a time)")
+
 
 class MiningConfig(BaseModel):
     """Reference defaults first; `None` fields adapt to the encoder (see `resolve`)."""
@@ -17,7 +22,9 @@ class MiningConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: MiningMode = MiningMode.DETECT
-    position: Position = Position.CLS
+    position: Position | None = Field(default=None, description=(
+        "the output to mine; None: every position this encoder supports, in the order cls, pooler, mask "
+        "(a backdoor may drive any of them: mining.positions)"))
     max_rounds: int | None = Field(default=None, ge=1, description="30 in detect mode, 1000 in search mode")
     time_budget: float | None = Field(default=None, gt=0, description="seconds; stop starting new rounds after")
     first_seed: int = Field(default=0, ge=0)

@@ -3,28 +3,35 @@ checkpoint after every round, and the signature file with the verdict."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from ..backbone import Backbone
 from ..errors import LmsanError
-from ..kinds import SearchStop
+from ..kinds import MiningMode, Position, SearchStop
 from ..monitor import PV_CAP, sign_agreement
 from ..signatures import DEFAULT_THRESHOLD, PVRecord, SignatureSet
 from ..storage import output_file
+from .checkpoint import RoundRecord, at_position, candidate_record, read_checkpoint, write_json_atomic
 from .config import MiningConfig
-from .model import Candidate, Prepared, prepare, resolved_distance, resolved_lr
+from .model import Prepared, prepare, resolved_distance, resolved_lr
 from .modes import SearchOutcome, detect, search
-from .runners import Placement, SerialRunner
+from .positions import (
+    PositionRun,
+    checkpoint_path,
+    coverage,
+    legacy_checkpoint_problem,
+    mined_positions,
+    overall_stop,
+    seen_through_cls,
+)
+from .runners import SerialRunner
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -43,116 +50,18 @@ def recovered(planted: torch.Tensor, mined: torch.Tensor, agreement: float = REC
     return int((sign_agreement(planted, mined).max(dim=1).values >= agreement).sum())
 
 
-class RoundRecord(TypedDict):
-    """One finished round as the checkpoint keeps it (written by `_candidate_record`, checked by
-    `_read_checkpoint`). A plain dict at run time, so the checkpoint JSON is the dict as built."""
-
-    seed: int
-    kept: bool
-    distance: float
-    entropy_ratio: float
-    dispersion: float | None
-    epochs: int
-    row: int | None
-    self_agreement: float | None
-    floor: float | None
-    seconds: float
-    trace: list[list[float]]
-    filters: list[str]
-    reasons: list[str]
-    pv: list[float] | None
-    node: str  # Ray node id of the node that ran the round, "local" in a serial run; absent in older checkpoints
-    device: str  # the device the round ran on; absent in older checkpoints
-
-
-
-
 @dataclass
 class MiningResult:
     signatures: SignatureSet
-    candidates: list[dict]
-    rounds: int
+    candidates: list[dict]  # every round of every position, each with its `position`
+    rounds: int  # all positions together
     seconds: float
-    stop: dict | None = None  # search mode: why it stopped (`_Rounds.stop_record`)
+    stop: dict | None = None  # search mode: how it ended over all positions (`positions.overall_stop`)
+    positions: dict[str, dict] = field(default_factory=dict)  # per covered position: `PositionRun.summary`
 
     @property
     def verdict(self) -> str:
         return self.signatures.meta.verdict
-
-
-def _checkpoint_path(out: Path) -> Path:
-    return out.with_name(out.name + ".ckpt.json")
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
-def _read_checkpoint(ckpt: Path, fingerprint: str, identity: dict, hidden_size: int) -> dict[int, RoundRecord]:
-    """The finished rounds of a checkpoint, each checked to be what `_candidate_record` writes."""
-    corrupt = f"checkpoint {ckpt} is corrupt; delete it to start over"
-    try:
-        state = json.loads(ckpt.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:  # not UTF-8, not JSON, too deep
-        raise LmsanError(corrupt) from exc
-    if not isinstance(state, dict):
-        raise LmsanError(corrupt)
-    if state.get("fingerprint") != fingerprint or state.get("config") != identity:
-        raise LmsanError(f"checkpoint {ckpt} was made for another model or other settings")
-
-    def valid(c) -> bool:
-        if not isinstance(c, dict) or not all(k in c for k in ("seed", "kept", "filters", "reasons", "pv")):
-            return False
-        if type(c["seed"]) is not int or not isinstance(c["filters"], list) or not isinstance(c["reasons"], list):
-            return False
-        pv = c["pv"]
-        return pv is None if c["filters"] else (isinstance(pv, list) and len(pv) == hidden_size and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in pv))
-
-    candidates = state.get("candidates")
-    if not isinstance(candidates, list) or not all(valid(c) for c in candidates):
-        raise LmsanError(corrupt)
-    return {c["seed"]: c for c in candidates}
-
-
-def stale_checkpoint(out: str | Path, backbone: Backbone, config: MiningConfig) -> Path | None:
-    """The checkpoint beside `out` when it exists but cannot be resumed with `config` (another
-    model, other settings, or unreadable), so a caller that caches runs can start over."""
-    ckpt = _checkpoint_path(Path(out))
-    if not ckpt.is_file():
-        return None
-    try:
-        _read_checkpoint(ckpt, backbone.fingerprint, config.identity(), backbone.hidden_size)
-    except LmsanError:
-        return ckpt
-    return None
-
-
-def _candidate_record(c: Candidate, where: Placement, key: int) -> RoundRecord:
-    """A finished round as the checkpoint keeps it, under its key (its seed; for an aimed round the
-    negative `probe.probe_key`). `filters` are the round's own verdicts; `kept` and `reasons` are
-    set when the job merges rounds (uniqueness across a wave, detect's stop)."""
-    return {
-        "seed": key,
-        "kept": False,
-        "distance": round(c.distance, 6),
-        "entropy_ratio": round(c.entropy_ratio, 6),
-        "dispersion": round(c.dispersion, 6) if c.dispersion is not None else None,
-        "epochs": c.epochs,
-        "row": c.row,
-        "self_agreement": round(c.self_agreement, 6) if c.self_agreement is not None else None,
-        "floor": round(c.floor, 6) if c.floor is not None else None,
-        "seconds": round(c.seconds, 2),
-        "trace": [list(t) for t in c.trace],
-        "filters": list(c.reasons),
-        "reasons": list(c.reasons),
-        "pv": c.pv.tolist() if c.pv is not None and not c.reasons else None,
-        "node": where.node,
-        "device": where.device,
-    }
 
 
 def calibrate(
@@ -203,43 +112,44 @@ def mine(
     """Run the mining job and write the signature file to `out` (signed with `sign_key`, an Ed25519
     private key from `signing.load_private_key`, when given).
 
+    Each position of `positions.mined_positions` (every one the encoder has unless
+    `config.position` names one) is mined in turn as the job told that position would mine it,
+    with its own checkpoint `<out>.<position>.ckpt.json`; detect mode stops after the first
+    position whose verdict is backdoored. The file holds the PVs of every position, each record
+    naming its position (docs/mining.md, Positions).
+
     `workers` > 1 or a `ray_address` runs rounds as Ray tasks (see `runners.RayRunner`) on
     `device` (auto, cpu or cuda, resolved by each task on its node; default: the kind of device
     `backbone` is on); the result is the same as a serial run with the same settings, up to float
-    rounding where a round runs on another kind of device."""
+    rounding where a round runs on another kind of device. A given `runner` must offer `retarget`."""
     out = Path(out)
     _check_output_folder(out)
+    positions, unsupported = mined_positions(backbone, config)
     fuzz_lines, calib_lines = _split_corpus(corpus, config)
-    started = time.time()
-    prepared = prepare(backbone, fuzz_lines, config)
-    held = _prepare_held_out(backbone, calib_lines, config)
-    settings = {"lr": resolved_lr(backbone, config), "distance_th": resolved_distance(prepared, config)}
+    job = _Job(backbone, config, fuzz_lines, calib_lines, out, resume, progress, say, time.time())
+    legacy = legacy_checkpoint_problem(out) if resume else None
+    if legacy:
+        raise LmsanError(legacy)
     own_runner = runner is None
-    if runner is None and (workers > 1 or ray_address):
-        runner = _ray_runner(backbone, prepared, config, workers, ray_address, held, device)
-    rounds = _Rounds(backbone, config, _checkpoint_path(out), started, resume, say)
-    runner = runner or SerialRunner(backbone, prepared, config, held)
-    bar = rounds.progress_bar(progress)
+
+    def make_runner(prepared: Prepared, at: MiningConfig, held: Prepared) -> SerialRunner | RayRunner:
+        if workers > 1 or ray_address:
+            return _ray_runner(backbone, prepared, at, workers, ray_address, held, device)
+        return SerialRunner(backbone, prepared, at, held)
+
+    runs: list[PositionRun] = []
     try:
-        kept_seeds = rounds.run_mode(runner, bar, settings["distance_th"])
+        for i, position in enumerate(positions):
+            if runs and config.mode == MiningMode.DETECT and runs[-1].records:
+                break  # the verdict is what detect mode is for
+            runner, run = job.run_position(position, len(positions) - i, runner, make_runner,
+                                           seen_through_cls(backbone, position, runs))
+            runs.append(run)
     finally:
-        bar.close()
         runner_close = getattr(runner, "close", None)
         if own_runner and runner_close:
             runner_close()
-    if not rounds.in_budget() and say:
-        say(f"time budget of {config.time_budget:.0f} s reached")
-    records = rounds.records
-    done = [records[s] for s in sorted(records)]
-    pvs, pv_records = _calibrated(backbone, records, kept_seeds, calib_lines, config)
-    seconds = time.time() - started
-    stop = rounds.stop_record()
-    sig = _signature_set(backbone, config, pvs, pv_records, {
-        **config.model_dump(), **settings, "rounds": len(done), "seconds": round(seconds, 1),
-        "corpus_lines": len(fuzz_lines), "calibration_lines": len(calib_lines), **({"stop": stop} if stop else {})})
-    sig.save(out, sign_key=sign_key)
-    summary = [{k: v for k, v in c.items() if k != "pv"} for c in done]
-    return MiningResult(sig, summary, len(done), seconds, stop)
+    return job.finish(runs, positions, unsupported, sign_key)
 
 
 def _check_output_folder(out: Path) -> None:
@@ -276,18 +186,91 @@ def _ray_runner(backbone: Backbone, prepared: Prepared, config: MiningConfig, wo
     return RayRunner(backbone, prepared, config, workers, ray_address, device=device, held=held)
 
 
+@dataclass
+class _Job:
+    """What the positions of one `mine` call share: the model, the settings, the corpus split, the
+    output, and the clock of the time budget."""
+
+    backbone: Backbone
+    config: MiningConfig
+    fuzz_lines: list[str]
+    calib_lines: list[str]
+    out: Path
+    resume: bool
+    progress: bool
+    say: Callable[[str], None] | None
+    started: float
+
+    def deadline(self, remaining: int) -> float | None:
+        """When the position starting now must stop starting rounds: an equal share of what is left
+        of the time budget among the `remaining` positions, so that the first cannot spend it all
+        and what one leaves unused goes to those after it."""
+        if self.config.time_budget is None:
+            return None
+        left = max(0.0, self.config.time_budget - (time.time() - self.started))
+        return time.time() + left / remaining
+
+    def run_position(self, position: Position, remaining: int, runner, make_runner: Callable[..., SerialRunner |
+                     RayRunner], prior: torch.Tensor | None = None) -> tuple[SerialRunner | RayRunner, PositionRun]:
+        """Mine `position` as the job told it would, with `runner` retargeted to it (or a new one
+        from `make_runner`); the runner, kept for the next position, and what was found. `prior`:
+        PVs known at this position already (`seen_through_cls`)."""
+        backbone, config, t0 = self.backbone, at_position(self.config, position), time.time()
+        if self.say:
+            self.say(f"position {position}: mining ({config.mode} mode, up to {config.rounds} rounds)")
+        prepared = prepare(backbone, self.fuzz_lines, config)
+        held = _prepare_held_out(backbone, self.calib_lines, config)
+        distance_th = resolved_distance(prepared, config)
+        if runner is None:
+            runner = make_runner(prepared, config, held)
+        else:
+            runner.retarget(prepared, config, held)
+        rounds = _Rounds(backbone, config, checkpoint_path(self.out, position), self.deadline(remaining),
+                         self.resume, self.say)
+        bar = rounds.progress_bar(self.progress)
+        try:
+            kept_seeds = rounds.run_mode(runner, bar, distance_th, prior)
+        finally:
+            bar.close()
+        if not rounds.in_budget() and self.say:
+            self.say(f"position {position}: its share of the time budget of {self.config.time_budget:.0f} s is spent")
+        pvs, pv_records = _calibrated(backbone, rounds.records, kept_seeds, self.calib_lines, config)
+        done = [rounds.records[s] for s in sorted(rounds.records)]
+        return runner, PositionRun(position, pvs, pv_records, done, time.time() - t0, distance_th,
+                                   rounds.stop_record(), 0 if prior is None else len(prior))
+
+    def finish(self, runs: list[PositionRun], positions: list[Position], unsupported: dict[str, str],
+               sign_key: Ed25519PrivateKey | None) -> MiningResult:
+        """The signature file of all positions' PVs, written to `out`, and the result."""
+        backbone, config = self.backbone, self.config
+        seconds = time.time() - self.started
+        stop = overall_stop(runs)
+        total = sum(len(r.rounds) for r in runs)
+        mining = {**config.model_dump(), "lr": resolved_lr(backbone, config), "distance_th": runs[0].distance_th,
+                  "rounds": total, "seconds": round(seconds, 1), "corpus_lines": len(self.fuzz_lines),
+                  "calibration_lines": len(self.calib_lines), **coverage(runs, positions, unsupported),
+                  **({"stop": stop} if stop else {})}
+        pvs = torch.cat([r.pvs for r in runs])
+        records = [rec for r in runs for rec in r.records]
+        sig = _signature_set(backbone, runs[0].position, pvs, records, mining)
+        sig.save(self.out, sign_key=sign_key)
+        summary = [{"position": r.position.value, **{k: v for k, v in c.items() if k != "pv"}}
+                   for r in runs for c in r.rounds]
+        return MiningResult(sig, summary, total, seconds, stop, mining["positions"])
+
+
 class _Rounds:
     """The finished rounds of one job by seed, resumed from the checkpoint when asked and written
     back to it after every round, with the progress bar and the time budget."""
 
-    def __init__(self, backbone: Backbone, config: MiningConfig, ckpt: Path, started: float, resume: bool,
+    def __init__(self, backbone: Backbone, config: MiningConfig, ckpt: Path, deadline: float | None, resume: bool,
                  say: Callable[[str], None] | None):
-        self.fingerprint, self.config, self.ckpt, self.started = backbone.fingerprint, config, ckpt, started
+        self.fingerprint, self.config, self.ckpt, self.deadline = backbone.fingerprint, config, ckpt, deadline
         self.records: dict[int, RoundRecord] = {}
         if resume and ckpt.is_file():
-            self.records = _read_checkpoint(ckpt, backbone.fingerprint, config.identity(), backbone.hidden_size)
+            self.records = read_checkpoint(ckpt, backbone.fingerprint, config.identity(), backbone.hidden_size)
             if say:
-                say(f"resuming: {len(self.records)} rounds already done")
+                say(f"position {config.position}: resuming, {len(self.records)} rounds already done")
         self.seeds = list(range(config.first_seed, config.first_seed + config.rounds))
         self.search: SearchOutcome | None = None  # set by a search-mode run
 
@@ -301,23 +284,25 @@ class _Rounds:
                 "probes": self.search.probes, "probe_pvs": self.search.probe_pvs}
 
     def in_budget(self) -> bool:
-        return self.config.time_budget is None or time.time() - self.started <= self.config.time_budget
+        return self.deadline is None or time.time() <= self.deadline
 
     def progress_bar(self, progress: bool) -> tqdm:
         """A bar over every seed of the job, the resumed rounds counted as done."""
         seeds = self.seeds
-        return tqdm(total=len(seeds), initial=sum(s in self.records for s in seeds), desc=f"mine {self.config.mode}",
-                    disable=not progress, unit="round")
+        return tqdm(total=len(seeds), initial=sum(s in self.records for s in seeds),
+                    desc=f"mine {self.config.mode} {self.config.position}", disable=not progress, unit="round")
 
-    def run_mode(self, runner: SerialRunner | RayRunner, bar: tqdm, unique_th: float) -> list[int]:
-        """Run the rounds the mode needs with `runner`; the seeds whose PVs are kept, in seed order."""
+    def run_mode(self, runner: SerialRunner | RayRunner, bar: tqdm, unique_th: float,
+                 prior: torch.Tensor | None = None) -> list[int]:
+        """Run the rounds the mode needs with `runner`; the seeds whose PVs are kept, in seed order
+        (`prior`: PVs search steers away from and counts as repeats, see `modes.search`)."""
         config, records, seeds = self.config, self.records, self.seeds
 
         def run(todo: list[int], found: torch.Tensor | None, done: Callable[[], bool],
                 aims: dict[int, torch.Tensor] | None = None) -> None:
             """Run `todo` (stopping once `done()`), checkpointing every finished round."""
             for key, cand, where in runner.run(todo, found, self.in_budget, aims):
-                records[key] = _candidate_record(cand, where, key)
+                records[key] = candidate_record(cand, where, key)
                 self._save()
                 bar.update(1)
                 if done():
@@ -325,12 +310,12 @@ class _Rounds:
 
         if config.mode == "detect":
             return detect(seeds, records, run)
-        self.search = search(seeds, records, run, config, unique_th, bar)
+        self.search = search(seeds, records, run, config, unique_th, bar, prior)
         return self.search.kept
 
     def _save(self) -> None:
         """Write every finished round, in seed order, to the checkpoint."""
-        _write_json_atomic(self.ckpt, {"fingerprint": self.fingerprint, "config": self.config.identity(),
+        write_json_atomic(self.ckpt, {"fingerprint": self.fingerprint, "config": self.config.identity(),
                                        "candidates": [self.records[k] for k in sorted(self.records)]})
 
 
@@ -351,23 +336,25 @@ def _calibrated(backbone: Backbone, records: dict[int, RoundRecord], kept_seeds:
                 c["kept"] = False
                 continue
             keep_idx.append(i)
-            pv_records.append(PVRecord(origin="mined", seed=c["seed"], threshold=th, false_positive_rate=rate,
+            pv_records.append(PVRecord(origin="mined", position=config.position, seed=c["seed"], threshold=th,
+                                       false_positive_rate=rate,
                                        scores={"distance": c["distance"], "entropy_ratio": c["entropy_ratio"],
                                                "dispersion": c["dispersion"]}))
     return (pvs[keep_idx] if keep_idx else torch.zeros(0, backbone.hidden_size)), pv_records
 
 
-def _signature_set(backbone: Backbone, config: MiningConfig, pvs: torch.Tensor, pv_records: list[PVRecord],
+def _signature_set(backbone: Backbone, position: Position, pvs: torch.Tensor, pv_records: list[PVRecord],
                    mining: dict) -> SignatureSet:
-    """The signature file's contents: the calibrated PVs of this backbone, the verdict they give,
-    and how they were mined."""
+    """The signature file's contents: the calibrated PVs of this backbone (each record naming its
+    position; `position`, the first covered, is the file's), the verdict they give, and how they
+    were mined."""
     return SignatureSet.create(
         pvs,
         pv_records,
         backbone_name=backbone.name,
         fingerprint=backbone.fingerprint,
         model_type=backbone.model_type,
-        position=config.position,
+        position=position,
         verdict="backdoored" if pv_records else "clean",
         mining=mining,
     )

@@ -27,7 +27,7 @@ from ..data import clip_words, insert_trigger
 from ..encoding import encode
 from ..errors import LmsanError
 from ..monitor import combination_agreement, combination_signs, pv_combinations, sign_agreement
-from .config import MiningConfig
+from .config import ONE_POSITION, MiningConfig
 
 # Calibration may raise a PV's threshold past 0.97 only while it still flags all but this share of
 # the held-out outputs of the soft trigger that found it.
@@ -76,8 +76,7 @@ def word_starts(units: Sequence[int | None]) -> list[int]:
 
 
 def prepare(backbone: Backbone, lines: list[str], config: MiningConfig) -> Prepared:
-    why = backbone.supports_position(config.position)
-    if why:
+    if why := backbone.supports_position(config.position) if config.position is not None else ONE_POSITION:
         raise LmsanError(why)
     if len(lines) < config.batch_size:
         raise LmsanError(f"corpus has {len(lines)} usable lines, need at least the batch size {config.batch_size}")

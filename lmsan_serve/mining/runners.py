@@ -57,7 +57,12 @@ class SerialRunner:
     workers = 1
 
     def __init__(self, backbone: Backbone, prepared: Prepared, config: MiningConfig, held: Prepared | None = None):
-        self.backbone, self.prepared, self.config, self.held = backbone, prepared, config, held
+        self.backbone = backbone
+        self.retarget(prepared, config, held)
+
+    def retarget(self, prepared: Prepared, config: MiningConfig, held: Prepared | None = None) -> None:
+        """Run the next rounds on another position's data and settings (`mine` covers several)."""
+        self.prepared, self.config, self.held = prepared, config, held
 
     def run(self, seeds: list[int], found: torch.Tensor | None,
             may_start: Callable[[], bool] = lambda: True, aims: dict[int, torch.Tensor] | None = None
@@ -165,10 +170,15 @@ class RayRunner:
         if self._device == "cuda" and self._node is not None and not ray.cluster_resources().get("GPU"):
             self.close()  # its rounds would wait forever for a GPU that this machine does not have
             raise LmsanError("--device cuda: this machine has no GPU that Ray can use (use --device auto or cpu)")
-        self._prepared = ray.put(_to(prepared, torch.device("cpu")))
-        self._held = ray.put(_to(held, torch.device("cpu"))) if held is not None else None
         self._task = ray.remote(num_cpus=1, max_retries=2)(_round_task)
         self._args: tuple[Any, ...] = (backbone.name, self._device, backbone.fingerprint)
+        self.retarget(prepared, config, held)
+
+    def retarget(self, prepared: Prepared, config: MiningConfig, held: Prepared | None = None) -> None:
+        """Run the next rounds on another position's data and settings, on the same cluster (`mine`
+        covers several positions in turn)."""
+        self._prepared = self._ray.put(_to(prepared, torch.device("cpu")))
+        self._held = self._ray.put(_to(held, torch.device("cpu"))) if held is not None else None
         self._config = config
 
     def _round_gpus(self) -> float:
