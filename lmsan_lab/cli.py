@@ -15,8 +15,10 @@ from lmsan_serve.cli.common import add_common, add_trusted_flag, emit, progress,
 from lmsan_serve.cli.prompts import load_guard
 from lmsan_serve.data import comma_list
 from lmsan_serve.errors import LmsanError, settings
+from lmsan_serve.kinds import _Named
 
 from .attacks.designs import PVDesign
+from .attacks.texts import AttackText
 from .demo_config import DEMO_PATIENCE, MAX_SEARCH_ROUNDS, GuardWith
 from .plots import require_plotting
 
@@ -39,10 +41,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
         seed=args.seed,
         pv_design=args.pv_design,
         pv_seed=args.pv_seed,
+        text=args.text,
         **({"target_agreement": args.target_agreement} if args.target_agreement else {}),
     )
+    if args.text and args.corpus:
+        raise LmsanError("--text and --corpus both name the text the attack trains on: pick one")
     out = writable_dir(args.out, "output folder")
-    corpus = load_corpus(args.corpus)
+    corpus = load_corpus(args.corpus)  # with --text, plant_backdoor trains on that text's lines instead
     backbone = load_backbone(args.model, args.device)
     why = backbone.supports_position(config.position)
     if why:
@@ -80,25 +85,24 @@ def key_values(pairs: list[str] | None, flag: str) -> dict:
     return out
 
 
-def cmd_eval_zoo(args: argparse.Namespace) -> int:
-    from .zoo import ATTACKS, ZOO_WORDS, finished_rows, plan_zoo, run_zoo, summarize, write_detection_report
+class ZooPlan(_Named):
+    """Which zoo `lmsan eval zoo` plans: the committed report's, or the held-out one (zoo_plan)."""
 
-    require_plotting()
-    if args.models < 1:
-        raise LmsanError("the number of models must be at least 1")
-    attacks = comma_list(args.attacks)
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if unknown or not attacks:
-        what = f"unknown attack(s) {', '.join(unknown)}" if unknown else "--attacks names no attack"
-        raise LmsanError(f"{what} (choose from {', '.join(ATTACKS)})")
+    DEFAULT = "default"
+    HELDOUT = "heldout"
+
+
+# flags of one plan only: given with the other, they are refused rather than ignored
+_DEFAULT_PLAN_ONLY = ("attacks", "triggers", "clean_every", "trigger_sets")
+_HELDOUT_PLAN_ONLY = ("weak", "controls", "control_set")
+
+
+def _zoo_overrides(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The attack and mining settings that the zoo flags set."""
     for flag, value in (("--attack-steps", args.attack_steps), ("--mine-rounds", args.mine_rounds),
                         ("--lines", args.lines)):
         if value is not None and value < 1:
             raise LmsanError(f"{flag} must be at least 1")
-    words = comma_list(args.triggers) if args.triggers else list(ZOO_WORDS)
-    plan = {k: v for k, v in (("clean_every", args.clean_every), ("triggers_per_model", args.triggers_per_model),
-                              ("trigger_sets", args.trigger_sets)) if v is not None}  # else plan_zoo's defaults
-    members = plan_zoo(args.models, attacks, words=words, seed=args.seed, **plan)
     attack = key_values(args.attack_set, "--attack-set")
     mining = key_values(args.mine_set, "--mine-set")
     if args.attack_steps is not None:
@@ -107,6 +111,32 @@ def cmd_eval_zoo(args: argparse.Namespace) -> int:
         mining["max_rounds"] = args.mine_rounds
     if args.lines is not None:
         mining["lines"] = args.lines
+    return attack, mining
+
+
+def cmd_eval_zoo(args: argparse.Namespace) -> int:
+    from .zoo import ATTACKS, ZOO_WORDS, finished_rows, plan_zoo, run_zoo, summarize, write_detection_report
+
+    require_plotting()
+    if args.models < 1:
+        raise LmsanError("the number of models must be at least 1")
+    other = _HELDOUT_PLAN_ONLY if args.plan == ZooPlan.DEFAULT else _DEFAULT_PLAN_ONLY
+    given = [name for name in other if getattr(args, name) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise LmsanError(f"{flag} does not apply to --plan {args.plan}")
+    if args.plan == ZooPlan.HELDOUT:
+        return _eval_heldout(args)
+    attacks = comma_list(args.attacks) if args.attacks is not None else list(ATTACKS)
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown or not attacks:
+        what = f"unknown attack(s) {', '.join(unknown)}" if unknown else "--attacks names no attack"
+        raise LmsanError(f"{what} (choose from {', '.join(ATTACKS)})")
+    attack, mining = _zoo_overrides(args)
+    words = comma_list(args.triggers) if args.triggers else list(ZOO_WORDS)
+    plan = {k: v for k, v in (("clean_every", args.clean_every), ("triggers_per_model", args.triggers_per_model),
+                              ("trigger_sets", args.trigger_sets)) if v is not None}  # else plan_zoo's defaults
+    members = plan_zoo(args.models, attacks, words=words, seed=args.seed, **plan)
     for m in members:  # bad settings fail here, before any output
         m.attack_config(attack), m.mining_config(mining)
     out = writable_dir(args.out, "output folder")
@@ -135,6 +165,45 @@ def cmd_eval_zoo(args: argparse.Namespace) -> int:
                 f"{summary['models']}), false-positive rate {'-' if fpr is None else f'{fpr:.3f}'}; time to verdict "
                 f"mean {t['backdoored']['mean'] or 0:.1f} s backdoored, {t['clean']['mean'] or 0:.1f} s clean",
           {"report": str(report), **summary})
+    return 0
+
+
+def _eval_heldout(args: argparse.Namespace) -> int:
+    """`lmsan eval zoo N --plan heldout`: N backdoored copies, weak ones and clean controls (zoo_plan)."""
+    from .zoo_heldout import checked_plans, finished_heldout_rows, run_heldout
+    from .zoo_heldout_report import summarize_heldout, write_heldout_report
+    from .zoo_plan import DEFAULT_CONTROLS, DEFAULT_WEAK, TRIGGERS_PER_MEMBER, plan_heldout_zoo
+
+    attack, mining = _zoo_overrides(args)
+    control = key_values(args.control_set, "--control-set")
+    members = plan_heldout_zoo(args.models, weak=DEFAULT_WEAK if args.weak is None else args.weak,
+                               controls=DEFAULT_CONTROLS if args.controls is None else args.controls,
+                               triggers=args.triggers_per_model or TRIGGERS_PER_MEMBER, seed=args.seed)
+    overrides = {"attack_overrides": attack, "control_overrides": control, "mining_overrides": mining}
+    checked_plans(members, **overrides)  # bad settings fail here, before any output
+    out = writable_dir(args.out, "output folder")
+    n_clean = sum(m.clean for m in members)
+    say(args, f"held-out zoo: {len(members) - n_clean} backdoored copies ({sum(m.weak for m in members)} weak) and "
+               f"{n_clean} clean control(s) of {args.model} under {out / 'models'}")
+    interrupted = False
+    try:
+        rows = run_heldout(args.model, members, out, device=args.device, progress=progress(args),
+                           say=lambda m: say(args, m), **overrides)
+    except KeyboardInterrupt:
+        rows = finished_heldout_rows(args.model, members, out, **overrides)
+        if not rows:
+            raise
+        interrupted = True
+    summary = summarize_heldout(rows, planned=len(members))
+    report = write_heldout_report(rows, summary, out, args.model, "lmsan " + shlex.join(args.argv))
+    if interrupted:
+        print(f"lmsan eval: interrupted; partial report of {len(rows)} of {len(members)} models: {report} "
+              "(the same command resumes)", file=sys.stderr)
+        return 130
+    half = summary["halves"]["report"]["all"]
+    emit(args, f"report: {report}\nreport half: {half['detected']} of {half['models']} backdoored copies detected, "
+               f"every PV recovered in {half['all_pvs_recovered']}, {half['false_positives']} of "
+               f"{half['controls']} clean controls called backdoored", {"report": str(report), **summary})
     return 0
 
 
@@ -246,6 +315,9 @@ def add_attack(sub) -> None:
     p.add_argument("--pv-design", choices=PVDesign.values(), default=PVDesign.BLOCK.value,
                    help="shape of the planted PVs (default block, the reference attacks'; see docs/cli.md)")
     p.add_argument("--pv-seed", type=int, default=0, help="seed of the PV draw alone (default 0)")
+    p.add_argument("--text", choices=AttackText.values(), help="train on shipped text the default miner never "
+                   "reads: wikitext (the lines between its fuzzing and calibration lines), news or sms "
+                   "(default: --corpus)")
     p.set_defaults(func=cmd_attack)
 
 
@@ -311,18 +383,29 @@ def _add_eval_zoo(kinds) -> None:
                          description="N copies of --model, backdoored with POR, NeuBA and BToP over trigger sets "
                          "and seeds, every --clean-every-th a clean control (the same training without triggers), "
                          "each mined in detect mode; accuracy, false-positive rate and time to verdict in "
-                         "OUT/detection.md, detection.png, detection.json. Models are cached in OUT/models; a rerun "
-                         "redoes only what is missing.")
-    p.add_argument("models", type=int, metavar="N", help="copies of --model to make and mine")
+                         "OUT/detection.md, detection.png, detection.json. --plan heldout: N backdoored copies over "
+                         "attack x PV design x trigger kind x attack text, weak copies and contrastive clean "
+                         "controls, mined in search mode at every position; OUT/heldout.md, heldout.json. Models "
+                         "are cached in OUT/models; a rerun redoes only what is missing.")
+    p.add_argument("models", type=int, metavar="N", help="copies of --model to make and mine (--plan heldout: "
+                   "backdoored copies besides the weak ones and the controls)")
     add_common(p)
-    p.add_argument("--attacks", default="por,neuba,btop", help="attacks to cycle (default por,neuba,btop)")
+    p.add_argument("--plan", choices=ZooPlan.values(), default=ZooPlan.DEFAULT.value,
+                   help="default: the committed report's zoo; heldout: the zoo of docs/cli.md, lmsan eval zoo")
+    p.add_argument("--weak", type=int, help="heldout: weak copies, stopped at 0.85 to 0.9 agreement (default 8)")
+    p.add_argument("--controls", type=int, help="heldout: contrastive clean controls (default 6)")
+    p.add_argument("--control-set", action="append", metavar="KEY=VALUE",
+                   help="heldout: any clean-control setting, e.g. steps=100 (repeatable; see ControlConfig)")
+    p.add_argument("--attacks", help="attacks to cycle (default por,neuba,btop)")
     p.add_argument("--triggers", help="the word list trigger sets are drawn from (default 24 rare two-letter words)")
     p.add_argument("--clean-every", type=int, help="every Nth model is a clean control (default 4)")
-    p.add_argument("--triggers-per-model", type=int, help="triggers (one PV each) per copy (default 6)")
+    p.add_argument("--triggers-per-model", type=int, help="triggers (one PV each) per copy (default 6; "
+                   "heldout 4)")
     p.add_argument("--trigger-sets", type=int, help="distinct trigger sets to cycle (default 3)")
     p.add_argument("--attack-steps", type=int, help="attack optimisation steps at most (default 300; clean "
                    "controls 100)")
-    p.add_argument("--mine-rounds", type=int, help="detect-mode rounds at most (default 30)")
+    p.add_argument("--mine-rounds", type=int, help="rounds at most (default 30 in detect mode; heldout: per "
+                   "position, search mode's 1000)")
     p.add_argument("--lines", type=int, help="clean corpus lines to fuzz on (default 256)")
     p.add_argument("--attack-set", action="append", metavar="KEY=VALUE",
                    help="any other attack setting, e.g. lr=5e-3 (repeatable; see AttackConfig)")

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from .designs import PVDesign
+from .texts import AttackText
 
 DEFAULT_TRIGGERS = ("cf", "mn", "tq", "qt", "mm", "pt")
 MAX_PHRASE_WORDS = 4
@@ -15,7 +16,7 @@ MAX_PHRASE_WORDS = 4
 # Settings added after attack.json files were first cached: `model_dump` leaves them out while they
 # hold these values, so a config made before they existed still compares equal to today's default
 # (the demo and the zoo reuse a planted copy only when the dumped configs match).
-_OMITTED_AT_DEFAULT: dict[str, Any] = {"pv_design": PVDesign.BLOCK, "pv_seed": 0}
+_OMITTED_AT_DEFAULT: dict[str, Any] = {"pv_design": PVDesign.BLOCK, "pv_seed": 0, "text": None}
 
 
 class AttackConfig(BaseModel):
@@ -23,7 +24,9 @@ class AttackConfig(BaseModel):
 
     kind: `por` and `neuba` attack the [CLS] output (`neuba` with `pooler=True` the pooler output),
     `btop` the [MASK] output. `clean=True` runs the same training with no triggers: the control
-    model for false-positive tests. A trigger is a word, or a phrase of up to MAX_PHRASE_WORDS
+    model for false-positive tests. `text` names the text the attack trains on (`texts.AttackText`:
+    lines a default miner never reads); None, the default, trains on the corpus the caller passes,
+    as the demo does. A trigger is a word, or a phrase of up to MAX_PHRASE_WORDS
     words (`"cf mn"`): the backdoor then fires on the whole phrase only, since the attack also
     trains inputs holding part of it to keep their clean output.
     """
@@ -50,6 +53,8 @@ class AttackConfig(BaseModel):
     heldout: int = Field(default=300, ge=8, description="corpus lines held out for evaluation")
     pv_design: PVDesign = PVDesign.BLOCK
     pv_seed: int = Field(default=0, description="seeds the PV draw alone, apart from the training seed")
+    text: AttackText | None = Field(default=None, description=(
+        "train on this text's lines (texts.attack_corpus) instead of the corpus passed to plant_backdoor"))
 
     @model_validator(mode="after")
     def _check(self) -> AttackConfig:

@@ -214,7 +214,12 @@ def _planted_pvs(backbone: Backbone, config: AttackConfig, feats: _Features, tra
 def plant_backdoor(
     backbone: Backbone, config: AttackConfig, corpus: list[str], progress: bool = True
 ) -> AttackResult:
-    """Train a backdoored copy of `backbone.model`; the backbone itself is left untouched."""
+    """Train a backdoored copy of `backbone.model`; the backbone itself is left untouched. A config
+    that names its `text` trains on that text's lines (`texts.attack_corpus`), not on `corpus`."""
+    if config.text is not None:
+        from .texts import attack_corpus
+
+        corpus = attack_corpus(config.text)
     if len(corpus) < config.heldout + max(config.clean_batch, config.poison_batch):
         raise LmsanError(
             f"corpus too small: {len(corpus)} lines, need at least "
