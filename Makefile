@@ -28,7 +28,7 @@ LOWEST_TESTS ?= tests/test_architectures.py tests/test_encoding.py tests/test_se
 LOWEST_SKIP ?= not test_attack_writes_a_backdoored_model and not test_a_prompt_for_other_weights_than_the_signatures_is_refused \
 	and not test_every_dashboard_query_returns_data and not test_every_alert_rule_returns_data
 
-.PHONY: demo test test-lowest lint bench clean-venv
+.PHONY: demo test test-lowest lint bench bench-quick clean-venv
 
 # $(1): the python of the venv to install torch into
 define install_torch
@@ -71,8 +71,14 @@ test-lowest: $(LOWEST_VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
+# `make bench`: every benchmark in one run, one JSON line (bench/README.md; the mining part is long,
+# BENCH_ARGS='--skip mining' leaves it out); `make bench-quick`: the same chain on tiny artifacts.
+BENCH_ARGS ?=
 bench: $(VENV)/.installed
-	$(PY) bench/bench_guard.py
+	$(PY) bench/bench_all.py $(BENCH_ARGS)
+
+bench-quick: $(VENV)/.installed
+	$(PY) bench/bench_all.py --quick $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -9,9 +9,11 @@ a noisy machine:
    per-PV score bit for bit, every flag and best PV the same. The monitor the guard runs also
    scores combinations of PVs: it must keep every single-PV flag, and the inputs only a
    combination flags are counted apart. The script fails on any mismatch.
-2. Purge: our `Purifier` (through `Guard` in enforce mode) against the reference purge (delete one
-   word per forward pass, left to right, stop at the first deletion that silences the monitor), on
-   SST-2 (or WikiText) text clipped to 16/64/128 words with one trigger at a random position.
+2. Purge: our `Purifier` (through `Guard` in enforce mode) against the reference purge batched like
+   the official harness (every single-word deletion, scored in batches of 32, left to right, up to
+   the first batch that holds a deletion silencing the monitor; `reference_purge` says why there),
+   on SST-2 (or WikiText) text clipped to 16/64/128 words with one trigger at a random position.
+   The ms ratio (p50 and mean) is the comparison; passes and rows say where the time went.
 
 `--quick` runs both on the tiny backdoored BERT of bench/tiny_artifacts.py, guarded with the
 signatures mined from it, with fewer inputs and repeats: it checks that the script runs.
@@ -136,40 +138,78 @@ class PlainPass:
         assert guard.monitor is not None and guard.signatures is not None
         self.guard = guard
         self.monitor: Monitor = guard.monitor
-        self.position = guard.signatures.position
 
     @torch.no_grad()
     def __call__(self, text: str) -> Pass:
         g = self.guard
         batch = g.classifier.encode(g.backbone, [text])
         out = g.classifier.forward_batch(g.backbone, batch)
-        mon = self.monitor(g.backbone.select(out.hidden, self.position, batch.monitor_index, g.classifier.cls_index))
+        mon = self.monitor(g._monitored(out.hidden, batch.monitor_index, g.classifier.cls_index))
         return Pass(g.classifier.labels[int(out.logits[0].argmax())], bool(mon.flagged[0]))
+
+    @torch.no_grad()
+    def batch(self, texts: list[str]) -> list[Pass]:
+        """One pass over several texts, padded together (the reference harness's batched scoring)."""
+        g = self.guard
+        enc = g.classifier.encode(g.backbone, texts)
+        out = g.classifier.forward_batch(g.backbone, enc)
+        mon = self.monitor(g._monitored(out.hidden, enc.monitor_index, g.classifier.cls_index))
+        return [Pass(g.classifier.labels[int(out.logits[i].argmax())], bool(mon.flagged[i])) for i in range(len(texts))]
 
     @torch.no_grad()
     def features(self, texts: list[str]) -> torch.Tensor:
         g = self.guard
         batch = g.classifier.encode(g.backbone, texts)
         out = g.classifier.forward_batch(g.backbone, batch)
-        return g.backbone.select(out.hidden, self.position, batch.monitor_index, g.classifier.cls_index).float().cpu()
+        return g._monitored(out.hidden, batch.monitor_index, g.classifier.cls_index).float().cpu()
 
 
 # -- 1. monitor ------------------------------------------------------------------------------------
 
 
-def reference_monitor(features: torch.Tensor, pvs: torch.Tensor, thresholds: torch.Tensor
-                      ) -> tuple[list[bool], list[int], list[list[float]]]:
+def pv_columns(monitor: Monitor) -> list[int | None]:
+    """Per PV, the slice of [N, P, H] features holding the output it describes (None: an output
+    the guard does not read, e.g. [MASK] without a cloze prompt: never scored, never flags)."""
+    watched = getattr(monitor, "watched", None)
+    positions = getattr(monitor.signatures, "pv_positions", None)
+    if watched is None or positions is None:  # one output for every PV
+        return [0] * int(monitor.pvs.shape[0])
+    return [watched.index(p) if p in watched else None for p in positions]
+
+
+def _output(x: torch.Tensor, column: int) -> torch.Tensor:
+    """One sample's output at `column`: x itself when the features hold one output per sample."""
+    return x if x.ndim == 1 else x[column]
+
+
+def per_pv_scores(monitor: Monitor, x: torch.Tensor) -> list[list[float]]:
+    """Our metric's per-PV scores, each PV read at its own output (0 where it is not watched)."""
+    cols = pv_columns(monitor)
+    if x.ndim == 2:
+        return monitor.metric(x, monitor.pvs).tolist()
+    out = torch.zeros(x.shape[0], len(cols))
+    for k, c in enumerate(cols):
+        if c is not None:
+            out[:, k] = monitor.metric(x[:, c], monitor.pvs[k : k + 1])[:, 0]
+    return out.tolist()
+
+
+def reference_monitor(features: torch.Tensor, pvs: torch.Tensor, thresholds: torch.Tensor,
+                      columns: list[int | None] | None = None) -> tuple[list[bool], list[int], list[list[float]]]:
     """The reference monitor: per sample, per PV, the share of dimensions whose signs agree, flag
     above the threshold. It scores single PVs only, never combinations of them. Best PV: the one
     furthest over its threshold, else the highest score (first on ties), which is the rule
-    `Monitor` documents. Returns flags, best PVs and every sample's per-PV scores."""
+    `Monitor` documents. Features [N, H], or [N, P, H] with `columns` naming each PV's output
+    (a signature set mined at several outputs). Returns flags, best PVs and every sample's per-PV scores."""
     flagged, best, scores = [], [], []
     for x in features:
         row = []
         best_score, best_k = -math.inf, -1
         best_margin, best_margin_k = -math.inf, -1
         for k, pv in enumerate(pvs):
-            score = float((torch.sign(x) == torch.sign(pv)).float().mean())
+            col = 0 if columns is None else columns[k]
+            # a PV at an output not read scores 0 and never flags, as in `Monitor`
+            score = 0.0 if col is None else float((torch.sign(_output(x, col)) == torch.sign(pv)).float().mean())
             margin = score - float(thresholds[k])
             row.append(score)
             if score > best_score:
@@ -232,8 +272,8 @@ def compare_monitors(single: Monitor, deployed: Monitor, x: torch.Tensor, where:
     combination. Returns the mismatches, the single-PV flags and the combination-only flags.
 
     Scores match exactly: (H + s.p) / 2H and mean(s == p) are the same rational number, rounded once."""
-    ref_flag, ref_best, ref_scores = reference_monitor(x, single.pvs, single.thresholds)
-    ours_scores = single.metric(x, single.pvs).tolist()
+    ref_flag, ref_best, ref_scores = reference_monitor(x, single.pvs, single.thresholds, pv_columns(single))
+    ours_scores = per_pv_scores(single, x)
     ours, full = single(x), deployed(x)
     k = single.pvs.shape[0]
     mismatches, combo_only = [], 0
@@ -262,9 +302,11 @@ def bench_monitor(plain: PlainPass, sig: SignatureSet, triggers: list[str], sent
         raise LmsanError(f"{sig.path}: the reference monitor scores sign agreement; this file uses {sig.metric}")
     size = 32
     feats = monitor_inputs(plain, triggers, sentences, n_batches * size, seed)
-    single = Monitor(sig, combinations=False)  # on the CPU, like the loop
-    deployed = Monitor(sig)  # what the guard runs
-    pvs, thresholds = single.pvs, single.thresholds
+    # the outputs the guard reads (a set mined at several outputs: those the prompt holds)
+    watched = {"watched": plain.guard.watched} if hasattr(plain.guard, "watched") else {}
+    single = Monitor(sig, combinations=False, **watched)  # on the CPU, like the loop
+    deployed = Monitor(sig, **watched)  # what the guard runs
+    pvs, thresholds, columns = single.pvs, single.thresholds, pv_columns(single)
     batches = [feats[i * size : (i + 1) * size] for i in range(n_batches)]
 
     threads = torch.get_num_threads()
@@ -280,16 +322,16 @@ def bench_monitor(plain: PlainPass, sig: SignatureSet, triggers: list[str], sent
         for _ in range(3):  # warm-up
             single(batches[0])
             deployed(batches[0])
-            reference_monitor(batches[0], pvs, thresholds)
+            reference_monitor(batches[0], pvs, thresholds, columns)
         ours_ms = statistics.median(_median_ms(lambda x=x: single(x), repeats * 10) for x in batches)
         full_ms = statistics.median(_median_ms(lambda x=x: deployed(x), repeats * 10) for x in batches)
         ref_ms = statistics.median(
-            _median_ms(lambda x=x: reference_monitor(x, pvs, thresholds), repeats) for x in batches
+            _median_ms(lambda x=x: reference_monitor(x, pvs, thresholds, columns), repeats) for x in batches
         )
     finally:
         torch.set_num_threads(threads)
     return MonitorBench(
-        batches=n_batches, batch_size=size, hidden=int(feats.shape[1]), pvs=int(pvs.shape[0]),
+        batches=n_batches, batch_size=size, hidden=int(feats.shape[-1]), pvs=int(pvs.shape[0]),
         combinations=len(deployed.combos), threads=1, vectors_flagged=flagged_total, combination_only=combo_total,
         ours_ms=ours_ms, reference_ms=ref_ms, speedup=ref_ms / ours_ms, ours_with_combinations_ms=full_ms,
         speedup_with_combinations=ref_ms / full_ms, identical=not mismatches, mismatches=mismatches[:10],
@@ -299,36 +341,47 @@ def bench_monitor(plain: PlainPass, sig: SignatureSet, triggers: list[str], sent
 # -- 2. purge --------------------------------------------------------------------------------------
 
 
+REFERENCE_BATCH = 32  # the official harness scores deletion variants 32 at a time
+
+
 @dataclass
 class RefPurge:
-    passes: int  # deletion passes after the first classifying pass
+    passes: int  # batched deletion passes after the first classifying pass
+    rows: int  # deletion variants scored in them
     silenced: bool
     label: str
     removed: str | None
 
 
-def reference_purge(plain: PlainPass, text: str) -> tuple[Pass, RefPurge | None]:
-    """The reference purge: if flagged, delete each word (all copies of it) from the original text,
-    left to right, one forward pass per deletion; stop at the first that silences the monitor."""
+def reference_purge(plain: PlainPass, text: str, batch: int = REFERENCE_BATCH) -> tuple[Pass, RefPurge | None]:
+    """The reference purge, batched like the official harness: if the text is flagged, build every
+    single-word-deletion variant (one per distinct word, every copy of it removed) and score them
+    in batches of `batch`, left to right. It stops at the end of the first batch that holds a
+    variant silencing the monitor and keeps the first such variant: the cheapest run of the
+    harness that finds what scoring every batch would (the first silencing variant), so the
+    reference is credited with its lowest cost."""
     first = plain(text)
     if not first.flagged:
         return first, None
     words = text.split()
-    tried: set[str] = set()
-    passes = 0
+    keys: list[str] = []
+    variants: list[str] = []
     for w in words:
         key = w.lower()
-        if key in tried:
-            continue
-        tried.add(key)
         shorter = " ".join(x for x in words if x.lower() != key)
-        if not shorter:
+        if key in keys or not shorter:
             continue
+        keys.append(key)
+        variants.append(shorter)
+    passes = rows = 0
+    for s in range(0, len(variants), batch):
+        results = plain.batch(variants[s : s + batch])
         passes += 1
-        now = plain(shorter)
-        if not now.flagged:
-            return first, RefPurge(passes, True, now.label, key)
-    return first, RefPurge(passes, False, first.label, None)
+        rows += len(results)
+        for key, now in zip(keys[s : s + batch], results, strict=True):
+            if not now.flagged:
+                return first, RefPurge(passes, rows, True, now.label, key)
+    return first, RefPurge(passes, rows, False, first.label, None)
 
 
 @dataclass
@@ -380,7 +433,8 @@ class LengthBench:
     first_pass_disagreements: int  # guard and plain pass flag the same text differently
     ours_passes: float  # mean batched purge passes per flagged input (incl. the re-check pass)
     ours_rows: float  # mean variant rows scored per flagged input
-    ref_passes: float  # mean sequential deletion passes per flagged input
+    ref_passes: float  # mean batched deletion passes per flagged input (batches of 32 variants)
+    ref_rows: float  # mean deletion variants the reference scored per flagged input
     ours_mean_ms: float
     ref_mean_ms: float
     ours_p50_ms: float
@@ -426,7 +480,7 @@ def bench_length(guard: Guard, plain: PlainPass, words: int, cases: list[Case]) 
     guard.classify([cases[0].text])
     reference_purge(plain, cases[0].text)
     clean_ms, ours_ms, ref_ms = [], [], []
-    ours_passes, ours_rows, ref_passes = [], [], []
+    ours_passes, ours_rows, ref_passes, ref_rows = [], [], [], []
     ours_ok, ref_ok, ours_exact, ref_exact = [], [], [], []
     clean_flagged = flagged = disagree = 0
     for n, c in enumerate(cases):
@@ -460,6 +514,7 @@ def bench_length(guard: Guard, plain: PlainPass, words: int, cases: list[Case]) 
         ours_passes.append(stats.purge_passes)
         ours_rows.append(stats.purge_variants)
         ref_passes.append(ref.passes)
+        ref_rows.append(ref.rows)
         ours_ok.append(res.guard.action == "purged" and res.label == clean_label.label)
         ref_ok.append(ref.silenced and ref.label == clean_label.label)
         ours_exact.append(res.guard.removed == [c.trigger.lower()])
@@ -468,7 +523,7 @@ def bench_length(guard: Guard, plain: PlainPass, words: int, cases: list[Case]) 
         words=words, inputs=len(cases), truncated=sum(c.truncated for c in cases),
         clean_flagged=clean_flagged, triggered_flagged=flagged, first_pass_disagreements=disagree,
         ours_passes=_mean(ours_passes), ours_rows=_mean(ours_rows), ref_passes=_mean(ref_passes),
-        ours_mean_ms=_mean(ours_ms), ref_mean_ms=_mean(ref_ms),
+        ref_rows=_mean(ref_rows), ours_mean_ms=_mean(ours_ms), ref_mean_ms=_mean(ref_ms),
         ours_p50_ms=_p50(ours_ms), ref_p50_ms=_p50(ref_ms),
         clean_p50_ms=_p50(clean_ms), ours_success=_mean(ours_ok), ref_success=_mean(ref_ok),
         ours_exact=_mean(ours_exact), ref_exact=_mean(ref_exact),
@@ -523,7 +578,7 @@ def render(mon: MonitorBench, purge: list[LengthBench]) -> str:
             str(p.words),
             f"{p.triggered_flagged}/{p.inputs}",
             f"{num(p.ours_passes)} ({num(p.ours_rows, '.0f')} rows)",
-            num(p.ref_passes),
+            f"{num(p.ref_passes)} ({num(p.ref_rows, '.0f')} rows)",
             f"{num(p.ours_mean_ms, '.0f')} / {num(p.ours_p50_ms, '.0f')}",
             f"{num(p.ref_mean_ms, '.0f')} / {num(p.ref_p50_ms, '.0f')}",
             f"{num(p.speedup_mean)}x / {num(p.speedup_p50)}x",
@@ -532,16 +587,17 @@ def render(mon: MonitorBench, purge: list[LengthBench]) -> str:
             f"{pct(p.ours_success)} / {pct(p.ref_success)}",
         ])
     out.append(_table(
-        ["words", "flagged", "passes ours (rows)", "passes ref", "ms ours mean / p50", "ms ref mean / p50",
+        ["words", "flagged", "passes ours (rows)", "passes ref (rows)", "ms ours mean / p50", "ms ref mean / p50",
          "ref / ours (mean / p50)", "clean p50 ms", "triggered / clean p50 (ours / ref)",
          "purged + label restored (ours / ref)"],
         rows,
     ))
     notes = [
         "",
-        "passes: forward passes spent purging one input after its first classifying pass: ours are",
-        "batched (rows = variant rows scored in them) and include one re-check pass of the purged text;",
-        "the reference's are sequential, one row each.",
+        "passes: forward passes spent purging one input after its first classifying pass, both batched",
+        "(rows = variant rows scored in them); ours include one re-check pass of the purged text; the",
+        f"reference scores every single-word deletion in batches of {REFERENCE_BATCH}, up to the first batch that",
+        "silences the monitor.",
     ]
     for p in purge:
         extra = [f"{p.words} words: removed exactly the trigger: {pct(p.ours_exact)} ours, "
@@ -694,33 +750,44 @@ def summarize(args: argparse.Namespace, setup: Setup, mon: MonitorBench, purge: 
     }
 
 
-def bench(args: argparse.Namespace, model_dir: Path, prompt: str | None, signatures: str | None) -> int:
-    """Run, print and write the benchmark on one model; 1 when the monitors disagree."""
+def measure(args: argparse.Namespace, model_dir: Path, prompt: str | None, signatures: str | None
+            ) -> tuple[dict, str]:
+    """Both parts on one model: the JSON summary and the printed report. Raises LmsanError when the
+    model, prompt or signature file is unusable."""
     load_start = _loadavg()
-    try:
-        say(f"model: {model_dir}")
-        setup = load_setup(model_dir, prompt, signatures, args.device)
-    except LmsanError as exc:
-        say(f"error: {exc}")
-        return 2
+    say(f"model: {model_dir}")
+    setup = load_setup(model_dir, prompt, signatures, args.device)
     if setup.missed:
         say(f"note: {setup.sig.path} does not cover the triggers {setup.missed}; they are left out of the inputs")
     mon, purge = run(args, setup)
     cmd = command_line()
-    print(render(mon, purge))
     load_end = _loadavg()
-    print(f"\nmodel {model_dir} ({len(setup.triggers)} triggers covered, {len(setup.missed)} not), signatures "
-          f"{setup.sig.path}, source {args.source}, seed {args.seed}, device {setup.backbone.device}, "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads for the purge part; "
-          f"1-min load average {load_start} at start, {load_end} at end (absolute ms grow with load, the "
-          "side-by-side ratios much less)")
-    print(f"command: {cmd}")
+    text = "\n".join([
+        render(mon, purge),
+        f"\nmodel {model_dir} ({len(setup.triggers)} triggers covered, {len(setup.missed)} not), signatures "
+        f"{setup.sig.path}, source {args.source}, seed {args.seed}, device {setup.backbone.device}, "
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads for the purge part; "
+        f"1-min load average {load_start} at start, {load_end} at end (absolute ms grow with load, the "
+        "side-by-side ratios much less)",
+        f"command: {cmd}",
+    ])
+    return summarize(args, setup, mon, purge, cmd, (load_start, load_end)), text
+
+
+def bench(args: argparse.Namespace, model_dir: Path, prompt: str | None, signatures: str | None) -> int:
+    """Run, print and write the benchmark on one model; 1 when the monitors disagree."""
+    try:
+        summary, text = measure(args, model_dir, prompt, signatures)
+    except LmsanError as exc:
+        say(f"error: {exc}")
+        return 2
+    print(text)
     if args.json:
-        summary = summarize(args, setup, mon, purge, cmd, (load_start, load_end))
         Path(args.json).write_text(json.dumps(summary, indent=2))
         say(f"wrote {args.json}")
-    if not mon.identical:
-        say("FAIL: the monitors disagree:\n  " + "\n  ".join(mon.mismatches))
+    mon = summary["monitor"]
+    if not mon["identical"]:
+        say("FAIL: the monitors disagree:\n  " + "\n  ".join(mon["mismatches"]))
         return 1
     return 0
 

@@ -2,18 +2,25 @@
 2308.13904; re-implemented in bench/reference_mine.py) on backdoored copies of one encoder.
 
 For each model (POR and NeuBA at [CLS], BToP at [MASK], and a clean control mined at [CLS]), in one
-process, on the same backbone and the same first `--lines` corpus lines:
+process, on the same backbone and the shipped corpus (ours on its first `--lines`, `lmsan mine`'s
+default; the reference on its own 2,000):
 
 1. ours, detection mode: `mine(..., MiningConfig(mode="detect"))`: verdict, rounds, seconds to the
-   verdict (wall time of the call: preparation, rounds, calibration), PVs kept;
-2. the reference, detection mode (`reference_detect`): verdict, rounds, seconds, and how well its
-   one PV matches a planted PV (best sign agreement);
+   verdict (wall time of the call: preparation, rounds, calibration), PVs kept. Told the position,
+   like the reference, and again with `lmsan mine`'s default position (`MiningConfig`'s), the
+   command a user would type first; where that default is the told position, one run is both;
+2. the reference, detection mode (`reference_detect`), at its best: the official settings of the
+   model's family, its 2,000-line corpus (`--reference-lines`), once per learning rate of
+   `--reference-lrs` (the official one always included); the best point (the right verdict in the
+   least time) is the one compared, every point is reported: verdict, rounds, seconds, and how well
+   its one PV matches a planted PV (best sign agreement);
 3. ours, search mode (`--search-rounds` rounds or `--search-budget` seconds): PVs kept and how many
    planted PVs they recover (sign agreement >= 0.9 with some mined PV, as `lmsan demo` counts).
 
 The backdoored models are planted once (`lmsan_lab.attacks`) and cached under `--out`; a folder
 that already holds `truth.safetensors` is reused. Mining outputs go next to each model
-(`mined-detect.safetensors`, `mined-search.safetensors`, `reference-detect.json`).
+(`mined-detect.safetensors`, `mined-search.safetensors`, `reference-detect-lr<lr>.json` per sweep point
+and `reference-detect.json`, the best one).
 
     .venv/bin/python bench/bench_mine.py --quick                 # tiny random BERT, well under a minute
     .venv/bin/python bench/bench_mine.py --attacks por,clean --json runs/bench-mine.json
@@ -46,9 +53,12 @@ from lmsan_serve.signatures import SignatureSet
 from lmsan_serve.testing import make_tiny_bert
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_mine import reference_detect  # noqa: E402  (a sibling file, not a package)
+from reference_mine import REFERENCE_LINES, reference_corpus, reference_defaults, reference_detect  # noqa: E402  (a sibling file, not a package)
 
 ATTACKS = ("por", "neuba", "btop", "clean")
+# The reference's learning-rate sweep: BERT's official 5e-5, the other families' 2e-4, and 4e-4,
+# where a hand run of the reference's own loop found POR's PV on MiniLM.
+REFERENCE_LRS = (5e-5, 2e-4, 4e-4)
 
 
 def say(msg: str) -> None:
@@ -111,50 +121,89 @@ def ensure_model(name: str, folder: Path, base: str, device: str, corpus: list[s
     return folder
 
 
+def _ours_detect(backbone: Backbone, config: MiningConfig, corpus: list[str], out: Path, planted: torch.Tensor,
+                 args: argparse.Namespace) -> dict:
+    """One `mine` call in detect mode: verdict, rounds, seconds to the verdict (the whole call)."""
+    t0 = time.perf_counter()
+    res = mine(backbone, config, corpus, out=out, progress=args.progress, say=say)
+    return {"verdict": res.verdict, "rounds": res.rounds, "seconds": time.perf_counter() - t0,
+            "pvs": len(res.signatures), "recovered": recovered(planted, res.signatures.pvs),
+            "position": str(config.position) if config.position else "every supported", "signature": str(out)}
+
+
+def pick_best(points: list[dict], truth: str) -> dict:
+    """The reference at its best: the right verdict in the least time; when no point is right, the
+    fastest one (the smallest time the reference could be credited with)."""
+    right = [p for p in points if p["verdict"] == truth]
+    return min(right or points, key=lambda p: p["seconds"])
+
+
+def _reference_sweep(name: str, folder: Path, backbone: Backbone, truth: str, planted: torch.Tensor,
+                     position: str, sizes: Sizes, corpus: list[str], args: argparse.Namespace) -> tuple[dict, list]:
+    """The reference's detect mode once per learning rate of the sweep, each on its own fresh
+    optimiser, the official distance threshold of the family throughout; every point's result is
+    saved, the best one also as reference-detect.json."""
+    official_lr, official_th = reference_defaults(backbone)
+    lrs = sorted({official_lr, *args.reference_lrs})
+    lines = corpus[: args.reference_lines]
+    points = []
+    for lr in lrs:
+        say(f"[{name}] reference, detect, lr {lr:g} ({args.rounds} rounds at most, {position}, {len(lines)} lines)")
+        t0 = time.perf_counter()
+        ref = reference_detect(backbone, lines, position=position, rounds=args.rounds, lr=lr,
+                               distance_th=official_th, batch_size=sizes.batch_size, max_length=sizes.max_length,
+                               progress=args.progress)
+        seconds = time.perf_counter() - t0
+        agreement = None
+        if ref["pv"] is not None and len(planted):
+            agreement = float(sign_agreement(planted, torch.tensor([ref["pv"]])).max())
+        (folder / f"reference-detect-lr{lr:g}.json").write_text(json.dumps(ref, indent=1))
+        points.append({"verdict": ref["verdict"], "rounds": ref["rounds"], "seconds": seconds,
+                       "pv_best_agreement": agreement, "lr": ref["lr"], "distance_th": ref["distance_th"],
+                       "official_lr": lr == official_lr, "lines": len(lines), "records": ref["records"]})
+        say(f"[{name}] reference at lr {lr:g}: {ref['verdict']} after {ref['rounds']} rounds, {seconds:.1f} s")
+    best = pick_best(points, truth)
+    saved = (folder / f"reference-detect-lr{best['lr']:g}.json").read_text()
+    (folder / "reference-detect.json").write_text(saved)
+    return best, points
+
+
 def bench_model(name: str, folder: Path, args: argparse.Namespace, sizes: Sizes, corpus: list[str]) -> dict:
+    """Ours (told the position, and with `lmsan mine`'s defaults), the reference's sweep, our search."""
     position = "mask" if name == "btop" else "cls"
     backbone: Backbone = load_backbone(str(folder), args.device)
     truth = SignatureSet.load(folder / "truth.safetensors", hidden_size=backbone.hidden_size)
     planted = truth.pvs
-    common = {"position": position, "lines": args.lines, "batch_size": sizes.batch_size,
-              "max_length": sizes.max_length}
+    common = {"lines": args.lines, "batch_size": sizes.batch_size, "max_length": sizes.max_length}
     if sizes.calibration_lines is not None:
         common.update(calibration_lines=sizes.calibration_lines, held_out_lines=sizes.held_out_lines)
     row: dict = {"attack": name, "model": str(folder), "position": position, "truth": truth.meta.verdict,
                  "planted": len(planted)}
 
     say(f"[{name}] ours, detect ({args.rounds} rounds at most, {position})")
-    t0 = time.perf_counter()
-    res = mine(backbone, MiningConfig(mode="detect", max_rounds=args.rounds, **common), corpus,
-               out=folder / "mined-detect.safetensors", progress=args.progress, say=say)
-    row["ours"] = {"verdict": res.verdict, "rounds": res.rounds, "seconds": time.perf_counter() - t0,
-                   "pvs": len(res.signatures), "recovered": recovered(planted, res.signatures.pvs),
-                   "signature": str(folder / "mined-detect.safetensors")}
-    say(f"[{name}] ours: {res.verdict} after {res.rounds} rounds, {row['ours']['seconds']:.1f} s")
+    told = MiningConfig(mode="detect", max_rounds=args.rounds, position=position, **common)
+    row["ours"] = _ours_detect(backbone, told, corpus, folder / "mined-detect.safetensors", planted, args)
+    say(f"[{name}] ours: {row['ours']['verdict']} after {row['ours']['rounds']} rounds, "
+        f"{row['ours']['seconds']:.1f} s")
+    defaults = MiningConfig(mode="detect", max_rounds=args.rounds, **common)
+    if defaults.position == told.position:  # the same settings: the same run, not a second one
+        row["ours_defaults"] = {**row["ours"], "same_run_as_ours": True}
+    else:
+        say(f"[{name}] ours, detect with `lmsan mine`'s default position ({defaults.position or 'every supported'})")
+        row["ours_defaults"] = {**_ours_detect(backbone, defaults, corpus, folder / "mined-detect-defaults.safetensors",
+                                               planted, args), "same_run_as_ours": False}
 
-    row["reference"] = None
+    row["reference"], row["reference_sweep"] = None, []
     if not args.skip_reference:
-        say(f"[{name}] reference, detect ({args.rounds} rounds at most, {position})")
-        t0 = time.perf_counter()
-        ref = reference_detect(backbone, corpus[: args.lines], position=position, rounds=args.rounds,
-                               lr=args.reference_lr, batch_size=sizes.batch_size, max_length=sizes.max_length,
-                               progress=args.progress)
-        seconds = time.perf_counter() - t0
-        agreement = None
-        if ref["pv"] is not None and len(planted):
-            agreement = float(sign_agreement(planted, torch.tensor([ref["pv"]])).max())
-        (folder / "reference-detect.json").write_text(json.dumps(ref, indent=1))
-        row["reference"] = {"verdict": ref["verdict"], "rounds": ref["rounds"], "seconds": seconds,
-                            "pv_best_agreement": agreement, "lr": ref["lr"], "distance_th": ref["distance_th"],
-                            "records": ref["records"]}
-        say(f"[{name}] reference: {ref['verdict']} after {ref['rounds']} rounds, {seconds:.1f} s")
+        row["reference"], row["reference_sweep"] = _reference_sweep(
+            name, folder, backbone, row["truth"], planted, position, sizes, corpus, args)
 
     row["search"] = None
     if not args.skip_search:
         say(f"[{name}] ours, search ({args.search_rounds} rounds or {args.search_budget:.0f} s)")
         t0 = time.perf_counter()
         res = mine(backbone, MiningConfig(mode="search", max_rounds=args.search_rounds,
-                                          time_budget=args.search_budget, **common),
+                                          time_budget=args.search_budget, position=position, **common),
                    corpus, out=folder / "mined-search.safetensors", progress=args.progress, say=say)
         row["search"] = {"verdict": res.verdict, "pvs": len(res.signatures), "rounds": res.rounds,
                          "recovered": recovered(planted, res.signatures.pvs), "seconds": time.perf_counter() - t0,
@@ -166,6 +215,22 @@ def bench_model(name: str, folder: Path, args: argparse.Namespace, sizes: Sizes,
     row["reference_correct"] = row["reference"]["verdict"] == row["truth"] if row["reference"] else None
     row["time_ratio"] = row["reference"]["seconds"] / row["ours"]["seconds"] if row["reference"] else None
     return row
+
+
+def speedups(rows: list[dict]) -> dict:
+    """Per attack: the reference's best time over ours (told the position), with both verdicts."""
+    out = {}
+    for r in rows:
+        ref = r["reference"]
+        out[r["attack"]] = {
+            "speedup": r["time_ratio"], "truth": r["truth"],
+            "ours_verdict": r["ours"]["verdict"], "ours_seconds": r["ours"]["seconds"],
+            "ours_defaults_verdict": r["ours_defaults"]["verdict"],
+            "ours_defaults_seconds": r["ours_defaults"]["seconds"],
+            "reference_verdict": ref["verdict"] if ref else None, "reference_seconds": ref["seconds"] if ref else None,
+            "reference_lr": ref["lr"] if ref else None,
+        }
+    return out
 
 
 def _yes(flag: bool | None) -> str:
@@ -195,6 +260,15 @@ def render(rows: list[dict], model: str) -> str:
         total_ref = sum(r["reference"]["seconds"] for r in refs)
         summary += f"; total detect time ours {total_ours:.1f} s, reference {total_ref:.1f} s " \
                    f"({total_ref / total_ours:.2f}x)"
+    for r in refs:
+        points = "; ".join(f"lr {p['lr']:g}: {p['verdict']}, {p['rounds']} rounds, {p['seconds']:.1f} s"
+                           for p in r["reference_sweep"])
+        summary += f"\nreference sweep, {r['attack']} (best lr {r['reference']['lr']:g}): {points}"
+    for r in rows:
+        d = r["ours_defaults"]
+        if not d["same_run_as_ours"]:
+            summary += (f"\nours with `lmsan mine`'s default position ({d['position']}), {r['attack']}: "
+                        f"{d['verdict']}, {d['rounds']} rounds, {d['seconds']:.1f} s")
     return "\n".join(lines) + summary
 
 
@@ -218,8 +292,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     f"{QUICK.lines} with --quick)")
     ap.add_argument("--rounds", type=int, help=f"detection rounds at most, both sides (default {FULL.rounds}, "
                     f"{QUICK.rounds} with --quick)")
-    ap.add_argument("--reference-lr", type=float, help="base lr of the reference (default: its own, 5e-5 for "
-                    "BERT-family encoders, else 2e-4)")
+    ap.add_argument("--reference-lrs", default=",".join(f"{x:g}" for x in REFERENCE_LRS),
+                    help="the reference's learning-rate sweep, comma-separated; the official lr of the model's "
+                    "family is always added; the best point (right verdict, least time) is compared "
+                    "(default %(default)s)")
+    ap.add_argument("--reference-lines", type=int, help=f"corpus lines the reference fuzzes on (default "
+                    f"{REFERENCE_LINES}, its official corpus size; {QUICK.lines} with --quick)")
     ap.add_argument("--skip-reference", action="store_true", help="do not run the reference loop")
     ap.add_argument("--skip-search", action="store_true", help="do not run our search mode")
     ap.add_argument("--search-rounds", type=int, help="search-mode rounds at most (default 24, 4 with --quick)")
@@ -237,6 +315,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rounds = sizes.rounds if args.rounds is None else args.rounds
     args.search_rounds = (4 if args.quick else 24) if args.search_rounds is None else args.search_rounds
     args.search_budget = (30.0 if args.quick else 900.0) if args.search_budget is None else args.search_budget
+    args.reference_lines = (sizes.lines if args.quick else REFERENCE_LINES) if args.reference_lines is None \
+        else args.reference_lines
+    try:
+        args.reference_lrs = [float(x) for x in args.reference_lrs.split(",") if x.strip()]
+    except ValueError:
+        ap.error("--reference-lrs takes numbers, e.g. 5e-5,2e-4,4e-4")
+    if not args.reference_lrs or min(args.reference_lrs) <= 0:
+        ap.error("--reference-lrs needs positive learning rates")
+    if args.reference_lines < sizes.batch_size:
+        ap.error(f"--reference-lines must be at least the batch size {sizes.batch_size}")
     args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     bad = [a for a in args.attacks if a not in ATTACKS]
     if bad or not args.attacks:
@@ -250,10 +338,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> dict:
+    """Plant (or reuse) each model and bench it; the summary, rows included. Raises LmsanError/OSError."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.progress:
@@ -268,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="bench-mine-quick-")
     out = Path(tmp.name if tmp else (args.out or "runs/bench-mine"))
     rows: list[dict] = []
+    corpus = load_corpus()
+    _, corpus_note = reference_corpus(corpus)
+    if corpus_note and not args.quick:
+        say(f"note: {corpus_note}; the reference fuzzes on all of them")
+    args.reference_lines = min(args.reference_lines, len(corpus))
     try:
         out.mkdir(parents=True, exist_ok=True)
         base = args.model
@@ -276,30 +367,39 @@ def main(argv: list[str] | None = None) -> int:
             if not (tiny / "config.json").is_file():  # a cached one is reused
                 make_tiny_bert(tiny, hidden=64)
             base = str(tiny)
-        model_label = "tiny-bert" if args.quick else base
-        corpus = load_corpus()
         for name in args.attacks:
             folder = ensure_model(name, out / name, base, args.device, corpus, sizes, args.progress)
             rows.append(bench_model(name, folder, args, sizes, corpus))
-    except (LmsanError, OSError) as exc:
-        say(f"error: {exc}")
-        return 2
     finally:
         if tmp is not None:
             tmp.cleanup()
-    print(render(rows, model_label))
-    load_end = _loadavg()
-    command = shlex.join([sys.executable, *sys.argv])
-    print(f"\nbase {base}, {args.lines} lines, detect rounds {args.rounds}, search {args.search_rounds} rounds / "
-          f"{args.search_budget:.0f} s; device {args.device}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs; 1-min load {load_start} at start, {load_end} at end; "
-          f"total {time.perf_counter() - started:.1f} s")
+    return {"command": shlex.join([sys.executable, *sys.argv]), "base_model": base, "model_label":
+            "tiny-bert" if args.quick else base, "quick": args.quick, "device": args.device,
+            "torch": torch.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "load_average": {"start": load_start, "end": _loadavg()},
+            "lines": args.lines, "rounds": args.rounds, "reference_lines": args.reference_lines,
+            "reference_corpus_note": corpus_note, "reference_lrs": args.reference_lrs,
+            "search_rounds": args.search_rounds, "search_budget": args.search_budget,
+            "seconds": time.perf_counter() - started, "speedups": speedups(rows), "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    try:
+        summary = run(args)
+    except (LmsanError, OSError) as exc:
+        say(f"error: {exc}")
+        return 2
+    print(render(summary["rows"], summary["model_label"]))
+    load = summary["load_average"]
+    print(f"\nbase {summary['base_model']}, {args.lines} lines (reference: {args.reference_lines}, lr sweep "
+          f"{','.join(f'{x:g}' for x in args.reference_lrs)}), detect rounds {args.rounds}, search "
+          f"{args.search_rounds} rounds / {args.search_budget:.0f} s; device {args.device}, "
+          f"{summary['threads']} threads, {summary['cpus']} CPUs; 1-min load {load['start']} at start, "
+          f"{load['end']} at end; total {summary['seconds']:.1f} s")
     if args.json:
-        summary = {"command": command, "base_model": base, "quick": args.quick, "device": args.device,
-                   "torch": torch.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                   "platform": platform.platform(), "load_average": {"start": load_start, "end": load_end},
-                   "lines": args.lines, "rounds": args.rounds, "search_rounds": args.search_rounds,
-                   "search_budget": args.search_budget, "seconds": time.perf_counter() - started, "rows": rows}
         Path(args.json).write_text(json.dumps(summary, indent=2))
         say(f"wrote {args.json}")
     return 0

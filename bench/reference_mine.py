@@ -22,6 +22,10 @@ line is drawn once, when the data set is built, and kept for every round and epo
 is re-armed at the start of every round; the effect-size test is the epoch-2 gate (a round that
 got past it is not tested on distance again). Word positions and the [MASK] insertion use the same
 bookkeeping as `lmsan_serve.mining.model.prepare`, so both sides see the same lines.
+
+Its weaknesses are kept, but its settings are its best, not a default we picked: the official
+per-family learning rate and effect size (`OFFICIAL`), its 2,000-line corpus (`reference_corpus`),
+and bench_mine.py runs a small learning-rate sweep around them and keeps the best point.
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ from tqdm.auto import tqdm
 from lmsan_serve.backbone import Backbone
 from lmsan_serve.data import clip_words, insert_trigger
 from lmsan_serve.errors import LmsanError
-from lmsan_serve.mining.config import BERT_FAMILY
 from lmsan_serve.mining.model import word_starts
 
 LR_BOOST = 100.0  # lr multiplier until the trigger gradient "converges"
@@ -47,6 +50,15 @@ BOOST_UNTIL_GRAD = 5e-3  # ... i.e. until grad.max() first exceeds this
 ENTROPY_TOLERANCE = 0.01  # nats below ln(batch size)
 LEGITIMACY = 1.2  # trigger entries must stay within 1.2x the range of the embedding matrix
 MAX_INSERT_WORD = 32
+REFERENCE_LINES = 2000  # the official code fuzzes on a 2,000-line WikiText file
+# (base lr, distance_th) per model family as the official code sets them: bert-base 5e-5 / 0.2,
+# RoBERTa, ALBERT and DeBERTa 2e-4 / 0.1. DistilBERT and ELECTRA, which the official code does not
+# name, share BERT's architecture and vocabulary and get its settings (our choice); any other
+# family gets the second setting.
+BERT_SETTINGS = (5e-5, 0.2)
+OTHER = (2e-4, 0.1)
+OFFICIAL = {"bert": BERT_SETTINGS, "distilbert": BERT_SETTINGS, "electra": BERT_SETTINGS,
+            "roberta": OTHER, "xlm-roberta": OTHER, "albert": OTHER, "deberta": OTHER, "deberta-v2": OTHER}
 
 
 @dataclass
@@ -134,10 +146,17 @@ def _triggered(backbone: Backbone, data: ReferenceData, idx: torch.Tensor, trigg
 
 
 def reference_defaults(backbone: Backbone) -> tuple[float, float]:
-    """(base lr, distance_th) of the reference: 5e-5 and 0.2 for BERT-family encoders, else 2e-4 and 0.1."""
-    if backbone.model_type in BERT_FAMILY:
-        return 5e-5, 0.2
-    return 2e-4, 0.1
+    """(base lr, distance_th) the official code sets for this encoder's family (`OFFICIAL`)."""
+    return OFFICIAL.get(backbone.model_type, OTHER)
+
+
+def reference_corpus(corpus: Sequence[str]) -> tuple[list[str], str | None]:
+    """The reference's fuzzing lines: the first `REFERENCE_LINES` of the corpus, as the official
+    code reads its WikiText file; with fewer shipped, all of them and a note saying so."""
+    lines = list(corpus[:REFERENCE_LINES])
+    if len(lines) < REFERENCE_LINES:
+        return lines, f"only {len(lines)} corpus lines shipped, fewer than the reference's {REFERENCE_LINES}"
+    return lines, None
 
 
 def reference_detect(backbone: Backbone, lines: list[str], *, position: str = "cls", rounds: int = 30,

@@ -4,12 +4,16 @@ silently stopped measuring (no input flagged, requests lost, monitors that disag
 
 The quick modes share one build of the tiny artifacts (bench/tiny_artifacts.py: a tiny BERT with
 a POR backdoor, a victim prompt, a signature set mined from it), made once for this module and
-passed to every script with --cache. bench_mine.py and bench_soak.py have their own tests
+passed to every script with --cache. bench_all.py (`make bench`) runs the guard, probe, serve,
+endpoint and mining pieces in one process: its quick run is where the serve, probe and endpoint
+reports are checked (each script's own run would repeat the same code); bench_guard.py keeps a
+run of its own command line. bench_mine.py and bench_soak.py have their own tests
 (test_reference_mine.py, test_soak.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -73,34 +77,41 @@ def test_tiny_artifacts_hold_what_the_quick_modes_need(tiny):
     assert art.to_dict() == tiny
 
 
-def test_bench_guard_quick(tiny, tmp_path):
-    out = tmp_path / "guard.json"
-    done = _run("bench_guard.py", "--quick", "--cache", tiny["root"], "--json", str(out), timeout=240)
-    res = json.loads(out.read_text())
-    assert res["quick"] and res["signatures"] == tiny["mined"] and res["truth"] == tiny["truth"]
+def _check_guard(res: dict, tiny: dict, sig: str) -> None:
+    """bench_guard's report on the tiny model guarded with `sig` ("mined" or "truth", the planted PVs)."""
+    assert res["quick"] and res["signatures"] == tiny[sig] and res["truth"] == tiny["truth"]
     assert sorted(res["triggers"] + res["missed_triggers"]) == sorted(tiny["triggers"])
-    assert len(res["triggers"]) >= tiny["recovered"] >= 1
+    assert len(res["triggers"]) >= (tiny["recovered"] if sig == "mined" else tiny["planted"]) >= 1
 
     mon = res["monitor"]
     assert mon["identical"] and mon["mismatches"] == []
-    assert mon["pvs"] == tiny["mined_pvs"] and mon["hidden"] == 64
+    assert mon["pvs"] == (tiny["mined_pvs"] if sig == "mined" else tiny["planted"]) and mon["hidden"] == 64
     vectors = mon["batches"] * mon["batch_size"]
     assert 0 < mon["vectors_flagged"] <= vectors and 0 <= mon["combination_only"] <= vectors - mon["vectors_flagged"]
     for key in ("ours_ms", "reference_ms", "speedup", "ours_with_combinations_ms", "speedup_with_combinations"):
         assert _positive(mon[key]), key
-    assert "Identical per-PV scores, flag decisions and best-PV choices: yes" in done.stdout
 
     assert [p["words"] for p in res["purge"]] == [16, 64, 128]
     for p in res["purge"]:
         assert p["inputs"] == 10 and p["first_pass_disagreements"] == 0
-        assert p["triggered_flagged"] >= 8, p  # every input carries a trigger the mined set covers
-        for key in ("ours_passes", "ref_passes", "ours_p50_ms", "ref_p50_ms", "clean_p50_ms", "speedup_p50",
-                    "speedup_mean"):
+        assert p["triggered_flagged"] >= 8, p  # every input carries a trigger the set covers
+        for key in ("ours_passes", "ref_passes", "ref_rows", "ours_p50_ms", "ref_p50_ms", "clean_p50_ms",
+                    "speedup_p50", "speedup_mean"):
             assert _positive(p[key]), (p["words"], key)
         assert p["ours_rows"] >= p["ours_passes"] - 1  # each pass but the re-check scores at least one row
+        # the reference scores up to 32 deletion variants per pass, at least one in each
+        assert p["ref_passes"] <= p["ref_rows"] <= 32 * p["ref_passes"]
         # purged inputs had their trigger named and their clean label back
         assert p["ours_success"] >= 0.7 and p["ours_exact"] >= 0.7, p
         assert _share(p["ref_success"]) and _share(p["ref_exact"])
+
+
+def test_bench_guard_quick(tiny, tmp_path):
+    """The script's own command line: its report, its JSON, the monitors' agreement line."""
+    out = tmp_path / "guard.json"
+    done = _run("bench_guard.py", "--quick", "--cache", tiny["root"], "--json", str(out), timeout=240)
+    _check_guard(json.loads(out.read_text()), tiny, "mined")
+    assert "Identical per-PV scores, flag decisions and best-PV choices: yes" in done.stdout
 
 
 def test_identical_flags_compare_single_pvs_and_count_combinations_apart():
@@ -130,11 +141,8 @@ def test_identical_flags_compare_single_pvs_and_count_combinations_apart():
     assert deployed(x).flagged.tolist() != ref_flags
 
 
-@pytest.mark.slow  # Ray start-up and shutdown dominate: about a minute on 2 cores
-def test_bench_serve_quick(tiny, tmp_path):
-    out = tmp_path / "serve.json"
-    _run("bench_serve.py", "--quick", "--cache", tiny["root"], "--json", str(out), timeout=300)
-    res = json.loads(out.read_text())
+def _check_serve(res: dict, tiny: dict) -> None:
+    """bench_serve's report: no request lost, every triggered one purged with its trigger named."""
     assert res["signatures"] == tiny["mined"] and res["errors"] == 0
     phases = res["phases"]
     assert list(phases) == list(res["requests_sent"])
@@ -154,11 +162,9 @@ def test_bench_serve_quick(tiny, tmp_path):
     assert res["false_flags"] <= 0.1 * clean_enforce
 
 
-def test_bench_probe_quick(tiny, tmp_path):
-    out = tmp_path / "probe.json"
-    _run("bench_probe.py", "--quick", "--cache", tiny["root"], "--json", str(out), timeout=120)
-    res = json.loads(out.read_text())
-    assert res["signatures"] == tiny["mined"] and res["sentences"] == 96
+def _check_probe(res: dict, tiny: dict, sig: str) -> None:
+    """bench_probe's in-process throughput, guard enforce against off."""
+    assert res["signatures"] == tiny[sig] and res["sentences"] == 96
     assert res["batches"] == 2 * math.ceil(96 / 8)
     assert set(res["seconds"]) == {"off", "enforce", "enforce, no probe"}
     assert all(_positive(s) for s in res["seconds"].values())
@@ -211,7 +217,7 @@ def test_probe_opposites_quick(tiny, tmp_path):
 
 
 def test_quick_refuses_artifacts_of_its_own():
-    for name in ("bench_guard", "bench_serve", "bench_probe", "bench_false_flags", "bench_endpoint"):
+    for name in ("bench_guard", "bench_serve", "bench_probe", "bench_false_flags", "bench_endpoint", "bench_all"):
         module = _load(name)
         with pytest.raises(SystemExit) as exc:
             module.parse_args(["--quick", "--signatures", "x.safetensors"])
@@ -220,16 +226,12 @@ def test_quick_refuses_artifacts_of_its_own():
             module.parse_args(["--cache", "somewhere"])  # --cache without --quick
 
 
-@pytest.mark.slow  # Ray start-up and shutdown dominate
-def test_bench_endpoint_quick(tiny, tmp_path):
-    """The endpoint-against-forward benchmark runs end to end: every point of its curve answered
-    every request, and its ratios are real numbers."""
-    out = tmp_path / "endpoint.json"
-    _run("bench_endpoint.py", "--quick", "--cache", tiny["root"], "--replica-cpus", "1,2", "--json", str(out),
-         timeout=300)
-    res = json.loads(out.read_text())
-    assert res["quick"] and res["signatures"] == tiny["mined"] and res["replica_cpus"] == 2
-    assert [r["replica_cpus"] for r in res["runs"]] == [1, 2]
+def _check_endpoint(res: dict, tiny: dict) -> None:
+    """The endpoint against the forward pass: every point of its curve answered every request, and
+    its ratios are real numbers."""
+    cpus = os.cpu_count()
+    assert res["quick"] and res["signatures"] == tiny["mined"] and res["replica_cpus"] == cpus
+    assert [r["replica_cpus"] for r in res["runs"]] == [cpus]  # one replica on every core, as `lmsan serve`
     for run in res["runs"]:
         assert [(p["size"], p["clients"], p["task"]) for p in run["curve"]] == [
             (size, 2, task) for size in (1, 8) for task in ("sst2", "sst2-off")]
@@ -237,3 +239,67 @@ def test_bench_endpoint_quick(tiny, tmp_path):
             assert p["errors"] == 0 and p["requests"] >= 2 and _positive(p["inputs_per_s"]) and _positive(p["p50_ms"])
     for key in ("forward_inputs_per_s", "endpoint_vs_forward", "idle_vs_forward_one"):
         assert _positive(res[key]), key
+
+
+HEADLINE = ("guard_throughput_ratio", "guard_throughput_ratio_in_process", "triggered_p50_ratio", "triggered_p99_ratio",
+            "endpoint_vs_forward", "idle_vs_forward_one", "monitor_speedup_vs_reference")
+
+
+@pytest.mark.slow  # Ray twice (endpoint, then serve) and four tiny plantings: about 2.5 minutes on 2 cores
+def test_bench_all_quick(tiny, tmp_path):
+    """`make bench`'s script end to end: one JSON line on stdout with every headline key a real
+    number, and the file with every piece's report, each checked as its own script's was."""
+    out = tmp_path / "bench.json"
+    done = _run("bench_all.py", "--quick", "--cache", tiny["root"], "--json", str(out), timeout=600)
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout[-2000:]  # Ray's and the pieces' output went to stderr
+    line = json.loads(lines[0])
+    assert line["quick"] and line["skipped"] == [] and line["failed"] == []
+    for key in HEADLINE:
+        assert _positive(line[key]), key
+    assert set(line["purge_speedup_vs_reference_p50"]) == {"16", "64", "128"}
+    assert all(_positive(x) for x in line["purge_speedup_vs_reference_p50"].values())
+    mining = line["mining_speedup_vs_reference"]
+    assert list(mining) == ["por", "neuba", "btop", "clean"]
+    for name, m in mining.items():
+        assert m["truth"] == ("clean" if name == "clean" else "backdoored")
+        for key in ("speedup", "ours_seconds", "ours_defaults_seconds", "reference_seconds", "reference_lr"):
+            assert _positive(m[key]), (name, key)
+        assert {m["ours_verdict"], m["ours_defaults_verdict"], m["reference_verdict"]} <= {"backdoored", "clean"}
+        assert m["speedup"] == pytest.approx(m["reference_seconds"] / m["ours_seconds"])
+
+    report = json.loads(out.read_text())
+    assert report["headline"] == line and report["json"] == str(out)
+    assert report["machine"]["cpus"] == os.cpu_count() and report["machine"]["torch"] == torch.__version__
+    assert report["command"].endswith(f"--json {out}")
+    for key, sig in (("mined", "mined"), ("planted", "truth")):
+        assert report["signatures"][key]["path"] == tiny[sig]
+        assert report["signatures"][key]["sha256"] == hashlib.sha256(Path(tiny[sig]).read_bytes()).hexdigest()
+    pieces = report["pieces"]
+    for sig, name in (("mined", "mined"), ("truth", "planted")):
+        _check_guard(pieces["guard"][name], tiny, sig)
+        _check_probe(pieces["guard"]["throughput_in_process"][name], tiny, sig)
+    _check_serve(pieces["serve"], tiny)
+    _check_endpoint(pieces["endpoint"], tiny)
+    rows = {r["attack"]: r for r in pieces["mining"]["rows"]}
+    for name, r in rows.items():
+        # the reference's best point is one of its sweep, which holds the family's official lr
+        assert r["reference"] in r["reference_sweep"] and any(p["official_lr"] for p in r["reference_sweep"])
+        assert sorted(p["lr"] for p in r["reference_sweep"]) == sorted({5e-5, 2e-4, 4e-4})
+        right = [p for p in r["reference_sweep"] if p["verdict"] == r["truth"]]
+        assert r["reference"]["seconds"] == min(p["seconds"] for p in right or r["reference_sweep"])
+        assert r["ours_defaults"]["same_run_as_ours"] == (r["ours_defaults"]["position"] == r["position"]), name
+
+
+def test_bench_all_skips_leave_keys_null(tmp_path):
+    """A skipped piece's keys are null in the line, never made up; an unknown piece is refused."""
+    bench_all = _load("bench_all")
+    report = {"quick": True, "skipped": ["guard", "endpoint", "serve", "mining"], "json": "x.json",
+              "pieces": {"guard": None, "endpoint": None, "serve": None, "mining": {"error": "boom"}}}
+    line = bench_all.headline(report)
+    assert all(line[key] is None for key in (*HEADLINE, "purge_speedup_vs_reference_p50",
+                                             "mining_speedup_vs_reference"))
+    assert line["failed"] == ["mining"]
+    with pytest.raises(SystemExit) as exc:
+        bench_all.parse_args(["--skip", "guard,nonsense"])
+    assert exc.value.code == 2
