@@ -3,16 +3,15 @@ the demo and the live tests share."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import httpx
 
 from ..errors import LmsanError
 from ..guard import GuardResult
@@ -58,17 +57,12 @@ class Endpoint:
 
 
 def http_json(method: str, url: str, body: dict | None, timeout: float) -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    """One JSON request: (status, body); a body that is not JSON comes back as {"reason": its text}."""
+    resp = httpx.request(method, url, json=body, timeout=timeout)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw or b"{}")
-        except ValueError:
-            return exc.code, {"reason": raw.decode(errors="replace")}
+        return resp.status_code, resp.json() if resp.content else {}
+    except ValueError:
+        return resp.status_code, {"reason": resp.text}
 
 
 def start(
@@ -126,8 +120,8 @@ def start(
             if status == 200:
                 return endpoint
             last = body.get("reason", f"HTTP {status}")
-        except OSError as exc:
-            last = str(exc)
+        except (OSError, httpx.TransportError) as exc:
+            last = str(exc) or type(exc).__name__
         time.sleep(0.5)
     stop(endpoint)
     raise LmsanError(f"the endpoint did not become healthy within {ready_timeout_s:.0f} s: {last}")
