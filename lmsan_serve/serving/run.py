@@ -57,8 +57,12 @@ class Endpoint:
 
 
 def http_json(method: str, url: str, body: dict | None, timeout: float) -> tuple[int, dict]:
-    """One JSON request: (status, body); a body that is not JSON comes back as {"reason": its text}."""
-    resp = httpx.request(method, url, json=body, timeout=timeout)
+    """One JSON request: (status, body); a body that is not JSON comes back as {"reason": its text}.
+    No answer (refused, reset, timed out) raises ConnectionError, an OSError as socket errors are."""
+    try:
+        resp = httpx.request(method, url, json=body, timeout=timeout)
+    except httpx.TransportError as exc:
+        raise ConnectionError(f"{method} {url}: {exc or type(exc).__name__}") from exc
     try:
         return resp.status_code, resp.json() if resp.content else {}
     except ValueError:
@@ -120,8 +124,8 @@ def start(
             if status == 200:
                 return endpoint
             last = body.get("reason", f"HTTP {status}")
-        except (OSError, httpx.TransportError) as exc:
-            last = str(exc) or type(exc).__name__
+        except OSError as exc:
+            last = str(exc)
         time.sleep(0.5)
     stop(endpoint)
     raise LmsanError(f"the endpoint did not become healthy within {ready_timeout_s:.0f} s: {last}")
