@@ -218,12 +218,16 @@ def bench_model(name: str, folder: Path, args: argparse.Namespace, sizes: Sizes,
 
 
 def speedups(rows: list[dict]) -> dict:
-    """Per attack: the reference's best time over ours (told the position), with both verdicts."""
+    """Per attack: the reference's best time over ours (told the position), with both verdicts.
+    `speedup` is a speed-up to a right verdict, so it is None where ours was wrong (`time_ratio`
+    keeps the plain ratio); where only the reference was wrong it is a lower bound, as the
+    reference never reached the right verdict in the time it had."""
     out = {}
     for r in rows:
         ref = r["reference"]
         out[r["attack"]] = {
-            "speedup": r["time_ratio"], "truth": r["truth"],
+            "speedup": r["time_ratio"] if r["ours_correct"] else None, "time_ratio": r["time_ratio"],
+            "ours_right": r["ours_correct"], "reference_right": r["reference_correct"], "truth": r["truth"],
             "ours_verdict": r["ours"]["verdict"], "ours_seconds": r["ours"]["seconds"],
             "ours_defaults_verdict": r["ours_defaults"]["verdict"],
             "ours_defaults_seconds": r["ours_defaults"]["seconds"],

@@ -42,7 +42,8 @@ def demo_table(d: dict) -> list[str]:
         f"| false flags on clean inputs | - | {d['false_flag_rate']:.3f} | <= 0.5% |",
         f"| triggered inputs flagged / purged / blocked | - | {flagged} | |",
         f"| detections in the Prometheus export (`ray_lmsan_detections_total`) | | {d['detections']:,} | |",
-        f"| PVs the guard used (found by mining) | | {d['pvs_found']} | |",
+        f"| PVs mining found / the guard watched (at outputs its prompt reads) | | "
+        f"{d['pvs_found']} / {d.get('pvs_watched', d['pvs_found'])} | |",
     ]
 
 

@@ -252,7 +252,7 @@ def _report(run: _DemoRun, endpoint: Endpoint, ev: GuardEvaluation, guard_with: 
         "detections": scraped["detections"], "purged": scraped["purged"], "blocked": ev.blocked,
         "detections_client": ev.detections, "purged_client": ev.purged,
         "guard_with": guard_with.value, "signatures": str(sig_path), "pvs_found": mined["pvs_found"],
-        "mining": mined["summary"],
+        "pvs_watched": mined["pvs_watched"], "mining": mined["summary"],
         "url": endpoint.url, "metrics_url": endpoint.metrics_url, "timeline_png": timeline_png,
         "timings": run.timings | {"total_s": round(sum(run.timings.values()), 1)},
     }
@@ -315,7 +315,10 @@ def _mine(backbone, folder: Path, search_config: MiningConfig | None, planted: S
         + (f" ({_stop_words(last['stop'])})" if last.get("stop") else "")
         + f"; scored against the attack's answer key: {last['recovered']} of {len(planted)} planted PVs "
         f"recovered (sign agreement >= {RECOVERED})")
-    return {"summary": summary, "pvs_found": len(best.signatures),
+    # The demo's SST-2 prompt is a prefix prompt: its inputs hold no [MASK], so a guard watches
+    # every PV but those mining found at [MASK] (Guard.watched)
+    watched = sum(p != "mask" for p in best.signatures.pv_positions)
+    return {"summary": summary, "pvs_found": len(best.signatures), "pvs_watched": watched,
             "signatures": best.signatures.path if len(best.signatures) else None}
 
 
@@ -332,7 +335,8 @@ def _mining_summary(result, planted: SignatureSet) -> dict:
     return {"verdict": result.verdict, "pvs": len(sig), "recovered": recovered(planted.pvs, sig.pvs),
             "rounds": result.rounds, "seconds": round(result.seconds, 1),
             # the rounds' own time, also where a cached checkpoint made this run's `seconds` short
-            "rounds_seconds": round(sum(c["seconds"] for c in result.candidates), 1), "stop": result.stop}
+            "rounds_seconds": round(sum(c["seconds"] for c in result.candidates), 1), "stop": result.stop,
+            "pvs_by_position": {p: sum(q == p for q in sig.pv_positions) for p in sig.positions} if len(sig) else {}}
 
 
 def scrape_guard_metrics(url: str | None, expect_detections: int, timeout_s: float = 45.0) -> dict:

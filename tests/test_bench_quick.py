@@ -263,10 +263,13 @@ def test_bench_all_quick(tiny, tmp_path):
     assert list(mining) == ["por", "neuba", "btop", "clean"]
     for name, m in mining.items():
         assert m["truth"] == ("clean" if name == "clean" else "backdoored")
-        for key in ("speedup", "ours_seconds", "ours_defaults_seconds", "reference_seconds", "reference_lr"):
+        for key in ("time_ratio", "ours_seconds", "ours_defaults_seconds", "reference_seconds", "reference_lr"):
             assert _positive(m[key]), (name, key)
         assert {m["ours_verdict"], m["ours_defaults_verdict"], m["reference_verdict"]} <= {"backdoored", "clean"}
-        assert m["speedup"] == pytest.approx(m["reference_seconds"] / m["ours_seconds"])
+        assert m["time_ratio"] == pytest.approx(m["reference_seconds"] / m["ours_seconds"])
+        assert m["ours_right"] == (m["ours_verdict"] == m["truth"])
+        # a speed-up counts only to a right verdict (the tiny quick copies are often missed in 4 rounds)
+        assert m["speedup"] == (m["time_ratio"] if m["ours_right"] else None)
 
     report = json.loads(out.read_text())
     assert report["headline"] == line and report["json"] == str(out)
