@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
-DOCS = [ROOT / "docs" / "results.md"]
+DOCS = [ROOT / "docs" / "results.md", ROOT / "README.md"]
 REGION = re.compile(r"(<!-- generated: (?P<name>[a-z-]+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
 
 
@@ -63,10 +63,43 @@ def endpoint_table(d: dict) -> list[str]:
     return lines
 
 
+def _x(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def bench_table(d: dict) -> list[str]:
+    """`bench/bench_all.py` (`make bench`): the headline line against the issue's targets."""
+    h, g = d["headline"], d["pieces"].get("guard") or {}
+    planted = (g.get("throughput_in_process") or {}).get("planted", {}).get("ratio_with_probe")
+    purge = h.get("purge_speedup_vs_reference_p50") or {}
+    mining = h.get("mining_speedup_vs_reference")
+    lines = [f"| `make bench` at {d['commit'][:7]} ({d['machine']['cpus']}-core CPU, mined set) | measured | target |",
+             "|---|---:|---|",
+             "| clean throughput, guard enforce / off, over HTTP | "
+             f"{_x(h['guard_throughput_ratio'], '.3f')} | >= 0.97 |",
+             f"| the same in process (planted set beside it) | {_x(h['guard_throughput_ratio_in_process'], '.3f')} "
+             f"({_x(planted, '.3f')}) | >= 0.97 |",
+             f"| triggered / clean p50 over HTTP (p99) | {_x(h['triggered_p50_ratio'])}x "
+             f"({_x(h['triggered_p99_ratio'])}x) | <= 2 |",
+             f"| endpoint / raw batched forward, best request size | {_x(h['endpoint_vs_forward'])} | >= 0.7 |",
+             "| one sentence on an idle endpoint / one forward pass (p50) | "
+             f"{_x(h['idle_vs_forward_one'], '.1f')}x | |",
+             f"| monitor speed-up over the reference loop | {_x(h['monitor_speedup_vs_reference'], '.0f')}x | |",
+             "| purge speed-up over the batched reference, p50 at " + ", ".join(purge) + " words | "
+             + " / ".join(f"{v:.1f}x" for v in purge.values()) + " | |"]
+    if mining is None:
+        lines.append("| mining speed-up over the reference at its best | not run (`--skip mining`) | >= 3x |")
+    else:
+        cells = ", ".join(f"{k} {_x(v['speedup'], '.1f')}x" for k, v in mining.items())
+        lines.append(f"| mining speed-up over the reference at its best | {cells} | >= 3x |")
+    return lines
+
+
 # table name -> (its JSON file under docs/results, the function that renders it)
 TABLES: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "demo": ("demo.json", demo_table),
     "endpoint": ("endpoint-minilm.json", endpoint_table),
+    "bench": ("bench-minilm.json", bench_table),
 }
 
 

@@ -9,6 +9,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lmsan_serve.cli.common import add_common, add_trusted_flag, emit, progress, say, writable_dir
@@ -143,22 +144,14 @@ def cmd_eval_zoo(args: argparse.Namespace) -> int:
     n_clean = sum(m.clean for m in members)
     say(args, f"detection zoo: {len(members) - n_clean} backdoored copies and {n_clean} clean control(s) of "
                f"{args.model} under {out / 'models'}")
-    interrupted = False
-    try:
-        rows = run_zoo(args.model, members, out, attack_overrides=attack, mining_overrides=mining,
-                       device=args.device, progress=progress(args), say=lambda m: say(args, m))
-    except KeyboardInterrupt:
-        # hours of work may be done: report the finished members, each kept for the resumed run
-        rows = finished_rows(args.model, members, out, attack_overrides=attack, mining_overrides=mining)
-        if not rows:
-            raise
-        interrupted = True
+    rows, interrupted = _resumable(
+        lambda: run_zoo(args.model, members, out, attack_overrides=attack, mining_overrides=mining,
+                        device=args.device, progress=progress(args), say=lambda m: say(args, m)),
+        lambda: finished_rows(args.model, members, out, attack_overrides=attack, mining_overrides=mining))
     summary = summarize(rows, planned=len(members))
     report = write_detection_report(rows, summary, out, args.model, "lmsan " + shlex.join(args.argv))
     if interrupted:
-        print(f"lmsan eval: interrupted; partial report of {len(rows)} of {len(members)} models: {report} "
-              "(the same command resumes)", file=sys.stderr)
-        return 130
+        return _interrupted(rows, members, report)
     t = summary["time_to_verdict"]
     fpr = summary["false_positive_rate"]
     emit(args, f"report: {report}\ndetection accuracy {summary['accuracy']:.3f} ({summary['correct']} of "
@@ -166,6 +159,24 @@ def cmd_eval_zoo(args: argparse.Namespace) -> int:
                 f"mean {t['backdoored']['mean'] or 0:.1f} s backdoored, {t['clean']['mean'] or 0:.1f} s clean",
           {"report": str(report), **summary})
     return 0
+
+
+def _resumable(run: Callable[[], list[dict]], finished: Callable[[], list[dict]]) -> tuple[list[dict], bool]:
+    """The rows of `run()`, and whether Ctrl-C cut it short: hours of work may be done, so then the
+    rows of the members already finished (each kept for the resumed run), unless there are none."""
+    try:
+        return run(), False
+    except KeyboardInterrupt:
+        rows = finished()
+        if not rows:
+            raise
+        return rows, True
+
+
+def _interrupted(rows: list[dict], members: list, report) -> int:
+    print(f"lmsan eval: interrupted; partial report of {len(rows)} of {len(members)} models: {report} "
+          "(the same command resumes)", file=sys.stderr)
+    return 130
 
 
 def _eval_heldout(args: argparse.Namespace) -> int:
@@ -185,21 +196,14 @@ def _eval_heldout(args: argparse.Namespace) -> int:
     n_clean = sum(m.clean for m in members)
     say(args, f"held-out zoo: {len(members) - n_clean} backdoored copies ({sum(m.weak for m in members)} weak) and "
                f"{n_clean} clean control(s) of {args.model} under {out / 'models'}")
-    interrupted = False
-    try:
-        rows = run_heldout(args.model, members, out, device=args.device, progress=progress(args),
-                           say=lambda m: say(args, m), **overrides)
-    except KeyboardInterrupt:
-        rows = finished_heldout_rows(args.model, members, out, **overrides)
-        if not rows:
-            raise
-        interrupted = True
+    rows, interrupted = _resumable(
+        lambda: run_heldout(args.model, members, out, device=args.device, progress=progress(args),
+                            say=lambda m: say(args, m), **overrides),
+        lambda: finished_heldout_rows(args.model, members, out, **overrides))
     summary = summarize_heldout(rows, planned=len(members))
     report = write_heldout_report(rows, summary, out, args.model, "lmsan " + shlex.join(args.argv))
     if interrupted:
-        print(f"lmsan eval: interrupted; partial report of {len(rows)} of {len(members)} models: {report} "
-              "(the same command resumes)", file=sys.stderr)
-        return 130
+        return _interrupted(rows, members, report)
     half = summary["halves"]["report"]["all"]
     emit(args, f"report: {report}\nreport half: {half['detected']} of {half['models']} backdoored copies detected, "
                f"every PV recovered in {half['all_pvs_recovered']}, {half['false_positives']} of "

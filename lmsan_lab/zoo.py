@@ -140,7 +140,6 @@ def run_zoo(base_model: str, members: Sequence[ZooMember], out_dir: str | Path, 
             mining_overrides: dict | None = None, device: str = "auto", corpus: list[str] | None = None,
             progress: bool = True, say: Callable[[str], None] | None = None) -> list[dict]:
     """Plant, mine and judge every member; one result row per member, in order (see module doc)."""
-    from lmsan_serve.backbone import load_backbone
     from lmsan_serve.data import load_corpus
 
     names = [m.name for m in members]
@@ -148,28 +147,12 @@ def run_zoo(base_model: str, members: Sequence[ZooMember], out_dir: str | Path, 
         raise LmsanError("zoo member names must be distinct")
     # settings are checked for every member before any slow work starts
     plans = [(m, m.attack_config(attack_overrides), m.mining_config(mining_overrides)) for m in members]
-    models = Path(out_dir) / "models"
-    try:
-        models.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LmsanError(f"cannot create {models}: {exc.strerror or exc}") from exc
+    models = models_folder(out_dir)
     corpus = corpus if corpus is not None else load_corpus()
-    bases: list[Backbone] = []
-
-    def base() -> Backbone:
-        """The base encoder, loaded once and only when some member has to be planted."""
-        if not bases:
-            bases.append(load_backbone(base_model, device))
-        return bases[0]
-
+    base = lazy_backbone(base_model, device)
     rows: list[dict] = []
     bar = tqdm(plans, desc="zoo", unit="model", disable=not progress)
-
-    def tell(msg: str) -> None:
-        bar.set_postfix_str(msg.split("]")[0].lstrip("["))
-        if say is not None:
-            with tqdm.external_write_mode(file=sys.stderr):  # keeps the members bar from being torn by the line
-                say(msg)
+    tell = bar_teller(bar, say)
 
     try:
         for member, acfg, mcfg in bar:
@@ -188,6 +171,41 @@ def run_zoo(base_model: str, members: Sequence[ZooMember], out_dir: str | Path, 
     finally:
         bar.close()
     return rows
+
+
+def models_folder(out_dir: str | Path) -> Path:
+    """`out_dir/models`, made if needed: one folder per member below it."""
+    models = Path(out_dir) / "models"
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LmsanError(f"cannot create {models}: {exc.strerror or exc}") from exc
+    return models
+
+
+def lazy_backbone(base_model: str, device: str) -> Callable[[], Backbone]:
+    """The base encoder, loaded on the first call only: only when some member has to be made."""
+    bases: list[Backbone] = []
+
+    def base() -> Backbone:
+        if not bases:
+            from lmsan_serve.backbone import load_backbone
+
+            bases.append(load_backbone(base_model, device))
+        return bases[0]
+
+    return base
+
+
+def bar_teller(bar: tqdm, say: Callable[[str], None] | None) -> Callable[[str], None]:
+    """A progress line that names the member (`[name] ...`) on the members bar and prints above it."""
+    def tell(msg: str) -> None:
+        bar.set_postfix_str(msg.split("]")[0].lstrip("["))
+        if say is not None:
+            with tqdm.external_write_mode(file=sys.stderr):  # keeps the members bar from being torn by the line
+                say(msg)
+
+    return tell
 
 
 def _member_settings(base_model: str, acfg: AttackConfig, mcfg: MiningConfig) -> dict:
@@ -238,21 +256,28 @@ def _ensure_planted(member: ZooMember, acfg: AttackConfig, folder: Path, base_mo
     return made
 
 
-def mine_member(member: ZooMember, mcfg: MiningConfig, folder: Path, device: str, corpus: list[str],
-                tell: Callable[[str], None]) -> dict:
-    """Detect-mode mining of the planted copy in `folder`, as a result row (without the attack's figures)."""
+def timed_mine(folder: Path, mcfg: MiningConfig, device: str, corpus: list[str], out_name: str):
+    """Mine the copy in `folder` into `folder / out_name`: its planted truth, the `MiningResult`
+    and the wall seconds of the call (never resumed: a resumed run would time only its remaining
+    rounds, not the whole verdict)."""
     from lmsan_serve.backbone import load_backbone
     from lmsan_serve.mining import mine
-    from lmsan_serve.monitor import sign_agreement
     from lmsan_serve.signatures import SignatureSet
 
     backbone = load_backbone(str(folder), device)
     truth = SignatureSet.load(folder / "truth.safetensors", hidden_size=backbone.hidden_size)
-    tell(f"[{member.name}] mining at {member.position} ({mcfg.rounds} rounds at most)")
     t0 = time.perf_counter()
-    # never resumed: a resumed run would time only its remaining rounds, not the whole verdict
-    result = mine(backbone, mcfg, corpus, folder / "mined-detect.safetensors", resume=False, progress=False)
-    seconds = round(time.perf_counter() - t0, 2)
+    result = mine(backbone, mcfg, corpus, folder / out_name, resume=False, progress=False)
+    return truth, result, round(time.perf_counter() - t0, 2)
+
+
+def mine_member(member: ZooMember, mcfg: MiningConfig, folder: Path, device: str, corpus: list[str],
+                tell: Callable[[str], None]) -> dict:
+    """Detect-mode mining of the planted copy in `folder`, as a result row (without the attack's figures)."""
+    from lmsan_serve.monitor import sign_agreement
+
+    tell(f"[{member.name}] mining at {member.position} ({mcfg.rounds} rounds at most)")
+    truth, result, seconds = timed_mine(folder, mcfg, device, corpus, "mined-detect.safetensors")
     mined = result.signatures.pvs
     best = float(sign_agreement(mined, truth.pvs).max()) if len(mined) and len(truth.pvs) else None
     tell(f"[{member.name}] {result.verdict} (truth {truth.meta.verdict}) after {result.rounds} rounds, {seconds:.1f} s")

@@ -18,8 +18,6 @@ whole search to say so; that is its time to verdict.
 from __future__ import annotations
 
 import json
-import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,7 +29,16 @@ from lmsan_serve.errors import LmsanError
 from lmsan_serve.mining import MiningConfig
 
 from .attacks.texts import AttackText, attack_corpus
-from .zoo import _ensure_planted, _finished_row, _jsonable, _read_json
+from .zoo import (
+    _ensure_planted,
+    _finished_row,
+    _jsonable,
+    _read_json,
+    bar_teller,
+    lazy_backbone,
+    models_folder,
+    timed_mine,
+)
 from .zoo_plan import HeldoutMember
 
 if TYPE_CHECKING:
@@ -93,32 +100,16 @@ def run_heldout(base_model: str, members: Sequence[HeldoutMember], out_dir: str 
                 mining_overrides: dict | None = None, device: str = "auto", corpus: list[str] | None = None,
                 progress: bool = True, say: Callable[[str], None] | None = None) -> list[dict]:
     """Make, mine and score every member; one result row per member, in order (module docstring)."""
-    from lmsan_serve.backbone import load_backbone
     from lmsan_serve.data import load_corpus
 
     corpus = corpus if corpus is not None else load_corpus()
     plans = checked_plans(members, attack_overrides=attack_overrides, control_overrides=control_overrides,
                           mining_overrides=mining_overrides, corpus=corpus)
-    models = Path(out_dir) / "models"
-    try:
-        models.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LmsanError(f"cannot create {models}: {exc.strerror or exc}") from exc
-    bases: list[Backbone] = []
-
-    def base() -> Backbone:
-        if not bases:
-            bases.append(load_backbone(base_model, device))
-        return bases[0]
-
+    models = models_folder(out_dir)
+    base = lazy_backbone(base_model, device)
     rows: list[dict] = []
     bar = tqdm(plans, desc="held-out zoo", unit="model", disable=not progress)
-
-    def tell(msg: str) -> None:
-        bar.set_postfix_str(msg.split("]")[0].lstrip("["))
-        if say is not None:
-            with tqdm.external_write_mode(file=sys.stderr):
-                say(msg)
+    tell = bar_teller(bar, say)
 
     try:
         for member, train, mining in bar:
@@ -233,21 +224,12 @@ def pv_recovery(truth_pvs: torch.Tensor, triggers: list[str], mined: torch.Tenso
 def mine_heldout_member(member: HeldoutMember, mcfg: MiningConfig, folder: Path, device: str, corpus: list[str],
                         tell: Callable[[str], None]) -> dict:
     """Search-mode mining of the copy in `folder` at every position, as a result row."""
-    from lmsan_serve.backbone import load_backbone
-    from lmsan_serve.mining import mine
-    from lmsan_serve.signatures import SignatureSet
-
     from .zoo_fit import round_stats
 
-    backbone = load_backbone(str(folder), device)
-    truth = SignatureSet.load(folder / "truth.safetensors", hidden_size=backbone.hidden_size)
     tell(f"[{member.name}] mining in search mode at every position ({mcfg.rounds} rounds at most per position)")
-    t0 = time.perf_counter()
-    # never resumed: a resumed run would time only its remaining rounds
-    result = mine(backbone, mcfg, corpus, folder / MINED, resume=False, progress=False)
-    seconds = round(time.perf_counter() - t0, 2)
+    truth, result, seconds = timed_mine(folder, mcfg, device, corpus, MINED)
     records = result.signatures.meta.pvs
-    where = [str(r.position or result.signatures.meta.position) for r in records]
+    where = [str(p) for p in result.signatures.pv_positions]
     recovery = pv_recovery(truth.pvs, [r.trigger or "" for r in truth.meta.pvs], result.signatures.pvs, where)
     first_s, first_rounds = time_to_first_pv(result)
     verdict = result.verdict
