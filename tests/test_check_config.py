@@ -91,3 +91,26 @@ def test_not_a_serve_config(tmp_path, capsys):
         assert rc == 2 and reason in err, (text, err)
     missing = tmp_path / "missing.yaml"
     assert check(missing, tmp_path, capsys)[2].endswith(f"config file not found: {missing}\n")
+
+
+@pytest.mark.parametrize("positions, refused", [(["mask", "mask", "mask"], True), (["cls", "cls", "mask"], False)])
+def test_a_file_whose_pvs_are_all_at_mask_is_refused_for_a_prompt_without_one(demo_layout, capsys, positions,
+                                                                               refused):
+    """Judged on where the PVs are, not on the file's own `position` (the first position mining
+    covered, which may hold none): a mined file with [CLS] PVs beside [MASK] ones serves the SST-2
+    prefix prompt, one with only [MASK] PVs does not (the guard would have nothing to watch)."""
+    from lmsan_serve.signatures import SignatureSet
+
+    sig_path = demo_layout / "lmsan-out" / "demo" / "mined" / "search.safetensors"
+    truth = SignatureSet.load(sig_path)
+    records = [r.model_copy(update={"position": p}) for r, p in zip(truth.meta.pvs, positions, strict=True)]
+    b = truth.meta.backbone
+    mined = SignatureSet.create(truth.pvs, records, backbone_name=b.name, fingerprint=b.fingerprint,
+                                model_type=b.model_type, position="cls", verdict="backdoored")
+    sig_path.unlink()
+    mined.save(sig_path)
+    rc, _, err = check(SHIPPED, demo_layout, capsys)
+    if refused:
+        assert rc == 2 and "no cloze template" in err and len(err.strip().splitlines()) == 1, err
+    else:
+        assert rc == 0, err

@@ -157,7 +157,10 @@ def _check_task(config: ServeConfig, task: str, sig: SignatureSet | None) -> Non
     if sig is not None and trained_on != sig.meta.backbone.fingerprint and not config.allow_fingerprint_mismatch:
         raise LmsanError(f"task {task!r}: its prompt was trained on other weights than the signature file "
                          f"was mined on ({str(trained_on)[:12]} vs {sig.meta.backbone.fingerprint[:12]})")
-    if sig is not None and sig.position == Position.MASK and prompt_config.position != Position.MASK:
+    if (sig is not None and prompt_config.position != Position.MASK
+            and all(p == Position.MASK for p in sig.positions)):
+        # as the guard decides it (guard.watched_positions): [MASK] PVs go unwatched by a prompt
+        # without a cloze template, and a file of nothing else leaves the task unguarded
         raise LmsanError(f"task {task!r}: the signatures watch [MASK], but its prompt has no cloze template")
     if settings.calibration:
         load_examples(settings.calibration, require_label=False)
