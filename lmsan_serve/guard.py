@@ -14,7 +14,7 @@ import torch
 from .backbone import Backbone
 from .encoding import remove_units
 from .errors import LmsanError
-from .kinds import Action, Mode, Position
+from .kinds import Action, Mode, Position, readable_positions
 from .monitor import Calibration, Monitor
 from .prompts import PromptClassifier
 from .purify import Purifier
@@ -332,8 +332,8 @@ def watched_positions(backbone: Backbone, classifier: PromptClassifier, signatur
         why = backbone.supports_position(position)
         if why:
             raise LmsanError(why)
-    has_mask = classifier.config.position == Position.MASK
-    watched = [p for p in signatures.positions if p != Position.MASK or has_mask]
+    watched = readable_positions(signatures.positions, classifier.config.position == Position.MASK)
     if not watched:
         raise LmsanError("the signatures watch the [MASK] output, but this prompt has no cloze template to hold one")
     return watched
+

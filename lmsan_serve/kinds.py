@@ -48,6 +48,13 @@ class Position(_Named):
     MASK = "mask"  # the [MASK] token of a cloze template
 
 
+def readable_positions(positions: list[Position], cloze: bool) -> list[Position]:
+    """Of `positions`, those a prompt's inputs hold: [MASK] only with a cloze template (`cloze`).
+    Empty: a guard on such a prompt has nothing to watch (`guard.watched_positions`, `lmsan
+    check-config`)."""
+    return [p for p in positions if p != Position.MASK or cloze]
+
+
 class MiningMode(_Named):
     """How long `lmsan mine` goes on."""
 

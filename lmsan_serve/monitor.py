@@ -111,12 +111,12 @@ class Monitor:
         # [N, H] tensor is the one output when there is one). A PV at an output not watched (a
         # [MASK] PV when the prompt has no [MASK]) cannot be scored: it never flags.
         self.watched = list(watched) if watched is not None else signatures.positions
-        pv_positions = signatures.pv_positions
-        self._column = torch.tensor([self.watched.index(p) if p in self.watched else 0 for p in pv_positions],
-                                    dtype=torch.long, device=dev)
-        self._unwatched = torch.tensor([p not in self.watched for p in pv_positions], dtype=torch.bool, device=dev)
+        self.pv_positions = signatures.pv_positions
+        # per PV: its slice of the features, or -1 - its index when unwatched (a group of its own)
+        groups = [self.watched.index(p) if p in self.watched else -1 - i for i, p in enumerate(self.pv_positions)]
+        self._column = torch.tensor([max(g, 0) for g in groups], dtype=torch.long, device=dev)
+        self._unwatched = torch.tensor([g < 0 for g in groups], dtype=torch.bool, device=dev)
         self.thresholds = signatures.thresholds(threshold).to(dev)
-        groups = [self.watched.index(p) if p in self.watched else -1 - i for i, p in enumerate(pv_positions)]
         self.combos = (pv_combinations(signatures.pvs, groups=groups)
                        if combinations and signatures.metric == "sign" else [])
         masked, counts = combination_signs(signatures.pvs, self.combos)
@@ -132,7 +132,7 @@ class Monitor:
         """The output signature `index` (a PV, or past them a combination) is read at."""
         k = len(self.signatures)
         pv = index if index < k else self.combos[index - k][0]
-        return self.signatures.pv_positions[pv] if pv >= 0 else self.watched[0]
+        return self.pv_positions[pv] if pv >= 0 else self.watched[0]
 
     def label(self, index: int) -> str:
         k = len(self.signatures)

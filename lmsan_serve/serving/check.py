@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LmsanError, first_problem
-from ..kinds import Mode, Position
+from ..kinds import Mode, Position, readable_positions
 from .config import Reloadable, ServeConfig, parse_config, task_mode
 
 if TYPE_CHECKING:
@@ -157,10 +157,7 @@ def _check_task(config: ServeConfig, task: str, sig: SignatureSet | None) -> Non
     if sig is not None and trained_on != sig.meta.backbone.fingerprint and not config.allow_fingerprint_mismatch:
         raise LmsanError(f"task {task!r}: its prompt was trained on other weights than the signature file "
                          f"was mined on ({str(trained_on)[:12]} vs {sig.meta.backbone.fingerprint[:12]})")
-    if (sig is not None and prompt_config.position != Position.MASK
-            and all(p == Position.MASK for p in sig.positions)):
-        # as the guard decides it (guard.watched_positions): [MASK] PVs go unwatched by a prompt
-        # without a cloze template, and a file of nothing else leaves the task unguarded
+    if sig is not None and not readable_positions(sig.positions, prompt_config.position == Position.MASK):
         raise LmsanError(f"task {task!r}: the signatures watch [MASK], but its prompt has no cloze template")
     if settings.calibration:
         load_examples(settings.calibration, require_label=False)
