@@ -3,8 +3,9 @@ on the other (`lmsan eval zoo --plan heldout`).
 
 Every round the miner ran is kept in its position's checkpoint with the statistics the thresholds
 test: `trace` (per epoch: distance, in-batch spread; `collapse_spread` is tested on the spread at
-epoch `collapse_by`), `dispersion` (the held-out collapse test, `max_dispersion`) and
-`self_agreement` (`min_self_agreement`). `round_stats` labels each round:
+epoch `collapse_by`; `fall`, how many times it fell over that epoch, is what `collapse_rate`
+tests, kept for reading but not fitted, as the gate passes a round on either), `dispersion` (the
+held-out collapse test, `max_dispersion`) and `self_agreement` (`min_self_agreement`). `round_stats` labels each round:
 
 - `real`: it passed every filter and its PV agrees with a planted PV at RECOVERY_AGREEMENT;
 - `spurious`: it passed every filter, yet its PV matches no planted PV (or the model is clean);
@@ -71,6 +72,7 @@ def round_stats(mined: Path, result: MiningResult, planted: torch.Tensor, config
         for c in rounds:
             trace = c.get("trace") or []
             spread = trace[config.collapse_by - 1][1] if len(trace) >= config.collapse_by else None
+            fall = trace[config.collapse_by - 2][1] / spread if spread else None
             if c.get("filters"):
                 label = "failed"
             elif c.get("pv") is not None and len(planted) and float(
@@ -79,7 +81,7 @@ def round_stats(mined: Path, result: MiningResult, planted: torch.Tensor, config
             else:
                 label = "spurious"
             out.append({"position": position, "seed": c["seed"], "label": label,
-                        "failed_by": _failed_by(c.get("filters") or []), "spread": spread,
+                        "failed_by": _failed_by(c.get("filters") or []), "spread": spread, "fall": fall,
                         "dispersion": c.get("dispersion"), "self_agreement": c.get("self_agreement")})
     return out
 

@@ -13,7 +13,7 @@ from lmsan_serve.cli import main
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.mining import MiningConfig, mine, stale_checkpoint, stale_checkpoints
 from lmsan_serve.mining.job import calibrate
-from lmsan_serve.mining.model import blend_of, duplicate, prepare, purest, triggered_outputs
+from lmsan_serve.mining.model import _FuzzRound, blend_of, duplicate, prepare, purest, triggered_outputs
 from lmsan_serve.monitor import sign_agreement
 from lmsan_serve.signatures import SignatureSet
 
@@ -98,6 +98,23 @@ def test_clean_control_is_clean(tiny_control, corpus, tmp_path):
         assert c["trace"][-1][0] == pytest.approx(c["distance"], abs=1e-5)
         if "not collapsing" in c["reasons"][0]:
             assert c["epochs"] == 3 and c["trace"][-1][1] > MiningConfig().collapse_spread
+
+
+@pytest.mark.parametrize(("spreads", "abandoned"), [
+    ((0.5, 0.15, 0.05), False),  # above collapse_spread at epoch 3 but falling 3x an epoch: runs on
+    ((0.5, 0.07, 0.05), True),  # falling 1.4x an epoch: a clean encoder's grind
+    ((0.5, 0.3, 0.02), False),  # below collapse_spread
+])
+def test_a_round_still_collapsing_fast_is_not_abandoned(spreads, abandoned):
+    config = MiningConfig()
+    round_ = object.__new__(_FuzzRound)  # the gate reads only the settings and the per-epoch trace
+    round_.config, round_.th, round_.distance = config, 0.1, 0.5
+    round_.trace = [(0.5, s) for s in spreads]
+    round_.epoch = config.collapse_by
+    why = round_._abandon_reason()
+    assert (why is not None) == abandoned
+    if abandoned:
+        assert why.startswith("abandoned: not collapsing by epoch 3") and "1.40x" in why
 
 
 def test_duplicate_is_judged_by_sign_pattern_as_well_as_mse():

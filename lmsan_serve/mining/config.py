@@ -53,7 +53,11 @@ class MiningConfig(BaseModel):
     collapse_by: int = Field(default=3, ge=2, description="epoch by which a round's outputs must be collapsing")
     collapse_spread: float = Field(default=0.025, gt=0, description=(
         "in-batch spread (the same ratio, on the training batches) above which a round is abandoned at "
-        "epoch `collapse_by`"))
+        "epoch `collapse_by`, unless it is still falling at `collapse_rate`"))
+    collapse_rate: float = Field(default=2.0, gt=1, description=(
+        "a round above `collapse_spread` at epoch `collapse_by` runs on when its spread fell at least this "
+        "many times over that epoch: a backdoor the search terms slow down still collapses geometrically, "
+        "a soft trigger on a clean encoder grinds its spread down slowly"))
     split_rows: bool = Field(default=True, description=(
         "also try each row of a soft trigger that passed the filters alone, and keep the PV whose held-out "
         "outputs agree best in sign with it: a multi-row trigger can land on a blend of two PVs"))

@@ -310,8 +310,13 @@ class _FuzzRound:
         if self.epoch == config.collapse_by < config.epochs and spread > config.collapse_spread:
             # A backdoor collapses its triggered outputs within a few epochs; a soft trigger on a
             # clean encoder only grinds their spread down slowly, so a slow round is not a
-            # backdoor (the spreads measured: docs/mining.md, Why the thresholds).
-            return f"abandoned: not collapsing by epoch {self.epoch} (in-batch spread {spread:.4f})"
+            # backdoor. The search's terms can slow a backdoor's collapse, but not its pace: a
+            # round whose spread still falls `collapse_rate` times an epoch runs on (the spreads
+            # measured: docs/mining.md, Why the thresholds).
+            fall = self.trace[-2][1] / spread
+            if fall < config.collapse_rate:
+                return (f"abandoned: not collapsing by epoch {self.epoch} (in-batch spread {spread:.4f}, "
+                        f"{fall:.2f}x less than an epoch before)")
         return None
 
     def judge(self) -> Candidate:
