@@ -7,6 +7,7 @@ that reads like a scanner result: flagged, action, matched PV, score, removed wo
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -63,6 +64,24 @@ class GuardStats:
     match_scores: list[float] = field(default_factory=list)
 
 
+@dataclass
+class TriggerShapes:
+    """What the purges of each monitor entry (a PV or a combination) found: how many a lone word
+    that fires by itself, how many anything else. The guess (`Purifier.guess`) deletes the most
+    attended word untested; where that is one word of a phrase trigger, deleting it can silence the
+    monitor and leave the rest of the phrase in the text. So the guess is tried only for an entry
+    whose purges have found lone words, and never one that has shown anything else."""
+
+    lone: Counter[int] = field(default_factory=Counter)
+    other: Counter[int] = field(default_factory=Counter)
+
+    def record(self, entry: int, lone: bool) -> None:
+        (self.lone if lone else self.other)[entry] += 1
+
+    def trusted(self, entry: int, after: int) -> bool:
+        return self.other[entry] == 0 and self.lone[entry] >= after
+
+
 class Guard:
     def __init__(
         self,
@@ -74,6 +93,7 @@ class Guard:
         purifier: Purifier | None = None,
         suspect_margin: float = 0.2,
         suspect_attention: float = 0.4,
+        guess_after: int | None = 2,
     ):
         if mode not in Mode.values():
             raise LmsanError(f"unknown guard mode {mode!r} (choose from {', '.join(Mode.values())})")
@@ -100,6 +120,10 @@ class Guard:
         # counted special tokens probed clean SMS messages whose [CLS] attention goes to them.
         self.suspect_margin = suspect_margin
         self.suspect_attention = suspect_attention
+        # Lone-word purges of an entry before the guess is tried for it (None: never): one could be
+        # a phrase's word that fired alone by chance in a short keep-only variant.
+        self.guess_after = guess_after
+        self.shapes = TriggerShapes()
 
     @torch.no_grad()
     def calibrate(self, texts: list[str], text_pairs: list[str] | None = None, target_fpr: float = 0.005,
@@ -208,7 +232,7 @@ class Guard:
             results[i] = self._flagged(results[i].label, results[i].scores, results[i].guard, int(mon.best[i]))
         stats.flagged += len(flagged_rows) + len(fired)
         if self.mode == Mode.ENFORCE and (flagged_rows or fired):
-            self._enforce(batch, sorted(flagged_rows + fired), results, stats, saliency)
+            self._enforce(batch, sorted(flagged_rows + fired), results, stats, saliency, mon.best)
         stats.guard_seconds += time.perf_counter() - started
         return results
 
@@ -256,14 +280,28 @@ class Guard:
         return full
 
     def _enforce(self, batch, rows: list[int], results: list[GuardResult], stats: GuardStats,
-                 saliency: torch.Tensor | None = None) -> None:
-        # A single word found by the keep-only tests is checked by the classifying pass itself;
-        # only the inputs that stay flagged pay for the full search.
+                 saliency: torch.Tensor | None = None, best: torch.Tensor | None = None) -> None:
+        # The most attended word is deleted first, untested, for rows whose best entry has had lone
+        # single-word triggers (`TriggerShapes`): the classifying pass over the text without it runs
+        # the monitor anyway, so where it was the trigger the purge costs that one pass. A single
+        # word found by the keep-only tests is checked the same way; only the inputs that stay
+        # flagged pay for the full search.
+        entry = {r: int(best[r]) if best is not None else -1 for r in rows}
+        if saliency is not None and self.guess_after is not None:
+            trusted = [r for r in rows if self.shapes.trusted(entry[r], self.guess_after)]
+            guessed = self.purifier.guess(batch, trusted, saliency)
+            retry = self._classify_purged(batch, list(guessed), guessed, results, stats)
+            rows = sorted(retry + [r for r in rows if r not in guessed])  # rows left unguessed
+            if not rows:
+                return
         found = self._purge(batch, rows, stats, trust_single=True, saliency=saliency)
         retry = self._classify_purged(batch, rows, found, results, stats)
         if retry:
-            found = self._purge(batch, retry, stats, start_from={r: found[r] for r in retry})
+            found.update(self._purge(batch, retry, stats, start_from={r: found[r] for r in retry}))
             self._classify_purged(batch, retry, found, results, stats)
+        for r in rows:
+            if results[r].guard.action == Action.PURGED:
+                self.shapes.record(entry[r], found[r].lone_word)
 
     def _purge(self, batch, rows: list[int], stats: GuardStats, **options) -> dict:
         found, pstats = self.purifier.purify(batch, rows, self.bare_margins, **options)
@@ -279,7 +317,7 @@ class Guard:
         for r in rows:
             res = found[r]
             verdict = results[r].guard
-            verdict.removed = res.removed
+            verdict.removed, verdict.text = res.removed, None
             if not res.ok:
                 verdict.reason = f"{PURGE_FAILED}: {res.reason}"
                 stats.purge_bound_hits += int(res.exhausted)

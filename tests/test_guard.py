@@ -109,6 +109,55 @@ def test_purge_work_is_bounded_and_few_passes(setup):
     assert stats.purge_variants <= 40 + 8 + 2
 
 
+class _AttentionOn(Guard):
+    """A guard whose monitored token attends to one word (`focus`) alone, as a trained encoder's
+    does to a trigger (the tiny test model's random attention does not)."""
+
+    focus = "cf"
+
+    def _saliency(self, batch, rows, layer_input, best):
+        sal = torch.zeros(batch.input_ids.shape)
+        for r in rows:
+            for u, word in enumerate(batch.unit_words[r]):
+                sal[r][batch.units[r] == u] = 0.9 if word == self.focus else 0.1 / len(batch.unit_words[r])
+        return sal
+
+
+def test_a_trigger_the_attention_singles_out_is_purged_in_one_pass(setup):
+    """The guess: once the purges of a PV have found lone words (`TriggerShapes`), the most attended
+    word of an input flagged on it is deleted untested; the classifying pass over the purged text
+    is the only purge pass. Where the guess is wrong the search still finds the trigger."""
+    backbone, classifier, sig = setup
+    text = "simply great acting and a lovely cf story of the day"
+    guard = _AttentionOn(backbone, classifier, sig)
+    for n in range(guard.guess_after):  # the first purges of the PV search and learn its shape
+        stats = GuardStats()
+        res = guard.classify([text], stats=stats)
+        assert res[0].guard.action == "purged" and res[0].guard.removed == ["cf"]
+        assert stats.purge_variants > 0
+    assert sum(guard.shapes.lone.values()) == guard.guess_after and not guard.shapes.other
+    stats = GuardStats()
+    res = guard.classify([text], stats=stats)
+    assert res[0].guard.action == "purged" and res[0].guard.removed == ["cf"]
+    assert stats.purge_passes == 1 and stats.purge_variants == 0
+    guard.focus = "lovely"  # a wrong guess
+    stats = GuardStats()
+    res = guard.classify([text], stats=stats)
+    assert res[0].guard.action == "purged" and res[0].guard.removed == ["cf"]
+    assert "lovely" in res[0].guard.text
+    assert stats.purge_passes >= 3  # the guess's pass, the search's, the final classification
+
+
+def test_no_guess_for_a_pv_whose_purge_found_a_phrase(setup):
+    backbone, classifier, sig = setup
+    guard = _AttentionOn(backbone, classifier, sig)
+    guard.shapes.record(0, lone=True)
+    guard.shapes.record(0, lone=True)
+    assert guard.shapes.trusted(0, guard.guess_after)
+    guard.shapes.record(0, lone=False)
+    assert not guard.shapes.trusted(0, guard.guess_after)
+
+
 def test_trigger_in_second_text_of_a_pair(setup):
     backbone, classifier, sig = setup
     res = Guard(backbone, classifier, sig).classify(["simply great"], ["nice tq film"])

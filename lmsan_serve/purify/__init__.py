@@ -5,6 +5,14 @@ batched passes. A variant of an input keeps a subset of its tokens (no re-tokeni
 map from `encoding` says which tokens form each word), so all variants of all flagged inputs go
 in one batch:
 
+00. the guess (`Purifier.guess`, no pass of its own): where the monitored token's last-layer
+   attention singles out one word (the top word draws `guess_dominance` times the next one's), the
+   guard deletes it untested and classifies the text without it through the soft prompt; the
+   monitor on that pass, which the guard runs anyway, is the test. A right guess makes the purge
+   one pass beside the classifying pass; a row still flagged goes on to the steps below. The
+   guard guesses only for a PV whose earlier purges found lone words that fire by themselves
+   (`guard.TriggerShapes`): deleting one word of a phrase trigger can silence the monitor and
+   leave the rest of the phrase in the text, which the steps below would have traced.
 0. ranked candidates: the guard passes the monitored token's last-layer attention over the input;
    a trigger that drives that output draws the attention, so the top few words are tested alone
    first (one short pass). Where one fires, the group tests are skipped.

@@ -19,7 +19,10 @@ from .records import (
 
 class Purifier:
     def __init__(self, groups: int = 8, max_rounds: int = 3, max_variants: int = 160, chunk: int = 128,
-                 ranked: int = 4, partner_window: int = 3):
+                 ranked: int = 4, partner_window: int = 3, guess_dominance: float = 3.0):
+        # A wrong guess costs a full classifying pass where the ranked tests cost a short one, so a
+        # row is guessed only where its top word draws clearly more attention than the next.
+        self.guess_dominance = guess_dominance
         # A phrase of four words (the attack's limit) lies within three words of any of its words.
         self.partner_window = partner_window
         self.groups = groups
@@ -72,6 +75,24 @@ class Purifier:
         self._record_found(call, active)
         return call.results, call.stats
 
+    def guess(self, batch: EncodedBatch, rows: list[int], saliency: torch.Tensor) -> dict[int, PurifyResult]:
+        """Step 00, no pass: the word type the monitored token attends to most in each row (of
+        `rows` with user words), returned `tentative` as the word to delete. A trigger that drives
+        the monitored output draws its attention, so deleting that word is the likeliest purge; the
+        guard classifies the text without it through the soft prompt, and the monitor on that
+        pass, which it runs anyway, is the test. A row still flagged there goes on to `purify`, as
+        does a row whose top word draws less than `guess_dominance` times the next one's attention."""
+        out: dict[int, PurifyResult] = {}
+        for r in rows:
+            words = RowWords.of(batch, r)
+            if not words.types:
+                continue
+            att = words.attention(saliency[r])
+            top = att.topk(min(2, len(att)))
+            if len(att) == 1 or float(top.values[0]) >= self.guess_dominance * float(top.values[1]):
+                out[r] = _found_words(batch, r, words, {int(top.indices[0])}, PurifyResult(ok=True, tentative=True))
+        return out
+
     def probe(self, batch: EncodedBatch, rows: list[int], scorer: Scorer, saliency: torch.Tensor,
               top: int = 2, min_attention: float = 0.0) -> tuple[list[int], PurifyStats]:
         """The `top` most salient word types of each row alone, in one pass; the rows where one
@@ -101,6 +122,7 @@ class Purifier:
                 call.found[r] = set(start_from[r].found_types)
                 call.results[r].variants = start_from[r].variants
                 call.results[r].grouped = start_from[r].grouped
+                call.results[r].alone = set(start_from[r].alone)
 
     def _ranked_tests(self, call: PurgeCall, active: list[int], saliency: torch.Tensor,
                       top: int | None = None) -> list[int]:
@@ -128,6 +150,7 @@ class Purifier:
         for r in active:
             if len(groups[r]) == len(call.words[r].types):  # groups were single types already
                 call.found[r].update(positive[r][: self.max_variants])
+                call.results[r].alone.update(positive[r][: self.max_variants])
             else:
                 singles[r] = positive[r][: self.max_variants]
         self._test_singles(call, singles)
@@ -248,11 +271,7 @@ class Purifier:
     def _record_found(self, call: PurgeCall, active: list[int]) -> None:
         """The words found, as each row's result reports them."""
         for r in active:
-            types = call.words[r].types
-            drop_words = {types[t] for t in call.found[r]}
-            call.results[r].removed = sorted(drop_words)
-            call.results[r].drop_units = {u for u, w in enumerate(call.batch.unit_words[r]) if w in drop_words}
-            call.results[r].found_types = set(call.found[r])
+            _found_words(call.batch, r, call.words[r], call.found[r], call.results[r])
 
     # -- scoring ------------------------------------------------------------------------------------
 
@@ -264,6 +283,7 @@ class Purifier:
             call.results[r].variants += 1
             if m > 0:
                 call.found[r].add(t)
+                call.results[r].alone.add(t)
 
     def _score_deletions(self, call: PurgeCall, tests: list[Deletion]) -> list[float]:
         """Margins of the deletion variants `tests`, in order, one pass."""
@@ -306,3 +326,12 @@ class Purifier:
                 .detach().cpu()
             )
         return torch.cat(out)
+
+
+def _found_words(batch: EncodedBatch, r: int, words: RowWords, found: set[int], result: PurifyResult) -> PurifyResult:
+    """`result` with the word types `found` of row `r` recorded as the words it removes."""
+    drop_words = {words.types[t] for t in found}
+    result.removed = sorted(drop_words)
+    result.drop_units = {u for u, w in enumerate(batch.unit_words[r]) if w in drop_words}
+    result.found_types = set(found)
+    return result

@@ -28,6 +28,12 @@ class PurifyResult:
     found_types: set[int] = field(default_factory=set)  # for a follow-up call (`start_from`)
     grouped: bool = False  # the group tests (1a/1b) ran for this row
     exhausted: bool = False  # stopped by the work bound (variants or rounds), not by a verdict
+    alone: set[int] = field(default_factory=set)  # word types a keep-only test found firing by themselves
+
+    @property
+    def lone_word(self) -> bool:
+        """The purge removed one word type, and it fires by itself: a single-word trigger."""
+        return len(self.found_types) == 1 and self.found_types <= self.alone
 
 
 @dataclass
