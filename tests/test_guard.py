@@ -130,7 +130,7 @@ def test_a_trigger_the_attention_singles_out_is_purged_in_one_pass(setup):
     backbone, classifier, sig = setup
     text = "simply great acting and a lovely cf story of the day"
     guard = _AttentionOn(backbone, classifier, sig)
-    for n in range(guard.guess_after):  # the first purges of the PV search and learn its shape
+    for _ in range(guard.guess_after):  # the first purges of the PV search and learn its shape
         stats = GuardStats()
         res = guard.classify([text], stats=stats)
         assert res[0].guard.action == "purged" and res[0].guard.removed == ["cf"]
