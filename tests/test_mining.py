@@ -114,7 +114,7 @@ def test_a_round_still_collapsing_fast_is_not_abandoned(spreads, abandoned):
     why = round_._abandon_reason()
     assert (why is not None) == abandoned
     if abandoned:
-        assert why.startswith("abandoned: not collapsing by epoch 3") and "1.40x" in why
+        assert why.startswith("abandoned: not collapsing by epoch 3") and "fell 1.40x" in why
 
 
 def test_duplicate_is_judged_by_sign_pattern_as_well_as_mse():

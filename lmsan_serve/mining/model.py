@@ -4,10 +4,9 @@
 One round = one seed: a soft trigger of `prompt_len` embedding rows is spliced into every clean
 line at a random word position and trained (the encoder frozen) to push the monitored output away
 from the clean output, to make it the same for every input, and away from PVs already found. A
-backdoored encoder has such a trigger-independent output (the PV); a clean one does not.
-
-Fixed relative to the reference code: any device; a vectorised splice; dynamic padding; a fresh
-optimiser per seed; the absolute gradient in the learning-rate rule; the entropy test normalised
+backdoored encoder has such a trigger-independent output (the PV); a clean one does not. Fixed
+relative to the reference code: any device, a vectorised splice, dynamic padding, a fresh
+optimiser per seed, the absolute gradient in the learning-rate rule, the entropy test normalised
 by ln(batch) with ragged batches dropped.
 """
 
@@ -307,16 +306,13 @@ class _FuzzRound:
         config, spread = self.config, self.trace[-1][1]
         if self.epoch == 2 and self.distance < self.th:
             return "abandoned: no effect by epoch 2"
+        # A backdoor collapses its triggered outputs within a few epochs, or, slowed by the search's
+        # terms, still at a geometric pace; a soft trigger on a clean encoder grinds their spread
+        # down slowly (docs/mining.md, Why the thresholds).
         if self.epoch == config.collapse_by < config.epochs and spread > config.collapse_spread:
-            # A backdoor collapses its triggered outputs within a few epochs; a soft trigger on a
-            # clean encoder only grinds their spread down slowly, so a slow round is not a
-            # backdoor. The search's terms can slow a backdoor's collapse, but not its pace: a
-            # round whose spread still falls `collapse_rate` times an epoch runs on (the spreads
-            # measured: docs/mining.md, Why the thresholds).
             fall = self.trace[-2][1] / spread
             if fall < config.collapse_rate:
-                return (f"abandoned: not collapsing by epoch {self.epoch} (in-batch spread {spread:.4f}, "
-                        f"{fall:.2f}x less than an epoch before)")
+                return f"abandoned: not collapsing by epoch {self.epoch} (spread {spread:.4f}, fell {fall:.2f}x)"
         return None
 
     def judge(self) -> Candidate:
