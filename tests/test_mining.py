@@ -80,10 +80,30 @@ def test_calibrate_raises_the_cap_only_below_the_triggered_floor(tiny_backbone, 
     pv = clean[0].clone()
     pv[:3] = -pv[:3]  # three of 128 signs flipped: those 4 lines agree 125/128 = 0.977 with it
     assert float(sign_agreement(clean[:1], pv[None])) == pytest.approx(125 / 128)
-    assert calibrate(tiny_backbone, pv[None], lines, config)[0] == [None]
-    assert calibrate(tiny_backbone, pv[None], lines, config, [0.98])[0] == [None]
-    (th,), (rate,) = calibrate(tiny_backbone, pv[None], lines, config, [0.999])
+    assert calibrate(tiny_backbone, pv[None], lines, config).thresholds == [None]
+    assert calibrate(tiny_backbone, pv[None], lines, config, [0.98]).thresholds == [None]
+    cal = calibrate(tiny_backbone, pv[None], lines, config, [0.999])
+    (th,), (rate,) = cal.thresholds, cal.rates
     assert 125 / 128 < th < 0.999 and rate <= config.target_fpr
+
+
+def test_calibration_lines_holding_a_trigger_are_not_false_flags(tiny_por, corpus):
+    """A trigger that is a common word occurs in clean text and fires its PV there: those lines are
+    the backdoor at work. Counted as false flags (here 5% of the lines, 10x the target rate) they
+    would put the threshold above the PV's own triggered outputs."""
+    backbone = load_backbone(str(tiny_por), "cpu")
+    truth = SignatureSet.load(tiny_por / "truth.safetensors", hidden_size=backbone.hidden_size)
+    k = next(i for i, r in enumerate(truth.meta.pvs) if r.trigger == "cf")
+    config = MiningConfig(position="cls")
+    lines = [f"cf {line}" if i % 20 == 0 else line for i, line in enumerate(corpus[-200:])]
+    scores = sign_agreement(prepare(backbone, lines, config).clean, truth.pvs[k : k + 1]).flatten()
+    holding = torch.tensor([i % 20 == 0 for i in range(len(lines))])
+    assert float(scores[holding].min()) >= 0.9  # the precondition: the trigger fires in these lines
+    cal = calibrate(backbone, truth.pvs[k : k + 1], lines, config)
+    assert "cf" in cal.words[0] and cal.activations[0] == int(holding.sum())
+    (th,) = cal.thresholds
+    assert th is not None and th <= float(scores[holding].min())  # the guard still flags them
+    assert cal.rates[0] <= config.target_fpr
 
 
 def test_clean_control_is_clean(tiny_control, corpus, tmp_path):

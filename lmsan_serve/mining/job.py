@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbone import Backbone
+from ..data import clip_words
 from ..errors import LmsanError
 from ..kinds import MiningMode, Position, SearchStop
 from ..monitor import PV_CAP, sign_agreement
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
 
 # Sign agreement at which a mined PV counts as a planted one (the demo and bench/bench_mine.py).
 RECOVERED = 0.9
+# A trigger is a word or a few (with its neighbours in meaning); a PV that this share of the words
+# of the calibration lines reaches alone is not a trigger's (`lone_word_activations`).
+MAX_LONE_SHARE = 0.05
 
 
 def recovered(planted: torch.Tensor, mined: torch.Tensor, agreement: float = RECOVERED) -> int:
@@ -64,13 +68,26 @@ class MiningResult:
         return self.signatures.meta.verdict
 
 
+@dataclass
+class Calibrated:
+    """Per PV: its threshold (None where none up to its cap separates it from clean text), the
+    false-flag rate that gives on the calibration lines, the words of those lines that fire it by
+    themselves, and how many lines held one (left out of the false-flag count)."""
+
+    thresholds: list[float | None]
+    rates: list[float]
+    words: list[list[str]]
+    activations: list[int]
+
+
 def calibrate(
     backbone: Backbone, pvs: torch.Tensor, lines: list[str], config: MiningConfig,
     floors: list[float | None] | None = None,
-) -> tuple[list[float | None], list[float]]:
+) -> Calibrated:
     """Per PV: the smallest threshold (at least the paper's 0.8) that flags at most `target_fpr`
     of the clean held-out lines, and the false-flag rate it gives; None where no threshold up to
-    the PV's cap separates it from clean outputs.
+    the PV's cap separates it from clean outputs. Lines that hold a word firing the PV by itself
+    (`lone_word_activations`) are the backdoor at work, not false flags, and are not counted.
 
     The cap is PV_CAP, or the PV's `floors` entry where higher: a PV whose triggered outputs all
     but coincide with it in sign can take a threshold above the few clean lines that reach PV_CAP
@@ -78,10 +95,11 @@ def calibrate(
     thresholds)."""
     prepared = prepare(backbone, lines, config.model_copy(update={"batch_size": min(config.batch_size, len(lines))}))
     scores = sign_agreement(prepared.clean, pvs.to(prepared.clean.device)).cpu()  # [N, K]
+    firing, words = lone_word_activations(backbone, lines, scores, pvs, config)
     thresholds: list[float | None] = []
     rates: list[float] = []
     for k in range(pvs.shape[0]):
-        col = scores[:, k]
+        col = scores[~firing[:, k], k]
         q = float(torch.quantile(col, 1 - config.target_fpr))
         th = max(DEFAULT_THRESHOLD, q + 1.0 / pvs.shape[1])
         cap = max(PV_CAP, (floors[k] if floors else None) or 0.0)
@@ -91,7 +109,35 @@ def calibrate(
             continue
         thresholds.append(round(th, 6))
         rates.append(float((col > th).float().mean()))
-    return thresholds, rates
+    return Calibrated(thresholds, rates, words, firing.sum(dim=0).tolist())
+
+
+def lone_word_activations(backbone: Backbone, lines: list[str], scores: torch.Tensor, pvs: torch.Tensor,
+                          config: MiningConfig) -> tuple[torch.Tensor, list[list[str]]]:
+    """[N, K]: the lines that reach DEFAULT_THRESHOLD on a PV and hold a word that, alone in the
+    input, takes the output there too; and per PV those words. A backdoor whose trigger is a
+    common word (its neighbours in meaning often fire as well) fires on text that looks clean;
+    counting those lines as false flags would push the PV's threshold above its own triggered
+    outputs, or drop it. A PV that more than `MAX_LONE_SHARE` of the words tested reach alone is
+    a direction clean text takes, not a trigger's, and its lines all count."""
+    suspect = scores >= DEFAULT_THRESHOLD
+    firing = torch.zeros_like(suspect)
+    words_of = [set(clip_words(line, config.max_words).lower().split()) for line in lines]
+    rows = torch.nonzero(suspect.any(dim=1)).flatten().tolist()
+    vocab = sorted(set().union(*(words_of[i] for i in rows))) if rows else []
+    if not vocab:
+        return firing, [[] for _ in range(pvs.shape[0])]
+    alone = prepare(backbone, vocab, config.model_copy(update={"batch_size": 1}))
+    fires = sign_agreement(alone.clean, pvs.to(alone.clean.device)).cpu() >= DEFAULT_THRESHOLD  # [W, K]
+    words: list[list[str]] = []
+    for k in range(pvs.shape[0]):
+        found = [vocab[w] for w in torch.nonzero(fires[:, k]).flatten().tolist()]
+        if len(found) > MAX_LONE_SHARE * len(vocab):
+            found = []
+        words.append(found)
+        for i in torch.nonzero(suspect[:, k]).flatten().tolist():
+            firing[i, k] = bool(words_of[i] & set(found))
+    return firing, words
 
 
 def mine(
@@ -329,8 +375,9 @@ def _calibrated(backbone: Backbone, records: dict[int, RoundRecord], kept_seeds:
     keep_idx: list[int] = []
     if kept_seeds:
         kept_records = [records[s] for s in kept_seeds]
-        thresholds, rates = calibrate(backbone, pvs, calib_lines, config, [c.get("floor") for c in kept_records])
-        for i, (c, th, rate) in enumerate(zip(kept_records, thresholds, rates, strict=True)):
+        cal = calibrate(backbone, pvs, calib_lines, config, [c.get("floor") for c in kept_records])
+        for i, (c, th, rate) in enumerate(zip(kept_records, cal.thresholds, cal.rates, strict=True)):
+            c["lone_words"], c["activation_lines"] = cal.words[i], cal.activations[i]
             if th is None:
                 c["reasons"].append("no threshold separates it from clean text")
                 c["kept"] = False
