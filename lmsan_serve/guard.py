@@ -280,13 +280,13 @@ class Guard:
         return full
 
     def _enforce(self, batch, rows: list[int], results: list[GuardResult], stats: GuardStats,
-                 saliency: torch.Tensor | None = None, best: torch.Tensor | None = None) -> None:
+                 saliency: torch.Tensor | None, best: torch.Tensor) -> None:
         # The most attended word is deleted first, untested, for rows whose best entry has had lone
         # single-word triggers (`TriggerShapes`): the classifying pass over the text without it runs
         # the monitor anyway, so where it was the trigger the purge costs that one pass. A single
         # word found by the keep-only tests is checked the same way; only the inputs that stay
         # flagged pay for the full search.
-        entry = {r: int(best[r]) if best is not None else -1 for r in rows}
+        entry = {r: int(best[r]) for r in rows}  # the monitor entry each row matched best
         if saliency is not None and self.guess_after is not None:
             trusted = [r for r in rows if self.shapes.trusted(entry[r], self.guess_after)]
             guessed = self.purifier.guess(batch, trusted, saliency)

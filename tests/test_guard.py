@@ -9,7 +9,7 @@ import torch
 from lmsan_lab.evaluation import evaluate_guard
 from lmsan_serve import load_backbone
 from lmsan_serve.errors import LmsanError
-from lmsan_serve.guard import Guard, GuardStats
+from lmsan_serve.guard import Guard, GuardStats, TriggerShapes
 from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.purify import Purifier
 from lmsan_serve.signatures import SignatureSet
@@ -148,14 +148,14 @@ def test_a_trigger_the_attention_singles_out_is_purged_in_one_pass(setup):
     assert stats.purge_passes >= 3  # the guess's pass, the search's, the final classification
 
 
-def test_no_guess_for_a_pv_whose_purge_found_a_phrase(setup):
-    backbone, classifier, sig = setup
-    guard = _AttentionOn(backbone, classifier, sig)
-    guard.shapes.record(0, lone=True)
-    guard.shapes.record(0, lone=True)
-    assert guard.shapes.trusted(0, guard.guess_after)
-    guard.shapes.record(0, lone=False)
-    assert not guard.shapes.trusted(0, guard.guess_after)
+def test_no_guess_for_a_pv_whose_purge_found_a_phrase():
+    shapes = TriggerShapes()
+    shapes.record(0, lone=True)
+    assert not shapes.trusted(0, after=2)
+    shapes.record(0, lone=True)
+    assert shapes.trusted(0, after=2) and not shapes.trusted(1, after=2)
+    shapes.record(0, lone=False)
+    assert not shapes.trusted(0, after=2)
 
 
 def test_trigger_in_second_text_of_a_pair(setup):

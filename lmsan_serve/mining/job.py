@@ -135,8 +135,9 @@ def lone_word_activations(backbone: Backbone, lines: list[str], scores: torch.Te
         if len(found) > MAX_LONE_SHARE * len(vocab):
             found = []
         words.append(found)
+        found_set = set(found)
         for i in torch.nonzero(suspect[:, k]).flatten().tolist():
-            firing[i, k] = bool(words_of[i] & set(found))
+            firing[i, k] = bool(words_of[i] & found_set)
     return firing, words
 
 
