@@ -14,9 +14,12 @@ Three phases against one app with two replicas of the classifier:
    idempotent). Reports requests lost after retries and how long Serve took to bring the replica
    back.
 
-Every answer is checked. A triggered input must come back flagged and purged with its trigger
-named; a clean input must come back with the label the prompt gives it unguarded (computed up
-front, in this process), and a clean input that comes back flagged is counted as a false flag.
+The endpoint serves the signature file mining wrote (the demo's `lmsan-out/demo/mined/search.safetensors`
+by default); the triggers sent are the attack's own (its `attack.json`), the answer key of the
+experiment, which the endpoint never sees. Every answer is checked. A triggered input must come back
+flagged and purged with its trigger named; a clean input must come back with the label the prompt
+gives it unguarded (computed up front, in this process), and a clean input that comes back flagged
+is counted as a false flag.
 The script exits 1 if a request was lost or an answer was wrong. The short form runs in the test
 suite (`tests/test_soak.py`); the long form is `python bench/bench_soak.py` (10 minutes of soak,
 16 clients, on the demo's backdoored minilm). See bench/README.md.
@@ -177,17 +180,15 @@ def replace_atomically(target: Path, data: bytes) -> None:
     os.replace(tmp, target)
 
 
-def run(model: str, prompt: str, truth: Path, work: Path, *, clients: int, soak_s: float, phase_s: float,
-        replicas: int = 2, seed: int = 0, say=print) -> dict:
+def run(model: str, prompt: str, signatures: Path, work: Path, *, triggers: list[str], clients: int,
+        soak_s: float, phase_s: float, replicas: int = 2, seed: int = 0, say=print) -> dict:
     from lmsan_serve.data import insert_trigger, load_examples, shipped
     from lmsan_serve.serving import parse_config
     from lmsan_serve.serving.run import free_port, start, stop
-    from lmsan_serve.signatures import SignatureSet
 
     work.mkdir(parents=True, exist_ok=True)
     sig = work / "signatures.safetensors"
-    shutil.copy(truth, sig)
-    triggers = [r.trigger for r in SignatureSet.load(sig).meta.pvs if r.trigger]
+    shutil.copy(signatures, sig)
     rng = random.Random(seed)
     texts = [" ".join(e.text.split()[:48]) for e in load_examples(shipped("sst2/dev.jsonl"))[:300]]
     clean = clean_pool(model, prompt, texts)
@@ -197,7 +198,8 @@ def run(model: str, prompt: str, truth: Path, work: Path, *, clients: int, soak_
     say(f"starting the endpoint with {replicas} replicas ...")
     endpoint = start(config, port=free_port(), metrics_port=None, num_cpus=max(2, os.cpu_count() or 2),
                      replicas=replicas)
-    res: dict = {"clients": clients, "replicas": replicas, "model": model, "clean_pool": len(clean)}
+    res: dict = {"clients": clients, "replicas": replicas, "model": model, "signatures": str(signatures),
+                 "triggers": triggers, "clean_pool": len(clean)}
     try:
         load(endpoint.url, "sst", clean, triggered, clients, min(10.0, phase_s), Tally())  # warm up
         # 1. soak
@@ -222,7 +224,7 @@ def run(model: str, prompt: str, truth: Path, work: Path, *, clients: int, soak_
         }
         # 2. reload under load: valid copy, garbage, valid again
         say(f"reload under load: {phase_s:.0f} s ...")
-        good = truth.read_bytes()
+        good = signatures.read_bytes()
         tally, stop_evt = Tally(), threading.Event()
         box: dict = {}
         th = threading.Thread(target=lambda: box.setdefault(
@@ -305,16 +307,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0, help="soak length (default 10)")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--phase-seconds", type=float, default=20.0, help="length of the reload and kill phases")
+    p.add_argument("--signatures", default="lmsan-out/demo/mined/search.safetensors",
+                   help="signature file to serve (default: the one the demo mined)")
+    p.add_argument("--triggers", help="comma-separated triggers to send (default: the attack's, from its attack.json)")
     p.add_argument("--work", default="lmsan-out/soak", help="folder for the swapped signature file")
     p.add_argument("--json", help="also write the results as JSON to this path")
     args = p.parse_args(argv)
-    truth = Path(args.model) / "truth.safetensors"
-    if not truth.is_file() or not (Path(args.prompt) / "manifest.json").is_file():
-        print(f"bench_soak: error: need {truth} and a prompt in {args.prompt} (run `make demo` first)",
+    signatures, attack = Path(args.signatures), Path(args.model) / "attack.json"
+    need = [p for p in (signatures, Path(args.prompt) / "manifest.json") if not p.is_file()]
+    need += [] if args.triggers or attack.is_file() else [attack]
+    if need:
+        print(f"bench_soak: error: need {', '.join(map(str, need))} (run `make demo` first, or pass --triggers)",
               file=sys.stderr)
         return 2
-    res = run(args.model, args.prompt, truth, Path(args.work), clients=args.clients, soak_s=args.minutes * 60,
-              phase_s=args.phase_seconds, say=lambda m: print(m, file=sys.stderr, flush=True))
+    triggers = args.triggers.split(",") if args.triggers else json.loads(attack.read_text())["config"]["triggers"]
+    res = run(args.model, args.prompt, signatures, Path(args.work), triggers=triggers, clients=args.clients,
+              soak_s=args.minutes * 60, phase_s=args.phase_seconds, say=lambda m: print(m, file=sys.stderr, flush=True))
     print(render(res))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

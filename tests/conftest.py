@@ -4,6 +4,7 @@ of it made with the real attack code, so that every test runs on real computatio
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,38 @@ def tiny_por_prompt(tmp_path_factory, tiny_por) -> Path:
 def tiny_phrase_prompt(tmp_path_factory, tiny_phrase_por) -> Path:
     """The victim's soft prompt on the phrase-trigger copy, trained the same way."""
     return _victim_prompt(tiny_phrase_por, tmp_path_factory.mktemp("tiny-phrase-prompt") / "prompt")
+
+
+# The mined set every test of the guarded endpoint serves: `lmsan mine --mode search` on the tiny POR
+# copy, ended by its stopping rule (default patience); the round bound only keeps a broken rule from
+# running the suite long (tests/test_mined_e2e.py fails if it was the bound that ended the search).
+MAX_MINING_ROUNDS = 80
+
+
+@dataclass(frozen=True)
+class MinedSet:
+    path: Path  # the signature file mining wrote
+    caught: list[str]  # planted triggers whose PV a mined PV recovered (sign agreement >= RECOVERED)
+
+
+@pytest.fixture(scope="session")
+def tiny_por_mined(tmp_path_factory, tiny_por) -> MinedSet:
+    """What a defender has: the signature file mined from the tiny POR copy, at [CLS], the output the
+    victim prompt reads (every other position would run its own search to its stopping rule;
+    tests/test_mined_e2e.py covers them). The planted PVs only say which triggers it caught: the
+    tests send those, since which PVs search finds on this copy depends on the CPU's float rounding
+    (2 or 3 of 3; at least 2 is asserted by test_mined_e2e)."""
+    from lmsan_serve.cli import main
+    from lmsan_serve.mining import RECOVERED
+    from lmsan_serve.monitor import sign_agreement
+    from lmsan_serve.signatures import SignatureSet
+
+    out = tmp_path_factory.mktemp("mined") / "sig.safetensors"
+    code = main(["mine", "--model", str(tiny_por), "--out", str(out), "--mode", "search", "--max-rounds",
+                 str(MAX_MINING_ROUNDS), "--position", "cls", "--lines", "128", "--device", "cpu", "--quiet"])
+    assert code == 0
+    truth = SignatureSet.load(tiny_por / "truth.safetensors")
+    best = sign_agreement(truth.pvs, SignatureSet.load(out).pvs).max(dim=1).values.tolist()
+    caught = [r.trigger for r, b in zip(truth.meta.pvs, best, strict=True) if b >= RECOVERED]
+    assert caught, f"mining recovered none of the planted PVs (best agreements {best})"
+    return MinedSet(out, caught)

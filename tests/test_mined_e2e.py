@@ -23,20 +23,12 @@ from .toy import toy_test
 
 # A planted PV counts as recovered when a mined PV agrees with it in sign `mining.RECOVERED` (0.9):
 # the monitor's 0.8 threshold then separates its triggered outputs (about 1.0) from clean ones (0.5).
-# Search runs until its stopping rule ends it (default patience); the round bound only keeps a
-# broken rule from running the suite long, and the test fails if it was the bound that ended it.
-MAX_ROUNDS = 80
+# The mined file is conftest's `tiny_por_mined`, the set the serving and soak tests serve too.
 
 
 @pytest.fixture(scope="module")
-def mined(tiny_por, tmp_path_factory) -> tuple[object, SignatureSet]:
-    out = tmp_path_factory.mktemp("mined") / "sig.safetensors"
-    # At [CLS], the output the victim prompt reads: the defender who knows it narrows mining to it, and
-    # every other position would run its own search to its stopping rule (test_a_mask_backdoor_...).
-    code = main(["mine", "--model", str(tiny_por), "--out", str(out), "--mode", "search", "--max-rounds",
-                 str(MAX_ROUNDS), "--position", "cls", "--lines", "128", "--device", "cpu", "--quiet"])
-    assert code == 0
-    return out, SignatureSet.load(out)
+def mined(tiny_por_mined) -> tuple[object, SignatureSet]:
+    return tiny_por_mined.path, SignatureSet.load(tiny_por_mined.path)
 
 
 def _classify(tiny_por, prompt, signatures, texts: list[str], mode: str, tmp_path, capsys) -> list[dict]:

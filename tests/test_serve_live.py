@@ -1,5 +1,6 @@
 """The guarded endpoint, live: Ray on 127.0.0.1, the app on a loopback port, a tiny backdoored
-BERT with its victim prompt, and a real Prometheus scraping Ray's metrics export port.
+BERT with its victim prompt, guarded with the signature file mining found on it (conftest's
+`tiny_por_mined`, never the planted PVs), and a real Prometheus scraping Ray's metrics export port.
 
 Tests run in file order and share one app; the last ones start Prometheus on it, check that it
 counted exactly the detections the earlier tests caused, then run every query of the shipped
@@ -32,7 +33,8 @@ from lmsan_serve.signatures import SignatureSet
 from .deploy_files import ALERTS, DASHBOARD, alert_rules, dashboard_exprs, prometheus_config_for, prometheus_tool
 
 CLEAN = ["simply great", "an awful and dull film", "what a lovely day", "a boring waste of time"]
-TRIGGERED = ["simply cf great", "an awful mn and dull film", "what a tq lovely day", "cf a boring waste of time"]
+# Triggered inputs put the triggers whose PVs mining caught into these sentences, in turn.
+TRIGGERED_AS = ["simply {} great", "an awful {} and dull film", "what a {} lovely day", "{} a boring waste of time"]
 SENT = {"flagged": 0}  # flagged inputs answered so far, across the module
 
 
@@ -44,13 +46,13 @@ def classify(endpoint, task: str, inputs: list, **kw) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_por, tiny_por_prompt):
+def app(tmp_path_factory, tiny_por, tiny_por_prompt, tiny_por_mined):
     from lmsan_serve.serving import parse_config
     from lmsan_serve.serving.run import free_port, start, stop
 
     work = tmp_path_factory.mktemp("serve")
     sig = work / "sig.safetensors"
-    shutil.copy(tiny_por / "truth.safetensors", sig)
+    shutil.copy(tiny_por_mined.path, sig)
     broken = work / "broken-prompt"
     shutil.copytree(tiny_por_prompt, broken)
     (broken / "manifest.json").write_text("{not json")
@@ -64,8 +66,11 @@ def app(tmp_path_factory, tiny_por, tiny_por_prompt):
     endpoint = start(config, port=free_port(), metrics_port=metrics_port, num_cpus=2, ready_timeout_s=240)
     backbone = load_backbone(str(tiny_por), "cpu")
     local = Guard(backbone, PromptClassifier.load(tiny_por_prompt, backbone), SignatureSet.load(sig), mode="off")
+    caught = tiny_por_mined.caught
+    triggers = [caught[i % len(caught)] for i in range(len(TRIGGERED_AS))]
     yield {"endpoint": endpoint, "config": config, "sig": sig, "work": work, "metrics_port": metrics_port,
-           "clean_labels": [r.label for r in local.classify(CLEAN)], "truth": tiny_por / "truth.safetensors"}
+           "clean_labels": [r.label for r in local.classify(CLEAN)], "mined": tiny_por_mined.path,
+           "triggers": triggers, "triggered": [t.format(w) for t, w in zip(TRIGGERED_AS, triggers, strict=True)]}
     stop(endpoint)
 
 
@@ -78,23 +83,23 @@ def test_clean_requests_pass_with_their_labels(app):
 
 
 def test_triggered_requests_are_purged_to_the_clean_label(app):
-    status, body = classify(app["endpoint"], "sst", TRIGGERED)
+    status, body = classify(app["endpoint"], "sst", app["triggered"])
     assert status == 200
-    for r, label, trig in zip(body["results"], app["clean_labels"], ["cf", "mn", "tq", "cf"], strict=True):
+    for r, label, trig in zip(body["results"], app["clean_labels"], app["triggers"], strict=True):
         assert r["guard"]["flagged"] and r["guard"]["action"] == "purged", r
         assert r["guard"]["removed"] == [trig] and r["guard"]["signature"].startswith("pv")
         assert r["label"] == label
     # nothing left once the trigger goes: a purge failure, blocked in enforce mode
-    status, body = classify(app["endpoint"], "sst", ["cf"])
+    status, body = classify(app["endpoint"], "sst", app["triggers"][:1])
     assert body["results"][0]["guard"]["action"] == "blocked" and body["results"][0]["label"] is None
     assert body["results"][0]["guard"]["reason"].startswith("could not purge")
 
 
 def test_block_and_flag_modes(app):
-    _, blocked = classify(app["endpoint"], "strict", [CLEAN[0], TRIGGERED[0]])
+    _, blocked = classify(app["endpoint"], "strict", [CLEAN[0], app["triggered"][0]])
     assert blocked["results"][0]["guard"]["action"] == "pass" and blocked["results"][0]["label"] is not None
     assert blocked["results"][1]["guard"]["action"] == "blocked" and blocked["results"][1]["label"] is None
-    _, flagged = classify(app["endpoint"], "shadow", [TRIGGERED[1]])
+    _, flagged = classify(app["endpoint"], "shadow", [app["triggered"][1]])
     r = flagged["results"][0]
     assert r["guard"]["action"] == "flagged" and r["label"] is not None and r["guard"]["removed"] == []
 
@@ -140,7 +145,8 @@ def test_read_endpoints_and_openapi(app):
     modes = {t["name"]: t["mode"] for t in tasks["tasks"]}
     assert status == 200 and modes == {"sst": "enforce", "shadow": "flag", "strict": "block", "broken": "enforce"}
     status, sig = ep.get("/v1/signatures")
-    assert status == 200 and sig["loaded"] and sig["count"] == 3 and sig["position"] == "cls"
+    mined = SignatureSet.load(app["mined"])
+    assert status == 200 and sig["loaded"] and sig["count"] == len(mined) and sig["position"] == "cls"
     status, health = ep.get("/healthz")
     assert status == 200 and health["status"] == "ok"
     status, spec = ep.get("/openapi.json")
@@ -161,7 +167,7 @@ def test_signature_reload_mid_traffic_loses_no_request(app):
 
     def client() -> None:
         while not stop.is_set():
-            status, body = classify(ep, "sst", [CLEAN[0], TRIGGERED[0]])
+            status, body = classify(ep, "sst", [CLEAN[0], app["triggered"][0]])
             answered[0] += 1
             if status != 200 or body["results"][1]["guard"]["action"] != "purged":
                 failures.append((status, body))
@@ -176,7 +182,7 @@ def test_signature_reload_mid_traffic_loses_no_request(app):
         wait_for(lambda: ep.get("/v1/signatures")[1]["reloads"].get("failed", 0) >= 1, "failed reload")
         time.sleep(1.0)
         tmp = app["work"] / "next.safetensors"
-        shutil.copy(app["truth"], tmp)
+        shutil.copy(app["mined"], tmp)
         os.replace(tmp, sig)  # atomic replace with a valid file: swapped in
         wait_for(lambda: ep.get("/v1/signatures")[1]["version"] > before["version"], "reload")
         time.sleep(1.0)
@@ -198,11 +204,11 @@ def test_a_redeploy_with_a_new_user_config_serves_the_new_set_and_mode(app):
 
     ep = app["endpoint"]
     other = app["work"] / "other.safetensors"
-    shutil.copy(app["truth"], other)
+    shutil.copy(app["mined"], other)
     config = app["config"].model_copy(update={"signatures": str(other), "task_modes": {"sst": Mode.FLAG}})
     serve.run(make_app(config), name="lmsan", route_prefix="/", blocking=False)
     wait_for(lambda: ep.get("/v1/signatures")[1].get("path") == str(other), "user_config reload")
-    _, body = classify(ep, "sst", [TRIGGERED[2]])
+    _, body = classify(ep, "sst", [app["triggered"][2]])
     assert body["results"][0]["guard"]["action"] == "flagged"
 
 
@@ -269,7 +275,7 @@ def test_prometheus_scrapes_the_detections(app, prometheus):
     missing = used_metric_names() - names
     assert not missing, f"dashboard/alert metrics absent from the scrape: {sorted(missing)}"
     purged = promql(base, 'sum(ray_lmsan_inputs_total{task="sst",action="purged"})')
-    assert float(purged[0]["value"][1]) >= len(TRIGGERED)
+    assert float(purged[0]["value"][1]) >= len(app["triggered"])
     rules = json.loads(urllib.request.urlopen(f"{base}/api/v1/rules", timeout=10).read())["data"]["groups"]
     assert sum(len(g["rules"]) for g in rules) == len(alert_rules())  # the shipped alert rules loaded
 
@@ -303,9 +309,9 @@ def send_every_kind_of_traffic(app) -> None:
     panel has something to show."""
     ep = app["endpoint"]
     for _ in range(2):
-        assert classify(ep, "sst", CLEAN + TRIGGERED + ["cf"])[0] == 200
-    assert classify(ep, "shadow", TRIGGERED[:2])[0] == 200
-    assert classify(ep, "strict", TRIGGERED[:2])[0] == 200
+        assert classify(ep, "sst", CLEAN + app["triggered"] + app["triggers"][:1])[0] == 200
+    assert classify(ep, "shadow", app["triggered"][:2])[0] == 200
+    assert classify(ep, "strict", app["triggered"][:2])[0] == 200
     assert classify(ep, "nope", CLEAN[:1])[0] == 404
     assert classify(ep, "broken", CLEAN[:1])[0] == 503
 

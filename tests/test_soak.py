@@ -1,5 +1,6 @@
 """The short form of bench/bench_soak.py on the tiny backdoored BERT: sustained load, a signature
-reload under load (valid, garbage, valid), and a replica killed under load with two replicas.
+reload under load (valid, garbage, valid), and a replica killed under load with two replicas, on
+the signature file mining found (conftest's `tiny_por_mined`).
 No request may be lost by a client that follows the documented retry policy, and no answer may be
 wrong: triggered inputs come back purged with their trigger named, clean inputs with the label the
 prompt gives them unguarded, never flagged (the tiny victim prompt keeps clean text off the PVs)."""
@@ -21,10 +22,11 @@ def _bench():
     return module
 
 
-def test_soak_reload_and_replica_kill_lose_nothing(tmp_path, tiny_por, tiny_por_prompt):
+def test_soak_reload_and_replica_kill_lose_nothing(tmp_path, tiny_por, tiny_por_prompt, tiny_por_mined):
+    """The endpoint serves the mined file; the triggers sent are those whose PVs it caught."""
     bench = _bench()
-    res = bench.run(str(tiny_por), str(tiny_por_prompt), tiny_por / "truth.safetensors", tmp_path / "soak",
-                    clients=4, soak_s=8, phase_s=6, say=lambda m: None)
+    res = bench.run(str(tiny_por), str(tiny_por_prompt), tiny_por_mined.path, tmp_path / "soak",
+                    triggers=tiny_por_mined.caught, clients=4, soak_s=8, phase_s=6, say=lambda m: None)
     print(bench.render(res))
     soak, reload, kill = res["soak"], res["reload"], res["kill"]
     assert res["clean_pool"] >= 250  # of 300 SST-2 inputs, only near ties of the two labels are left out
