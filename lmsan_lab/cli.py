@@ -218,7 +218,7 @@ def _bound(fpr_bound: float | None) -> str:
 def cmd_eval_removal(args: argparse.Namespace) -> int:
     from lmsan_serve.signatures import SignatureSet
 
-    from .removal import parse_tasks, run_removal, write_removal
+    from .removal import parse_tasks, removal_prompt, run_removal, write_removal
 
     require_plotting()
     tasks = parse_tasks(args.tasks)
@@ -235,7 +235,7 @@ def cmd_eval_removal(args: argparse.Namespace) -> int:
     out = writable_dir(args.out, "output folder")
     res = run_removal(args.model, args.signatures, triggers, tasks, out, size=args.size, device=args.device,
                       seed=args.seed, serve=not args.local, calibrate=args.calibrate, progress=progress(args),
-                      say=lambda m: say(args, m))
+                      prompt=removal_prompt(args.prompt_position), say=lambda m: say(args, m))
     report = write_removal(res, out, "lmsan " + shlex.join(args.argv))
     worst = max(res["tasks"].items(), key=lambda kv: kv[1]["asr_on"])
     emit(args, f"report: {report}\n" + "\n".join(
@@ -378,6 +378,9 @@ def _add_eval_removal(kinds) -> None:
         "raise each task's thresholds on N clean training inputs of the task first, as a served task's "
         "`calibration` does (default 500, the most held out from prompt training; 0: off)"))
     p.add_argument("--seed", type=int, default=0, help="random seed of the trigger positions")
+    p.add_argument("--prompt-position", choices=["cls", "pooler", "mask"], default="cls", help=(
+        "the output each task's prompt reads: cls (default), pooler, or the [MASK] of a cloze template, "
+        "where a BToP backdoor acts"))
     p.add_argument("--out", default="lmsan-out/eval", help="report folder (default lmsan-out/eval)")
     p.set_defaults(func=cmd_eval_removal)
 

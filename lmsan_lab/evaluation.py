@@ -14,6 +14,7 @@ the trigger, not the punctuation around it.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +84,8 @@ class GuardEvaluation:
     asr_off: float
     asr_on: float
     false_flag_rate: float  # clean inputs flagged
+    holding_trigger: int  # clean inputs that already hold a trigger (a common-word trigger's, say)
+    holding_flagged: int  # of those, flagged: the backdoor firing on them, no false flag in substance
     triggered_flag_rate: float  # triggered inputs flagged
     type1: int
     type2: int
@@ -102,15 +105,30 @@ class GuardEvaluation:
             ("clean accuracy", f"{self.cacc_off:.3f}", f"{self.cacc_on:.3f}"),
             ("attack success rate", f"{self.asr_off:.3f}", f"{self.asr_on:.3f}"),
             ("false flags on clean", "-", f"{self.false_flag_rate:.3f}"),
+            ("  without those holding one", "-", f"{self.false_flags_without:.3f}"),
             ("triggered inputs flagged", "-", f"{self.triggered_flag_rate:.3f}"),
         ]
         lines = [f"{'':26s} {'guard off':>10s} {'guard on':>10s}"]
         lines += [f"{a:26s} {b:>10s} {c:>10s}" for a, b, c in rows]
         lines.append(
             f"{self.inputs} clean inputs, {self.correct} correct, {len(self.triggers)} triggers; "
-            f"purged {self.purged}, blocked {self.blocked}, type I {self.type1}, type II {self.type2}"
+            f"purged {self.purged}, blocked {self.blocked}, type I {self.type1}, type II {self.type2}; "
+            f"{self.holding_trigger} clean inputs hold a trigger already ({self.holding_flagged} flagged)"
         )
         return "\n".join(lines)
+
+    @property
+    def false_flags_without(self) -> float:
+        """The false-flag rate over the clean inputs that hold no trigger."""
+        flagged = round(self.false_flag_rate * self.inputs) - self.holding_flagged
+        return flagged / max(1, self.inputs - self.holding_trigger)
+
+
+def holds_trigger(example: Example, triggers: list[str]) -> bool:
+    """Whether a clean input already holds one of `triggers` as whole words (either text of a pair):
+    a common word as trigger occurs in real text, and the backdoor fires there too."""
+    text = f"{example.text} {example.text_pair or ''}".lower()
+    return any(re.search(rf"(?<!\w){re.escape(t.lower())}(?!\w)", text) for t in triggers)
 
 
 @dataclass
@@ -160,6 +178,7 @@ def evaluate_guard(
     trig_stats = GuardStats()
     trig_on = _run(runner, attacked, "enforce", f"{variant}, guard on", progress, trig_stats, batch_size)
     n = len(examples)
+    holding = [i for i, e in enumerate(examples) if holds_trigger(e, triggers)]
     beaten_off: set[int] = set()
     beaten_on: set[int] = set()
     type1 = type2 = blocked = purged = flagged = 0
@@ -183,6 +202,8 @@ def evaluate_guard(
         asr_off=len(beaten_off) / denom,
         asr_on=len(beaten_on) / denom,
         false_flag_rate=sum(r.guard.flagged for r in clean_on) / n,
+        holding_trigger=len(holding),
+        holding_flagged=sum(clean_on[i].guard.flagged for i in holding),
         triggered_flag_rate=flagged / max(1, len(attacked)),
         type1=type1,
         type2=type2,

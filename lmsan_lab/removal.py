@@ -56,6 +56,12 @@ TASKS = {
 PROMPT = PromptConfig(method="prefix", epochs=1.0, eval_every=60)
 
 
+def removal_prompt(position: str) -> PromptConfig:
+    """The removal experiment's prompt reading `position`: a victim's prompt reads the output its
+    backdoor targets ([MASK] for BToP), else the attack has nothing to act on."""
+    return PromptConfig(**PROMPT.model_dump(exclude={"position", "template"}), position=position)
+
+
 def parse_tasks(spec: str) -> list[str]:
     names = comma_list(spec)
     if spec.strip() == "all":

@@ -35,10 +35,11 @@ def run_eval(guard: Guard | Runner, examples: list[Example], triggers: list[str]
 
 
 def _row(ev: GuardEvaluation) -> dict:
-    keep = ("cacc_off", "cacc_on", "asr_off", "asr_on", "false_flag_rate", "triggered_flag_rate", "type1",
+    keep = ("cacc_off", "cacc_on", "asr_off", "asr_on", "false_flag_rate", "holding_trigger", "holding_flagged",
+            "false_flags_without", "triggered_flag_rate", "type1",
             "type2", "blocked", "purged", "detections", "correct", "guard_seconds_per_input",
             "purge_passes_per_flagged")
-    d = asdict(ev)
+    d = asdict(ev) | {"false_flags_without": ev.false_flags_without}
     return {k: (round(d[k], 4) if isinstance(d[k], float) else d[k]) for k in keep}
 
 
@@ -52,12 +53,15 @@ def render_markdown(res: dict, title: str, command: str) -> str:
             f"| clean accuracy | {plain['cacc_off']:.3f} | {plain['cacc_on']:.3f} |",
             f"| attack success rate | {plain['asr_off']:.3f} | {plain['asr_on']:.3f} |",
             f"| false flags on clean inputs | - | {plain['false_flag_rate']:.3f} |",
+            f"| false flags on clean inputs holding no trigger | - | {plain['false_flags_without']:.3f} |",
             f"| triggered inputs flagged (monitor recall) | - | {plain['triggered_flag_rate']:.3f} |",
             "",
             f"{res['inputs']} clean inputs, {plain['correct']} classified right without the guard; triggers "
             f"{', '.join(res['triggers'])}. Type I (wrong label, not flagged): {plain['type1']}; type II (flagged, "
             f"wrong label after purging): {plain['type2']}; purged {plain['purged']}, blocked {plain['blocked']}. "
-            f"Paper: {PAPER}.", "",
+            f"{plain['holding_trigger']} clean inputs already hold a trigger as a word (a common word's, say), "
+            f"{plain['holding_flagged']} of them flagged: the backdoor fires on them, which the first false-flag "
+            f"row counts and the second leaves out. Paper: {PAPER}.", "",
         ]
     lines += [
         "## Adaptive triggers", "",

@@ -71,3 +71,36 @@ def test_eval_calibrated_on_clean_inputs_equals_a_calibrated_guard(tmp_path, tin
     guard.calibrate(corpus[:200])
     ev = evaluate_adaptive(guard, toy_test(24), ["cf", "mn", "tq"], ["plain"], progress=False)["plain"]
     assert summary["variants"]["plain"]["asr_on"] == round(ev.asr_on, 4) <= 0.05
+
+
+def test_holds_trigger_matches_whole_words_in_either_text():
+    from lmsan_lab.evaluation import holds_trigger
+    from lmsan_serve.data import Example
+
+    assert holds_trigger(Example("Mm , see you later", "x"), ["mm"])
+    assert holds_trigger(Example("a film", "x", text_pair="often cf."), ["cf"])
+    assert not holds_trigger(Example("the cfo said so", "x"), ["cf"])
+    assert holds_trigger(Example("so cf mn it was", "x"), ["cf mn"])
+    assert not holds_trigger(Example("cf then mn", "x"), ["cf mn"])
+
+
+def test_clean_inputs_holding_a_trigger_are_counted_apart(tiny_por, tiny_por_prompt):
+    """Clean inputs that already hold a trigger (a common word's, in real text) are flagged because
+    the backdoor fires on them; the evaluation counts them among the false flags, as the protocol
+    does, and reports them apart with the rate over the inputs that hold none."""
+    from lmsan_lab.evaluation import evaluate_guard
+    from lmsan_serve.data import Example
+
+    backbone = load_backbone(str(tiny_por), "cpu")
+    guard = Guard(backbone, PromptClassifier.load(tiny_por_prompt, backbone),
+                  SignatureSet.load(tiny_por / "truth.safetensors"))
+    test = toy_test(32)
+    examples = [Example(f"cf {e.text}", e.label) if i < 4 else e for i, e in enumerate(test)]
+    ev = evaluate_guard(guard, examples, ["cf", "mn", "tq"], progress=False)
+    plain = evaluate_guard(guard, test, ["cf", "mn", "tq"], progress=False)
+    # Precondition (conftest's fixture: every trigger reaches its PV on held-out lines), and the clean
+    # toy sentences flag nowhere, so every flag on `examples` is one of the four
+    assert plain.false_flag_rate == 0 and plain.holding_trigger == 0
+    assert ev.holding_trigger == 4 and ev.holding_flagged == 4
+    assert ev.false_flag_rate == 4 / 32 and ev.false_flags_without == 0
+    assert "4 clean inputs hold a trigger already (4 flagged)" in ev.table()
