@@ -235,7 +235,7 @@ def cmd_eval_removal(args: argparse.Namespace) -> int:
     out = writable_dir(args.out, "output folder")
     res = run_removal(args.model, args.signatures, triggers, tasks, out, size=args.size, device=args.device,
                       seed=args.seed, serve=not args.local, calibrate=args.calibrate, progress=progress(args),
-                      prompt=removal_prompt(args.prompt_position), say=lambda m: say(args, m))
+                      prompt=removal_prompt(args.read_at), say=lambda m: say(args, m))
     report = write_removal(res, out, "lmsan " + shlex.join(args.argv))
     worst = max(res["tasks"].items(), key=lambda kv: kv[1]["asr_on"])
     emit(args, f"report: {report}\n" + "\n".join(
@@ -268,7 +268,8 @@ def cmd_eval_adaptive(args: argparse.Namespace) -> int:
         done = guard.calibrate([e.text for e in calibration], text_pairs(calibration))
         say(args, f"calibrated on {done.lines} clean inputs: they flagged {done.flag_rate_before:.3f} "
                    f"before, {done.flag_rate_after:.3f} after; {done.combinations_off} PV combinations "
-                   f"switched off; unseen clean inputs flag at most {_bound(done.fpr_bound)}")
+                   f"switched off; unseen clean inputs flag at most {_bound(done.fpr_bound)}; {done.activations} "
+                   f"left flagged, a word in them firing a PV alone")
     triggers = comma_list(args.triggers) if args.triggers else \
         [r.trigger for r in guard.signatures.meta.pvs if r.trigger]
     if not triggers:
@@ -378,7 +379,7 @@ def _add_eval_removal(kinds) -> None:
         "raise each task's thresholds on N clean training inputs of the task first, as a served task's "
         "`calibration` does (default 500, the most held out from prompt training; 0: off)"))
     p.add_argument("--seed", type=int, default=0, help="random seed of the trigger positions")
-    p.add_argument("--prompt-position", choices=["cls", "pooler", "mask"], default="cls", help=(
+    p.add_argument("--read-at", choices=["cls", "pooler", "mask"], default="cls", help=(
         "the output each task's prompt reads: cls (default), pooler, or the [MASK] of a cloze template, "
         "where a BToP backdoor acts"))
     p.add_argument("--out", default="lmsan-out/eval", help="report folder (default lmsan-out/eval)")

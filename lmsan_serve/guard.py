@@ -6,6 +6,8 @@ that reads like a scanner result: flagged, action, matched PV, score, removed wo
 
 from __future__ import annotations
 
+import random
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -16,10 +18,16 @@ from .backbone import Backbone
 from .encoding import remove_units
 from .errors import LmsanError
 from .kinds import Action, Mode, Position, readable_positions
-from .monitor import Calibration, Monitor
+from .monitor import LONE_WORD_MAX_SHARE, Calibration, Monitor
 from .prompts import PromptClassifier
 from .purify import Purifier
 from .signatures import SignatureSet
+
+# A word of a calibration input: what `Guard.calibrate` tests alone (letters, digits, inner ' and -).
+_WORD = re.compile(r"\w[\w'-]*")
+# Words of the task's unflagged calibration inputs tested alone beside the flagged inputs' own: the
+# base of LONE_WORD_MAX_SHARE (a single-word pass each, batched: a few seconds on a CPU).
+LONE_WORD_SAMPLE = 1000
 
 # The start of a blocked verdict's reason when the purge failed; `Verdict.purge_failed` reads it.
 PURGE_FAILED = "could not purge"
@@ -136,7 +144,37 @@ class Guard:
         if not texts:
             raise LmsanError("calibration needs clean inputs of the task (got none)")
         feats = self.features(texts, text_pairs, batch_size)
-        return self.monitor.calibrate(feats, target_fpr, held_out=held_out)
+        activations = self._lone_word_activations(texts, text_pairs, feats, batch_size)
+        return self.monitor.calibrate(feats, target_fpr, held_out=held_out, activations=activations)
+
+    def _lone_word_activations(self, texts: list[str], text_pairs: list[str] | None, feats: torch.Tensor,
+                               batch_size: int) -> torch.Tensor:
+        """[N, K + C]: the signatures each calibration input is over because one of its words,
+        alone as the input (through the soft prompt), is over them too: the backdoor firing on a
+        common-word trigger, or a word near it in meaning, in text that looks clean. Raising the
+        thresholds for those inputs would let the trigger's own inputs through (on a held-out
+        common-word backdoor, task calibration took plain ASR from 0.033 to 0.078 that way). A
+        signature more than LONE_WORD_MAX_SHARE of the words tested reach alone is a direction
+        clean text takes, not a trigger's: nothing is marked for it, as mining does. The share is
+        taken over the flagged inputs' words and up to LONE_WORD_SAMPLE others of the task's text,
+        so that a handful of flagged inputs, whose few words include the trigger, do not make it
+        one word in ten."""
+        assert self.monitor is not None
+        over = self.monitor.over(feats)
+        rows = torch.nonzero(over.any(dim=1)).flatten().tolist()
+        marked = torch.zeros_like(over)
+        if not rows:
+            return marked
+        words = [set(_WORD.findall(t + " " + (text_pairs[i] if text_pairs else ""))) for i, t in enumerate(texts)]
+        flagged_words = set().union(*(words[i] for i in rows))
+        others = sorted(set().union(*words) - flagged_words)
+        vocab = sorted(flagged_words) + random.Random(0).sample(others, min(len(others), LONE_WORD_SAMPLE))
+        fires = self.monitor.over(self.features(vocab, None, max(batch_size, 256)))  # one-word inputs: short
+        fires[:, fires.float().mean(dim=0) > LONE_WORD_MAX_SHARE] = False
+        index = {w: j for j, w in enumerate(vocab)}
+        for i in rows:
+            marked[i] = over[i] & fires[[index[w] for w in words[i]]].any(dim=0)
+        return marked
 
     @torch.no_grad()
     def features(self, texts: list[str], text_pairs: list[str] | None = None, batch_size: int = 32) -> torch.Tensor:

@@ -49,6 +49,10 @@ MIN_COMMON_FRACTION = 1 / 16  # combinations agreeing on fewer dimensions are to
 # Calibration (mining's on generic text, the guard's on a task's) raises a PV's threshold at most
 # this far, unless the PV's own triggered outputs allow more (mining.job.calibrate).
 PV_CAP = 0.97
+# A trigger is a word or a few, with its neighbours in meaning: a signature that more than this
+# share of the words tested reach alone is a direction clean text takes, not a trigger's. Mining's
+# calibration (`mining.job.lone_word_activations`) and a task's (`Guard.calibrate`) both use it.
+LONE_WORD_MAX_SHARE = 0.05
 
 
 def pv_combinations(pvs: torch.Tensor, max_size: int = 3, limit: int = MAX_COMBOS,
@@ -203,8 +207,13 @@ class Monitor:
         score = scores.gather(1, best[:, None]).squeeze(1)
         return MonitorResult(flagged, best, score, margin)
 
+    def over(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, K + C] on the CPU: the signatures (PVs, then combinations) each output is over."""
+        feats = self._outputs(features)
+        return (self._scores(feats) > self._limits(feats.device)).cpu()
+
     def calibrate(self, features: torch.Tensor, target_fpr: float = 0.005, seed: int = 0,
-                  held_out: bool = False) -> Calibration:
+                  held_out: bool = False, activations: torch.Tensor | None = None) -> Calibration:
         """Raise thresholds so that at most `target_fpr` of unseen clean outputs of the traffic
         being served flag through any PV or combination; thresholds are never lowered.
 
@@ -233,22 +242,28 @@ class Monitor:
         the whole held-out half. It is not the default because on the real tasks it cost recall:
         at 500 inputs the margin is the largest excess of the held-out half, one outlier sets it,
         and in units of 1/sqrt(dims) it switches off combinations that alone catch some trigger
-        (docs/serving.md, Per-task calibration, has both fits measured on four tasks)."""
+        (docs/serving.md, Per-task calibration, has both fits measured on four tasks).
+
+        `activations` ([N, K + C], optional) marks the signatures an input is over because a word
+        in it fires them by itself (`Guard.calibrate` finds them): the backdoor at work on text
+        that looks clean (a common-word trigger, or a word near it in meaning), not a false flag.
+        Those scores fit no threshold, and the inputs stay flagged."""
         feats = self._outputs(features)
         old = self.thresholds.clone()
         k = self.pvs.shape[0]
         if not k or not len(feats):
             return Calibration(len(feats), old.tolist(), old.tolist(), 0.0, 0.0, self.combinations_off)
         scores = self._scores(feats).cpu()
+        fitted = scores if activations is None else scores.masked_fill(activations.cpu(), -torch.inf)
         start = self._limits(torch.device("cpu")).clone()
         caps = torch.full_like(start, torch.inf)
         caps[:k] = start[:k].clamp(min=PV_CAP)
         before = float((scores > start).any(dim=1).float().mean())
         order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))
         check, fit = (order[: len(feats) // 2], order[len(feats) // 2 :]) if held_out else (order[:0], order)
-        limits = _fit_limits(scores[fit], start, caps, target_fpr)
+        limits = _fit_limits(fitted[fit], start, caps, target_fpr)
         scale = self._scales()
-        margin, n_held, bound = _conformal_margin(scores[check], limits, caps, scale, target_fpr)
+        margin, n_held, bound = _conformal_margin(fitted[check], limits, caps, scale, target_fpr)
         if margin > 0:
             # never past a PV's cap, nor below where the fit put it; a tie with the margin passes
             limits = torch.minimum(limits + margin * scale + 1e-6, torch.maximum(limits, caps))
@@ -259,8 +274,9 @@ class Monitor:
             # to a threshold (which sends it to the guard's suspect probe)
             combos = torch.where(limits[k:] > 1.0, torch.inf, limits[k:])
             self._combo_thresholds = combos.to(self._combo_thresholds.device)
+        lone = 0 if activations is None else int(activations.any(dim=1).sum())
         return Calibration(len(feats), old.tolist(), self.thresholds.tolist(), before,
-                           float(flagged.float().mean()), self.combinations_off, n_held, margin, bound)
+                           float(flagged.float().mean()), self.combinations_off, n_held, margin, bound, lone)
 
     def _scales(self) -> torch.Tensor:
         """[K + C] the unit of the calibration margin for each signature: 1 / sqrt of the dimensions
@@ -343,13 +359,14 @@ class Calibration:
     held_out: int = 0  # calibration inputs the margin was taken on (those holding a real trigger left out)
     margin: float = 0.0  # added to every threshold, in units of 1/sqrt of the dimensions it scores
     fpr_bound: float | None = None  # at most this share of unseen clean inputs flags (None: no inputs)
+    activations: int = 0  # inputs over a signature that a word in them fires alone: left flagged, fit nothing
 
     def to_dict(self) -> dict:
         return {"lines": self.lines, "thresholds_before": _rounded(self.before),
                 "thresholds_after": _rounded(self.after),
                 "flag_rate_before": round(self.flag_rate_before, 6), "flag_rate_after": round(self.flag_rate_after, 6),
                 "combinations_off": self.combinations_off, "held_out": self.held_out,
-                "margin": round(self.margin, 6), "fpr_bound": self.fpr_bound}
+                "margin": round(self.margin, 6), "fpr_bound": self.fpr_bound, "activations": self.activations}
 
 
 def _rounded(thresholds: list[float]) -> list[float | None]:

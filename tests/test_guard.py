@@ -219,3 +219,48 @@ def test_the_whole_of_a_phrase_trigger_is_purged(tiny_phrase_por, tiny_phrase_pr
     # (seen on 1 of 24 inputs under one CPU's rounding, none under others); more than 1 in 10
     # left behind is the failure the purge was built to end.
     assert len(dropped) >= 0.9 * len(whole), [r.guard for r in whole if r not in dropped]
+
+
+def _weakened(sig: SignatureSet, k: int, share: float) -> SignatureSet:
+    """`sig` with PV k's signs flipped on its first `share` of the dimensions: its trigger's outputs,
+    near 1 on the PV, reach it at about 1 - share, as a common-word trigger's outputs reach their PV
+    in a task's text (0.8 to 0.97 on a held-out copy of minilm), under the cap that keeps calibration
+    from raising a PV past its triggered outputs."""
+    pvs = sig.pvs.clone()
+    pvs[k, : int(share * pvs.shape[1])] *= -1
+    ref = sig.meta.backbone
+    return SignatureSet.create(pvs, list(sig.meta.pvs), backbone_name=ref.name, fingerprint=ref.fingerprint,
+                               model_type=ref.model_type, position=sig.meta.position, verdict=sig.meta.verdict,
+                               mining=sig.meta.mining)
+
+
+def test_task_calibration_leaves_the_backdoor_firing_on_clean_looking_text_flagged(
+        tiny_por, tiny_por_prompt, tiny_por_mined):
+    """With the mined set: a task's calibration inputs that hold a trigger (a common word's, in real
+    text) are over its PV because that word alone is. Calibration marks them as activations and fits
+    no threshold to them, so the trigger's held-out inputs all still flag. Counted as false flags
+    (the monitor's plain fit on the same outputs), they raise the PV's threshold past them."""
+    from lmsan_serve.monitor import PV_CAP, Monitor
+
+    from .toy import toy
+
+    backbone = load_backbone(str(tiny_por), "cpu")
+    classifier = PromptClassifier.load(tiny_por_prompt, backbone)
+    mined = SignatureSet.load(tiny_por_mined.path)
+    trigger = tiny_por_mined.caught[0]
+    clean = [e.text for e in toy()]
+    holding = [f"{trigger} {t}" for t in clean[:8]]
+    probe = Guard(backbone, classifier, mined, mode="flag")
+    k = int(probe.monitor(probe.features(holding)).best.mode().values)  # the mined PV the trigger reaches
+    sig = _weakened(mined, k, 0.1)
+    flagger = Guard(backbone, classifier, sig, mode="flag")
+    scores = [r.guard.match for r in flagger.classify(holding)]
+    # precondition: the trigger's inputs sit between the PV's threshold and the cap
+    assert all(sig.meta.pvs[k].threshold < s < PV_CAP for s in scores), scores
+    plain = Monitor(sig).calibrate(flagger.features(clean + holding))
+    assert plain.after[k] > max(scores) and plain.activations == 0
+    guard = Guard(backbone, classifier, sig, mode="flag")
+    done = guard.calibrate(clean + holding)
+    assert done.activations == len(holding) and done.after[k] == done.before[k], done
+    attacked = [f"{trigger} {e.text}" for e in toy_test()]
+    assert all(r.guard.flagged for r in guard.classify(attacked))

@@ -16,7 +16,7 @@ from ..backbone import Backbone
 from ..data import clip_words
 from ..errors import LmsanError
 from ..kinds import MiningMode, Position, SearchStop
-from ..monitor import PV_CAP, sign_agreement
+from ..monitor import LONE_WORD_MAX_SHARE, PV_CAP, sign_agreement
 from ..signatures import DEFAULT_THRESHOLD, PVRecord, SignatureSet
 from ..storage import output_file
 from .checkpoint import RoundRecord, at_position, candidate_record, read_checkpoint, write_json_atomic
@@ -42,9 +42,6 @@ if TYPE_CHECKING:
 
 # Sign agreement at which a mined PV counts as a planted one (the demo and bench/bench_mine.py).
 RECOVERED = 0.9
-# A trigger is a word or a few (with its neighbours in meaning); a PV that this share of the words
-# of the calibration lines reaches alone is not a trigger's (`lone_word_activations`).
-MAX_LONE_SHARE = 0.05
 
 
 def recovered(planted: torch.Tensor, mined: torch.Tensor, agreement: float = RECOVERED) -> int:
@@ -118,7 +115,7 @@ def lone_word_activations(backbone: Backbone, lines: list[str], scores: torch.Te
     input, takes the output there too; and per PV those words. A backdoor whose trigger is a
     common word (its neighbours in meaning often fire as well) fires on text that looks clean;
     counting those lines as false flags would push the PV's threshold above its own triggered
-    outputs, or drop it. A PV that more than `MAX_LONE_SHARE` of the words tested reach alone is
+    outputs, or drop it. A PV that more than `LONE_WORD_MAX_SHARE` of the words tested reach alone is
     a direction clean text takes, not a trigger's, and its lines all count."""
     suspect = scores >= DEFAULT_THRESHOLD
     firing = torch.zeros_like(suspect)
@@ -132,7 +129,7 @@ def lone_word_activations(backbone: Backbone, lines: list[str], scores: torch.Te
     words: list[list[str]] = []
     for k in range(pvs.shape[0]):
         found = [vocab[w] for w in torch.nonzero(fires[:, k]).flatten().tolist()]
-        if len(found) > MAX_LONE_SHARE * len(vocab):
+        if len(found) > LONE_WORD_MAX_SHARE * len(vocab):
             found = []
         words.append(found)
         found_set = set(found)

@@ -263,8 +263,9 @@ class GuardService:
                                  held_out=spec.calibration_margin)
         self.calibrations[task] = result.to_dict()
         log.info("task %s calibrated on %d clean inputs: flag rate %.4f -> %.4f, %d PV combinations off, "
-                 "unseen clean inputs flag at most %s", task, result.lines, result.flag_rate_before,
-                 result.flag_rate_after, result.combinations_off, result.fpr_bound)
+                 "unseen clean inputs flag at most %s; %d left flagged, a word in them firing a PV alone",
+                 task, result.lines, result.flag_rate_before, result.flag_rate_after, result.combinations_off,
+                 result.fpr_bound, result.activations)
         if result.fpr_bound is not None and result.fpr_bound > target:
             # the held-out half was too small to show the target rate; more inputs would
             log.warning("task %s: %d calibration inputs bound unseen false flags at %.4f, above calibration_fpr "
