@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from lmsan_lab.removal import TASKS, holding_trigger
+from lmsan_lab.evaluation import holds_trigger
+from lmsan_lab.removal import TASKS
 from lmsan_serve import load_backbone
 from lmsan_serve.backbone import Backbone
 from lmsan_serve.data import Example, comma_list, text_pairs
@@ -56,7 +57,7 @@ def task_rows(backbone: Backbone, classifier: PromptClassifier, sig: SignatureSe
     training rows, then the false flags on its first `--test` test rows."""
     train, test = TASKS[task].load()
     test = test[: args.test]
-    holds = [holding_trigger(backbone.tokenizer, [e], triggers) > 0 for e in test]
+    holds = [holds_trigger(e, triggers) for e in test]
     for n, method in [(size, m) for size in args.calibrate for m in (args.methods if size else ["-"])]:
         guard = Guard(backbone, classifier, sig, mode="flag")
         row: dict = {"task": task, "calibration_inputs": n, "method": method, "flagged_on_them": None,

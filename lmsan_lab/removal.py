@@ -122,14 +122,13 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
     train_s = {t: round(_prompt(backbone, t, splits[t][0], prompts[t], prompt, progress, say), 1) for t in tasks}
     calib = {t: calibration_file(t, splits[t][0], out / "calibration", calibrate) for t in tasks} if calibrate else {}
     rows: dict[str, dict] = {}
-    tokenizer = backbone.tokenizer
 
     def measure(task: str, runner) -> None:
         test = splits[task][1][:size]
         say(f"[{task}] {len(test)} clean inputs, then each with each of {len(triggers)} triggers ...")
         ev = evaluate_guard(runner, test, triggers, seed=seed, progress=progress)
         rows[task] = removal_row(ev) | {"prompt_train_seconds": train_s[task], "title": TASKS[task].title,
-                                        "clean_holding_trigger": holding_trigger(tokenizer, test, triggers)}
+                                        "clean_holding_trigger": ev.holding_trigger}
 
     if not serve:
         from lmsan_serve.guard import Guard
@@ -170,19 +169,6 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
             stop(endpoint)
     return {"model": model, "signatures": signatures, "triggers": triggers, "size": size,
             "over_http": serve, "calibration_lines": calibrate, "tasks": rows}
-
-
-def holding_trigger(tokenizer, examples: list[Example], triggers: list[str]) -> int:
-    """How many clean inputs already hold a trigger's tokens in a row. The backdoor fires on them
-    (SMS messages that start "Mm ...", with `mm` a POR trigger), so flagging them is no false flag
-    in substance, though the false-flag rate counts them."""
-    pieces = [tokenizer.tokenize(t) for t in triggers]
-
-    def holds(text: str) -> bool:
-        toks = tokenizer.tokenize(text)
-        return any(toks[i : i + len(p)] == p for p in pieces if p for i in range(len(toks) - len(p) + 1))
-
-    return sum(holds(e.text) or bool(e.text_pair and holds(e.text_pair)) for e in examples)
 
 
 def removal_row(ev: GuardEvaluation) -> dict:

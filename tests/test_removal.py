@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lmsan_lab.evaluation import evaluate_guard
-from lmsan_lab.removal import TASKS, holding_trigger, parse_tasks, run_removal, write_removal
+from lmsan_lab.evaluation import evaluate_guard, holds_trigger
+from lmsan_lab.removal import TASKS, parse_tasks, run_removal, write_removal
 from lmsan_serve import load_backbone
 from lmsan_serve.data import Example, load_examples
 from lmsan_serve.errors import LmsanError
@@ -34,7 +34,7 @@ def test_removal_figures_are_computed_from_real_predictions(tmp_path, tiny_por):
         assert row["reference_asr"] == round((ev.type1 + ev.type2) / ev.attacked, 4)
         # the planted PVs catch the planted triggers, and clean inputs are not flagged
         assert row["recall"] >= 0.9 and row["false_flag_rate"] <= 0.1 and row["precision"] >= 0.9
-        assert row["clean_holding_trigger"] == holding_trigger(backbone.tokenizer, TASKS[task].load()[1][:24], triggers)
+        assert row["clean_holding_trigger"] == sum(holds_trigger(e, triggers) for e in TASKS[task].load()[1][:24])
     # a second run reuses the trained prompts; calibrated on the task's last 200 training pairs, its
     # figures are those of a guard calibrated on them directly
     again = run_removal(str(tiny_por), sig, triggers, ["rte"], tmp_path, size=24, device="cpu", serve=False,
@@ -61,12 +61,11 @@ def test_removal_figures_are_computed_from_real_predictions(tmp_path, tiny_por):
     assert json.loads((tmp_path / "report" / "removal.json").read_text())["tasks"] == res["tasks"]
 
 
-def test_clean_inputs_holding_a_trigger_are_counted(tiny_por):
-    tokenizer = load_backbone(str(tiny_por), "cpu").tokenizer
+def test_clean_inputs_holding_a_trigger_are_counted():
     rows = [Example("Mm that time you dont like fun", "ham"), Example("see you at ten", "ham"),
             Example("a premise", "entailment", "a cf hypothesis"), Example("common commerce", "ham")]
-    assert holding_trigger(tokenizer, rows, ["mm", "cf"]) == 2
-    assert holding_trigger(tokenizer, rows, ["zq"]) == 0
+    assert sum(holds_trigger(e, ["mm", "cf"]) for e in rows) == 2
+    assert sum(holds_trigger(e, ["zq"]) for e in rows) == 0
 
 
 def test_task_splits_are_fixed():
