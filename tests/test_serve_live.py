@@ -35,6 +35,15 @@ from .deploy_files import ALERTS, DASHBOARD, alert_rules, dashboard_exprs, prome
 CLEAN = ["simply great", "an awful and dull film", "what a lovely day", "a boring waste of time"]
 # Triggered inputs put the triggers whose PVs mining caught into these sentences, in turn.
 TRIGGERED_AS = ["simply {} great", "an awful {} and dull film", "what a {} lovely day", "{} a boring waste of time"]
+def trigger_words(caught: list[str]) -> list[str]:
+    """The trigger each sentence of TRIGGERED_AS carries: the caught ones in turn."""
+    return [caught[i % len(caught)] for i in range(len(TRIGGERED_AS))]
+
+
+def triggered_inputs(caught: list[str]) -> list[str]:
+    return [t.format(w) for t, w in zip(TRIGGERED_AS, trigger_words(caught), strict=True)]
+
+
 SENT = {"flagged": 0}  # flagged inputs answered so far, across the module
 
 
@@ -66,11 +75,10 @@ def app(tmp_path_factory, tiny_por, tiny_por_prompt, tiny_por_mined):
     endpoint = start(config, port=free_port(), metrics_port=metrics_port, num_cpus=2, ready_timeout_s=240)
     backbone = load_backbone(str(tiny_por), "cpu")
     local = Guard(backbone, PromptClassifier.load(tiny_por_prompt, backbone), SignatureSet.load(sig), mode="off")
-    caught = tiny_por_mined.caught
-    triggers = [caught[i % len(caught)] for i in range(len(TRIGGERED_AS))]
+    triggers = trigger_words(tiny_por_mined.caught)
     yield {"endpoint": endpoint, "config": config, "sig": sig, "work": work, "metrics_port": metrics_port,
            "clean_labels": [r.label for r in local.classify(CLEAN)], "mined": tiny_por_mined.path,
-           "triggers": triggers, "triggered": [t.format(w) for t, w in zip(TRIGGERED_AS, triggers, strict=True)]}
+           "triggers": triggers, "triggered": triggered_inputs(tiny_por_mined.caught)}
     stop(endpoint)
 
 

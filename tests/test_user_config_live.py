@@ -1,5 +1,5 @@
 """An invalid `user_config`, live: Ray on 127.0.0.1, the app on a loopback port, the tiny
-backdoored BERT and its victim prompt.
+backdoored BERT and its victim prompt, guarded with the set mined from it (conftest's `tiny_por_mined`).
 
 Raising in `reconfigure` would make Ray Serve stop the replica being updated and retry on fresh
 ones, which fail the same way: the application goes DEPLOY_FAILED with no replica left and every
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_serve_live import CLEAN, TRIGGERED, wait_for
+from .test_serve_live import CLEAN, triggered_inputs, wait_for
 
 ACTIONS = {"enforce": "purged", "block": "blocked"}  # what a triggered input gets in each mode
 
@@ -49,13 +49,13 @@ def app_status() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def live(tiny_por, tiny_por_prompt):
+def live(tiny_por, tiny_por_prompt, tiny_por_mined):
     from lmsan_serve.raycluster import choose_auth, start_local
     from lmsan_serve.serving import parse_config
     from lmsan_serve.serving.run import Endpoint, free_port, stop
 
     config = parse_config({
-        "model": str(tiny_por), "signatures": str(tiny_por / "truth.safetensors"), "watch_interval_s": 0,
+        "model": str(tiny_por), "signatures": str(tiny_por_mined.path), "watch_interval_s": 0,
         "tasks": {"sst": str(tiny_por_prompt)},
     })
     args = config.model_dump(mode="json", exclude={"base_dir"})
@@ -72,7 +72,8 @@ def live(tiny_por, tiny_por_prompt):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy(args, config.reloadable() | {"mode": "block"})
         wait_for(lambda: healthz(endpoint).get("status") == "ok", "the app to start", timeout=240)
-        yield {"endpoint": endpoint, "args": args, "good": config.reloadable() | {"mode": "block"}}
+        yield {"endpoint": endpoint, "args": args, "good": config.reloadable() | {"mode": "block"},
+               "triggered": triggered_inputs(tiny_por_mined.caught)}
     finally:
         stop(endpoint)
         if old is None:
@@ -88,8 +89,8 @@ def healthz(endpoint) -> dict:
         return {}
 
 
-def triggered_action(endpoint) -> list[str]:
-    status, body = endpoint.post("/v1/classify", {"task": "sst", "inputs": [CLEAN[0], TRIGGERED[0]]})
+def triggered_action(live) -> list[str]:
+    status, body = live["endpoint"].post("/v1/classify", {"task": "sst", "inputs": [CLEAN[0], live["triggered"][0]]})
     assert status == 200, body
     return [r["guard"]["action"] for r in body["results"]]
 
@@ -117,7 +118,7 @@ def replica_logs(pattern: str = "*") -> str:
 def test_an_invalid_user_config_is_refused_visibly_and_the_last_good_settings_serve(live):
     ep, args, good = live["endpoint"], live["args"], live["good"]
     # the user_config in use (mode block) differs from the args' (enforce): what serves is visible
-    assert triggered_action(ep) == ["pass", ACTIONS["block"]]
+    assert triggered_action(live) == ["pass", ACTIONS["block"]]
     wait_for(lambda: config_valid(ep) == 1, "ray_lmsan_config_valid 1")
     loaded_at = ep.get("/v1/signatures")[1]["loaded_at"]
 
@@ -130,21 +131,21 @@ def test_an_invalid_user_config_is_refused_visibly_and_the_last_good_settings_se
     assert "invalid user_config at mode" in info["config_error"] and info["loaded_at"] == loaded_at  # same replica
     wait_for(lambda: app_status() == ("RUNNING", "HEALTHY"), "the app to stay RUNNING")
     # ... which keeps guarding on the last good settings (block, not the args' enforce)
-    assert triggered_action(ep) == ["pass", ACTIONS["block"]]
+    assert triggered_action(live) == ["pass", ACTIONS["block"]]
     wait_for(lambda: config_valid(ep) == 0, "ray_lmsan_config_valid 0")
     wait_for(lambda: "refused, the previous settings keep serving" in replica_logs(), "the refusal in the log")
 
     deploy(args, good | {"mode": "enforce"})  # a valid one recovers
     wait_for(lambda: healthz(ep).get("status") == "ok", "/healthz ok")
     assert ep.get("/v1/signatures")[1]["config_error"] is None
-    assert triggered_action(ep) == ["pass", ACTIONS["enforce"]]
+    assert triggered_action(live) == ["pass", ACTIONS["enforce"]]
     wait_for(lambda: config_valid(ep) == 1, "ray_lmsan_config_valid back to 1")
 
 
 def test_audit_lines_reach_the_replica_stdout_as_json(live):
     ep = live["endpoint"]
     req = urllib.request.Request(ep.url + "/v1/classify", method="POST",
-                                 data=json.dumps({"task": "sst", "inputs": [TRIGGERED[1]]}).encode(),
+                                 data=json.dumps({"task": "sst", "inputs": [live["triggered"][1]]}).encode(),
                                  headers={"content-type": "application/json", "x-request-id": "audit-live-1"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert json.loads(resp.read())["results"][0]["guard"]["flagged"]
