@@ -126,7 +126,9 @@ class GuardEvaluation:
 
 def holds_trigger(example: Example, triggers: list[str]) -> bool:
     """Whether a clean input already holds one of `triggers` as whole words (either text of a pair):
-    a common word as trigger occurs in real text, and the backdoor fires there too."""
+    a common word as trigger occurs in real text, and the backdoor fires there too. Whole words
+    only, so a trigger a longer word starts with is not counted, though its first word piece may
+    be the trigger's (AG News's `MMCmicro` tokenizes to `mm` + ..., and `mm` fires there)."""
     text = f"{example.text} {example.text_pair or ''}".lower()
     return any(re.search(rf"(?<!\w){re.escape(t.lower())}(?!\w)", text) for t in triggers)
 
