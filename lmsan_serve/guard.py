@@ -149,22 +149,25 @@ class Guard:
 
     def _lone_word_activations(self, texts: list[str], text_pairs: list[str] | None, feats: torch.Tensor,
                                batch_size: int) -> torch.Tensor:
-        """[N, K + C]: the signatures each calibration input is over because one of its words,
-        alone as the input (through the soft prompt), is over them too: the backdoor firing on a
-        common-word trigger, or a word near it in meaning, in text that looks clean. Raising the
-        thresholds for those inputs would let the trigger's own inputs through (on a held-out
-        common-word backdoor, task calibration took plain ASR from 0.033 to 0.078 that way). A
-        signature more than LONE_WORD_MAX_SHARE of the words tested reach alone is a direction
-        clean text takes, not a trigger's: nothing is marked for it, as mining does. The share is
-        taken over the flagged inputs' words and up to LONE_WORD_SAMPLE others of the task's text,
-        so that a handful of flagged inputs, whose few words include the trigger, do not make it
-        one word in ten."""
+        """[N, K + C]: the PVs each calibration input is over because one of its words, alone as
+        the input (through the soft prompt), is over them too: the backdoor firing on a trigger
+        (a common word's, or a word near it in meaning; or a word piece, `CFO` holding `cf`) in
+        text that looks clean. Raising a PV for those inputs would let the trigger's own inputs
+        through (on a held-out common-word backdoor, task calibration took plain ASR from 0.033 to
+        0.078 that way). Combinations are never marked: scored on the few dimensions their PVs
+        share, they are where generic text lands too, and their thresholds fit every flagged input
+        (marking them left AG News headlines blocked on triples: clean accuracy 0.820, not 0.835).
+        A PV more than LONE_WORD_MAX_SHARE of the words tested reach alone is a direction clean
+        text takes, not a trigger's: nothing is marked for it, as mining does. The share is taken
+        over the flagged inputs' words and up to LONE_WORD_SAMPLE others of the task's text, so that
+        a handful of flagged inputs, whose few words include the trigger, do not make it one in ten."""
         assert self.monitor is not None
+        k = self.monitor.pvs.shape[0]
         over = self.monitor.over(feats)
+        over[:, k:] = False
         rows = torch.nonzero(over.any(dim=1)).flatten().tolist()
-        marked = torch.zeros_like(over)
         if not rows:
-            return marked
+            return over
         words = [set(_WORD.findall(t + " " + (text_pairs[i] if text_pairs else ""))) for i, t in enumerate(texts)]
         flagged_words = set().union(*(words[i] for i in rows))
         others = sorted(set().union(*words) - flagged_words)
@@ -173,8 +176,8 @@ class Guard:
         fires[:, fires.float().mean(dim=0) > LONE_WORD_MAX_SHARE] = False
         index = {w: j for j, w in enumerate(vocab)}
         for i in rows:
-            marked[i] = over[i] & fires[[index[w] for w in words[i]]].any(dim=0)
-        return marked
+            over[i] &= fires[[index[w] for w in words[i]]].any(dim=0)
+        return over
 
     @torch.no_grad()
     def features(self, texts: list[str], text_pairs: list[str] | None = None, batch_size: int = 32) -> torch.Tensor:
