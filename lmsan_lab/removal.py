@@ -210,10 +210,13 @@ def render_markdown(res: dict, command: str) -> str:
                   "held-out margin (1/sqrt dims) | bound on unseen false flags | left flagged: a word fires alone |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for title, c in calibrated.items():
-            raised = sum(a > b + 1e-9 for a, b in zip(c["thresholds_after"], c["thresholds_before"], strict=True))
+            # None: a PV at an output this task's prompt does not read, which cannot flag
+            pairs = [(a, b) for a, b in zip(c["thresholds_after"], c["thresholds_before"], strict=True)
+                     if a is not None and b is not None]
+            raised = sum(a > b + 1e-9 for a, b in pairs)
             bound = c.get("fpr_bound")
             lines.append(f"| {title} | {c['lines']} | {c['flag_rate_before']:.3f} | {c['flag_rate_after']:.3f} | "
-                         f"{raised} of {len(c['thresholds_after'])} | {c.get('combinations_off', '-')} | "
+                         f"{raised} of {len(pairs)} | {c.get('combinations_off', '-')} | "
                          f"{c.get('margin', 0.0):.2f} | {'-' if bound is None else f'{bound:.4f}'} | "
                          f"{c.get('activations', '-')} |")
     lines += ["", f"Paper: {PAPER}.", "", "![ASR and clean accuracy per task](removal.png)", ""]
