@@ -95,11 +95,29 @@ def bench_table(d: dict) -> list[str]:
     return lines
 
 
+def matrix_table(d: dict) -> list[str]:
+    """`bench/asr_matrix.py`: per attack and task, over HTTP with the mined set, guard off and on."""
+    lines = ["| attack: mined PVs (planted recovered) | task | clean accuracy off / on | ASR off | ASR on | "
+             "false flags (inputs holding a trigger) | calibration: flagged after (a word fires alone) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, a in d["attacks"].items():
+        m = a["mined"]
+        found = f"{m['pvs']} ({m['recovered']} of {m['planted']})" if "planted" in m else str(m["pvs"])
+        for r in a["tasks"].values():
+            c = r.get("calibration") or {}
+            cal = f"{c['flag_rate_after']:.3f} ({c.get('activations', '-')})" if c else "-"
+            lines.append(f"| {name}: {found} | {r['title']} | {r['cacc_off']:.3f} / {r['cacc_on']:.3f} | "
+                         f"{r['asr_off']:.3f} | **{r['asr_on']:.3f}** | {r['false_flag_rate']:.3f} "
+                         f"({r['clean_holding_trigger']}) | {cal} |")
+    return lines
+
+
 # table name -> (its JSON file under docs/results, the function that renders it)
 TABLES: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "demo": ("demo.json", demo_table),
     "endpoint": ("endpoint-minilm.json", endpoint_table),
     "bench": ("bench-minilm.json", bench_table),
+    "matrix": ("asr-matrix-minilm.json", matrix_table),
 }
 
 
