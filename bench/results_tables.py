@@ -108,7 +108,7 @@ def matrix_table(d: dict) -> list[str]:
             cal = f"{c['flag_rate_after']:.3f} ({c.get('activations', '-')})" if c else "-"
             lines.append(f"| {name}: {found} | {r['title']} | {r['cacc_off']:.3f} / {r['cacc_on']:.3f} | "
                          f"{r['asr_off']:.3f} | **{r['asr_on']:.3f}** | {r['false_flag_rate']:.3f} "
-                         f"({r['clean_holding_trigger']}) | {cal} |")
+                         f"({r['holding_trigger']}) | {cal} |")
     return lines
 
 

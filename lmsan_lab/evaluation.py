@@ -86,6 +86,7 @@ class GuardEvaluation:
     false_flag_rate: float  # clean inputs flagged
     holding_trigger: int  # clean inputs that already hold a trigger (a common-word trigger's, say)
     holding_flagged: int  # of those, flagged: the backdoor firing on them, no false flag in substance
+    false_flags_without: float  # the false-flag rate over the clean inputs that hold no trigger
     triggered_flag_rate: float  # triggered inputs flagged
     type1: int
     type2: int
@@ -116,12 +117,6 @@ class GuardEvaluation:
             f"{self.holding_trigger} clean inputs hold a trigger already ({self.holding_flagged} flagged)"
         )
         return "\n".join(lines)
-
-    @property
-    def false_flags_without(self) -> float:
-        """The false-flag rate over the clean inputs that hold no trigger."""
-        flagged = round(self.false_flag_rate * self.inputs) - self.holding_flagged
-        return flagged / max(1, self.inputs - self.holding_trigger)
 
 
 def holds_trigger(example: Example, triggers: list[str]) -> bool:
@@ -181,6 +176,8 @@ def evaluate_guard(
     trig_on = _run(runner, attacked, "enforce", f"{variant}, guard on", progress, trig_stats, batch_size)
     n = len(examples)
     holding = [i for i, e in enumerate(examples) if holds_trigger(e, triggers)]
+    clean_flags = sum(r.guard.flagged for r in clean_on)
+    holding_flagged = sum(clean_on[i].guard.flagged for i in holding)
     beaten_off: set[int] = set()
     beaten_on: set[int] = set()
     type1 = type2 = blocked = purged = flagged = 0
@@ -203,9 +200,10 @@ def evaluate_guard(
         cacc_on=sum(r.label == e.label for r, e in zip(clean_on, examples, strict=True)) / n,
         asr_off=len(beaten_off) / denom,
         asr_on=len(beaten_on) / denom,
-        false_flag_rate=sum(r.guard.flagged for r in clean_on) / n,
+        false_flag_rate=clean_flags / n,
         holding_trigger=len(holding),
-        holding_flagged=sum(clean_on[i].guard.flagged for i in holding),
+        holding_flagged=holding_flagged,
+        false_flags_without=(clean_flags - holding_flagged) / max(1, n - len(holding)),
         triggered_flag_rate=flagged / max(1, len(attacked)),
         type1=type1,
         type2=type2,

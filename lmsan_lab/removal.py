@@ -127,8 +127,7 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
         test = splits[task][1][:size]
         say(f"[{task}] {len(test)} clean inputs, then each with each of {len(triggers)} triggers ...")
         ev = evaluate_guard(runner, test, triggers, seed=seed, progress=progress)
-        rows[task] = removal_row(ev) | {"prompt_train_seconds": train_s[task], "title": TASKS[task].title,
-                                        "clean_holding_trigger": ev.holding_trigger}
+        rows[task] = removal_row(ev) | {"prompt_train_seconds": train_s[task], "title": TASKS[task].title}
 
     if not serve:
         from lmsan_serve.guard import Guard
@@ -200,7 +199,7 @@ def render_markdown(res: dict, command: str) -> str:
     for r in res["tasks"].values():
         lines.append(f"| {r['title']} | {r['cacc_off']:.3f} | {r['cacc_on']:.3f} | {r['asr_off']:.3f} | "
                      f"{r['asr_on']:.3f} | {r['reference_asr']:.3f} | {r['type1']} | {r['type2']} | "
-                     f"{r['false_flag_rate']:.3f} | {r.get('clean_holding_trigger', '-')} | {r['precision']:.3f} | "
+                     f"{r['false_flag_rate']:.3f} | {r.get('holding_trigger', '-')} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | {r['purged']} | "
                      f"{r['blocked']} |")
     calibrated = {r["title"]: r["calibration"] for r in res["tasks"].values() if r.get("calibration")}

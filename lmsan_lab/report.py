@@ -39,7 +39,7 @@ def _row(ev: GuardEvaluation) -> dict:
             "false_flags_without", "triggered_flag_rate", "type1",
             "type2", "blocked", "purged", "detections", "correct", "guard_seconds_per_input",
             "purge_passes_per_flagged")
-    d = asdict(ev) | {"false_flags_without": ev.false_flags_without}
+    d = asdict(ev)
     return {k: (round(d[k], 4) if isinstance(d[k], float) else d[k]) for k in keep}
 
 

@@ -18,7 +18,7 @@ from .backbone import Backbone
 from .encoding import remove_units
 from .errors import LmsanError
 from .kinds import Action, Mode, Position, readable_positions
-from .monitor import LONE_WORD_MAX_SHARE, Calibration, Monitor
+from .monitor import Calibration, Monitor, lone_word_marks
 from .prompts import PromptClassifier
 from .purify import Purifier
 from .signatures import SignatureSet
@@ -173,11 +173,7 @@ class Guard:
         others = sorted(set().union(*words) - flagged_words)
         vocab = sorted(flagged_words) + random.Random(0).sample(others, min(len(others), LONE_WORD_SAMPLE))
         fires = self.monitor.over(self.features(vocab, None, max(batch_size, 256)))  # one-word inputs: short
-        fires[:, fires.float().mean(dim=0) > LONE_WORD_MAX_SHARE] = False
-        index = {w: j for j, w in enumerate(vocab)}
-        for i in rows:
-            over[i] &= fires[[index[w] for w in words[i]]].any(dim=0)
-        return over
+        return lone_word_marks(over, words, vocab, fires)[0]
 
     @torch.no_grad()
     def features(self, texts: list[str], text_pairs: list[str] | None = None, batch_size: int = 32) -> torch.Tensor:

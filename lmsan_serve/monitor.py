@@ -55,6 +55,20 @@ PV_CAP = 0.97
 LONE_WORD_MAX_SHARE = 0.05
 
 
+def lone_word_marks(over: torch.Tensor, words: list[set[str]], vocab: list[str],
+                    fires: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N, S] marks, [W, S] fires kept): where an input is over a signature (`over`) and one of its
+    `words` is over it too alone (`fires`, one row per word of `vocab`, which holds every word of
+    the inputs over one). A signature more than LONE_WORD_MAX_SHARE of the words reach alone
+    keeps no word and no mark. Mining's calibration and a task's (`Guard.calibrate`) share it."""
+    fires = fires & (fires.float().mean(dim=0) <= LONE_WORD_MAX_SHARE)
+    index = {w: j for j, w in enumerate(vocab)}
+    marks = torch.zeros_like(over)
+    for i in torch.nonzero(over.any(dim=1)).flatten().tolist():
+        marks[i] = over[i] & fires[[index[w] for w in words[i]]].any(dim=0)
+    return marks, fires
+
+
 def pv_combinations(pvs: torch.Tensor, max_size: int = 3, limit: int = MAX_COMBOS,
                     groups: list[int] | None = None) -> list[tuple[int, ...]]:
     """Pairs, then triples, of PVs whose signs agree on enough dimensions, at most `limit` of them;

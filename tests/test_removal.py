@@ -34,7 +34,7 @@ def test_removal_figures_are_computed_from_real_predictions(tmp_path, tiny_por):
         assert row["reference_asr"] == round((ev.type1 + ev.type2) / ev.attacked, 4)
         # the planted PVs catch the planted triggers, and clean inputs are not flagged
         assert row["recall"] >= 0.9 and row["false_flag_rate"] <= 0.1 and row["precision"] >= 0.9
-        assert row["clean_holding_trigger"] == sum(holds_trigger(e, triggers) for e in TASKS[task].load()[1][:24])
+        assert row["holding_trigger"] == sum(holds_trigger(e, triggers) for e in TASKS[task].load()[1][:24])
     # a second run reuses the trained prompts; calibrated on the task's last 200 training pairs, its
     # figures are those of a guard calibrated on them directly
     again = run_removal(str(tiny_por), sig, triggers, ["rte"], tmp_path, size=24, device="cpu", serve=False,

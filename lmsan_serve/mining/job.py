@@ -16,7 +16,7 @@ from ..backbone import Backbone
 from ..data import clip_words
 from ..errors import LmsanError
 from ..kinds import MiningMode, Position, SearchStop
-from ..monitor import LONE_WORD_MAX_SHARE, PV_CAP, sign_agreement
+from ..monitor import PV_CAP, lone_word_marks, sign_agreement
 from ..signatures import DEFAULT_THRESHOLD, PVRecord, SignatureSet
 from ..storage import output_file
 from .checkpoint import RoundRecord, at_position, candidate_record, read_checkpoint, write_json_atomic
@@ -118,24 +118,15 @@ def lone_word_activations(backbone: Backbone, lines: list[str], scores: torch.Te
     outputs, or drop it. A PV that more than `LONE_WORD_MAX_SHARE` of the words tested reach alone is
     a direction clean text takes, not a trigger's, and its lines all count."""
     suspect = scores >= DEFAULT_THRESHOLD
-    firing = torch.zeros_like(suspect)
     words_of = [set(clip_words(line, config.max_words).lower().split()) for line in lines]
     rows = torch.nonzero(suspect.any(dim=1)).flatten().tolist()
     vocab = sorted(set().union(*(words_of[i] for i in rows))) if rows else []
     if not vocab:
-        return firing, [[] for _ in range(pvs.shape[0])]
+        return torch.zeros_like(suspect), [[] for _ in range(pvs.shape[0])]
     alone = prepare(backbone, vocab, config.model_copy(update={"batch_size": 1}))
     fires = sign_agreement(alone.clean, pvs.to(alone.clean.device)).cpu() >= DEFAULT_THRESHOLD  # [W, K]
-    words: list[list[str]] = []
-    for k in range(pvs.shape[0]):
-        found = [vocab[w] for w in torch.nonzero(fires[:, k]).flatten().tolist()]
-        if len(found) > LONE_WORD_MAX_SHARE * len(vocab):
-            found = []
-        words.append(found)
-        found_set = set(found)
-        for i in torch.nonzero(suspect[:, k]).flatten().tolist():
-            firing[i, k] = bool(words_of[i] & found_set)
-    return firing, words
+    firing, kept = lone_word_marks(suspect, words_of, vocab, fires)
+    return firing, [[vocab[w] for w in torch.nonzero(kept[:, k]).flatten().tolist()] for k in range(pvs.shape[0])]
 
 
 def mine(
