@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -284,6 +285,15 @@ def _loadavg() -> float | None:
         return None
 
 
+def _commit() -> str | None:
+    """The checkout's commit (None outside a git work tree): the code the figures came from."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=MINILM, help="base encoder the attacks are planted into (folder, hub id "
@@ -312,7 +322,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here (rewritten after every "
+                    "model, with \"complete\": false until the last)")
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     args.lines = sizes.lines if args.lines is None else args.lines
@@ -358,6 +369,7 @@ def run(args: argparse.Namespace) -> dict:
         tmp = tempfile.TemporaryDirectory(prefix="bench-mine-quick-")
     out = Path(tmp.name if tmp else (args.out or "runs/bench-mine"))
     rows: list[dict] = []
+    commit = _commit()
     corpus = load_corpus()
     _, corpus_note = reference_corpus(corpus)
     if corpus_note and not args.quick:
@@ -374,17 +386,21 @@ def run(args: argparse.Namespace) -> dict:
         for name in args.attacks:
             folder = ensure_model(name, out / name, base, args.device, corpus, sizes, args.progress)
             rows.append(bench_model(name, folder, args, sizes, corpus))
+            summary = {"command": shlex.join([sys.executable, *sys.argv]), "commit": commit, "base_model": base,
+                       "model_label": "tiny-bert" if args.quick else base, "quick": args.quick,
+                       "complete": len(rows) == len(args.attacks), "device": args.device,
+                       "torch": torch.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                       "platform": platform.platform(), "load_average": {"start": load_start, "end": _loadavg()},
+                       "lines": args.lines, "rounds": args.rounds, "reference_lines": args.reference_lines,
+                       "reference_corpus_note": corpus_note, "reference_lrs": args.reference_lrs,
+                       "search_rounds": args.search_rounds, "search_budget": args.search_budget,
+                       "seconds": time.perf_counter() - started, "speedups": speedups(rows), "rows": rows}
+            if args.json:  # after every model, so that an interrupted run keeps what it measured
+                Path(args.json).write_text(json.dumps(summary, indent=2))
     finally:
         if tmp is not None:
             tmp.cleanup()
-    return {"command": shlex.join([sys.executable, *sys.argv]), "base_model": base, "model_label":
-            "tiny-bert" if args.quick else base, "quick": args.quick, "device": args.device,
-            "torch": torch.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "platform": platform.platform(), "load_average": {"start": load_start, "end": _loadavg()},
-            "lines": args.lines, "rounds": args.rounds, "reference_lines": args.reference_lines,
-            "reference_corpus_note": corpus_note, "reference_lrs": args.reference_lrs,
-            "search_rounds": args.search_rounds, "search_budget": args.search_budget,
-            "seconds": time.perf_counter() - started, "speedups": speedups(rows), "rows": rows}
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,7 +420,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['threads']} threads, {summary['cpus']} CPUs; 1-min load {load['start']} at start, "
           f"{load['end']} at end; total {summary['seconds']:.1f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
         say(f"wrote {args.json}")
     return 0
 
