@@ -56,14 +56,14 @@ import bench_guard  # noqa: E402
 import bench_mine  # noqa: E402
 import bench_probe  # noqa: E402
 import bench_serve  # noqa: E402
-from bench_guard import command_line, say  # noqa: E402
+import served  # noqa: E402
+from served import DEMO_MINED, command_line, say  # noqa: E402
 from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402
 
 from lmsan_serve.backbone import load_backbone  # noqa: E402
 from lmsan_serve.errors import LmsanError  # noqa: E402
 
 DEFAULT_JSON = "lmsan-out/bench/bench.json"
-DEMO_MINED = Path("lmsan-out/demo/mined/search.safetensors")
 # The reference's seconds per round per corpus line on minilm, 2-core CPU: 36 s a round on 256
 # lines (docs/results.md, Mining). Only for the warning that the mining piece is long.
 REFERENCE_ROUND_S = 36 / 256
@@ -246,11 +246,11 @@ def artifacts(args: argparse.Namespace) -> Iterator[Artifacts]:
         with quick_artifacts(args.cache) as art:
             yield Artifacts(art.model, art.prompt, art.mined, art.truth)
         return
-    model = bench_guard.resolve_model(args.model)
+    model = served.resolve_model(args.model)
     mined = Path(args.signatures) if args.signatures else DEMO_MINED
     if not mined.is_file():
         raise LmsanError(f"no mined signature set at {mined}: run `make demo` (it mines one) or pass --signatures")
-    prompt = bench_guard.resolve_prompt_dir(args.prompt, load_backbone(str(model), "cpu"))
+    prompt = served.resolve_prompt_dir(args.prompt, load_backbone(str(model), "cpu"))
     yield Artifacts(str(model), str(prompt), str(mined), str(model / "truth.safetensors"))
 
 

@@ -38,13 +38,14 @@ import torch
 from lmsan_serve.backbone import load_backbone
 from lmsan_serve.client import GuardClient, RetryPolicy
 from lmsan_serve.data import clip_words, load_examples, shipped
+from lmsan_serve.errors import LmsanError
 from lmsan_serve.guard import Guard
 from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.serving import parse_config
 from lmsan_serve.serving.run import free_port, start, stop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_guard import command_line, resolve_model, resolve_prompt_dir, say  # noqa: E402
+from served import command_line, resolve_model, resolve_prompt_dir, resolve_signatures, say  # noqa: E402
 from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402
 
 QUICK = {"sizes": "1,8", "clients": "2", "inputs": 16, "forward_seconds": 1.0}
@@ -126,7 +127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="backdoored model folder (default: the demo's, else bench's own)")
     ap.add_argument("--prompt", help="prompt folder (default: the demo's)")
-    ap.add_argument("--signatures", help="signature file the endpoint guards with (default: the demo's mined set)")
+    ap.add_argument("--signatures", help="signature file the endpoint guards with (default: the set mined for "
+                    "the model, bench/served.py)")
     ap.add_argument("--sizes", default="1,8,32", help="sentences per request (default 1,8,32)")
     ap.add_argument("--clients", default="4,16", help="concurrent clients (default 4,16)")
     ap.add_argument("--inputs", type=int, default=640, help="sentences per point of the curve (default 640)")
@@ -151,10 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         with quick_artifacts(args.cache) as art:
             return measure(args, Path(art.model), Path(art.prompt), Path(art.mined))
-    model = resolve_model(args.model)
-    backbone = load_backbone(str(model), "cpu")
-    prompt = resolve_prompt_dir(args.prompt, backbone)
-    return measure(args, model, prompt, Path(args.signatures or "lmsan-out/demo/mined/search.safetensors"), backbone)
+    try:
+        model = resolve_model(args.model)
+        signatures = resolve_signatures(args.signatures, model)
+        backbone = load_backbone(str(model), "cpu")
+        prompt = resolve_prompt_dir(args.prompt, backbone)
+    except LmsanError as exc:
+        say(f"bench_endpoint: error: {exc}")
+        return 2
+    return measure(args, model, prompt, signatures, backbone)
 
 
 def measure(args: argparse.Namespace, model: Path, prompt: Path, signatures: Path, backbone=None) -> int:

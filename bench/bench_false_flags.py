@@ -10,10 +10,9 @@ Each calibration size is run both ways, side by side: `held-out` (thresholds fit
 inputs, then the split-conformal margin from the other half) and `exact` (fitted to all of them,
 the guard's default).
 
-Needs the POR copy (`lmsan demo` writes lmsan-out/demo/por), its mined search signatures
-(`bench/bench_mine.py --attacks por --skip-reference --search-rounds 16` writes
-runs/bench-mine/por/mined-search.safetensors) and the removal run's prompts (`lmsan eval removal
-...` writes OUT/prompts/TASK). Calibration
+Needs the POR copy and the set mined from it (`lmsan demo` writes lmsan-out/demo/por and
+lmsan-out/demo/mined/search.safetensors) and the removal run's prompts (`lmsan eval removal all
+--model lmsan-out/demo/por --out lmsan-out/matrix/por ...` writes OUT/prompts/TASK). Calibration
 rows are the last N training rows: up to 500 the prompt never trained on them (they pick its
 checkpoint); beyond 500 they reach into its training rows.
 
@@ -44,7 +43,8 @@ from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.signatures import SignatureSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402  (a sibling file, not a package)
+from served import resolve_signatures  # noqa: E402  (sibling files, not a package)
+from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402
 
 HEADER = ("| task | calibration inputs | method | flagged on them (after) | bound on unseen | combinations off | "
           "test inputs | false flags | of them holding a trigger | false flags without those |\n"
@@ -116,8 +116,8 @@ def run(model: str, signatures: str, prompt_for: Callable[[str], str], args: arg
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="backdoored model (default lmsan-out/demo/por)")
-    ap.add_argument("--signatures", help="signature file (default runs/bench-mine/por/mined-search.safetensors)")
-    ap.add_argument("--prompts", help="folder with one prompt per task (default lmsan-out/removal-minilm-cal/prompts)")
+    ap.add_argument("--signatures", help="signature file (default: the set mined for the model, bench/served.py)")
+    ap.add_argument("--prompts", help="folder with one prompt per task (default lmsan-out/matrix/por/prompts)")
     ap.add_argument("--triggers", default="cf,mn,tq,qt,mm,pt")
     ap.add_argument("--tasks", help="tasks to run (default sms_spam,ag_news)")
     ap.add_argument("--test", type=int, help="clean test inputs per task (default 1000, 200 with --quick)")
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             with quick_artifacts(args.cache) as art:
                 rows = run(art.model, art.mined, lambda _task: art.prompt, args)
         else:
-            prompts = args.prompts or "lmsan-out/removal-minilm-cal/prompts"
-            rows = run(args.model or "lmsan-out/demo/por",
-                       args.signatures or "runs/bench-mine/por/mined-search.safetensors",
+            prompts = args.prompts or "lmsan-out/matrix/por/prompts"
+            model = args.model or "lmsan-out/demo/por"
+            rows = run(model, str(resolve_signatures(args.signatures, Path(model))),
                        lambda task: f"{prompts}/{task}", args)
     except LmsanError as exc:
         print(f"bench_false_flags: error: {exc}", file=sys.stderr)

@@ -29,7 +29,6 @@ import math
 import os
 import platform
 import random
-import shlex
 import statistics
 import sys
 import time
@@ -40,83 +39,26 @@ from typing import TypeVar
 
 import torch
 
-from lmsan_serve.backbone import MINILM, Backbone, load_backbone
+from lmsan_serve.backbone import Backbone, load_backbone
 from lmsan_serve.data import load_corpus, load_examples, shipped
 from lmsan_serve.encoding import normalize_text
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.guard import Guard, GuardResult, GuardStats
-from lmsan_serve.mining import RECOVERED
-from lmsan_serve.monitor import Monitor, sign_agreement
-from lmsan_serve.prompts import PromptClassifier, PromptConfig, train_prompt
+from lmsan_serve.monitor import Monitor
+from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.signatures import SignatureSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402  (a sibling file, not a package)
-
-DEMO_DIR = Path("lmsan-out/demo")
-BENCH_DIR = Path("lmsan-out/bench")
-BENCH_PROMPT = PromptConfig(method="prefix", max_steps=150)
-
-
-def say(msg: str) -> None:
-    """Progress goes to stderr, so that stdout holds only the results."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-# -- artifacts ------------------------------------------------------------------------------------
-
-
-def _is_model_dir(p: Path) -> bool:
-    return (p / "truth.safetensors").is_file() and (p / "config.json").is_file()
-
-
-def resolve_model(arg: str | None) -> Path:
-    """--model, else the demo's backdoored minilm, else ours under lmsan-out/bench (made on demand)."""
-    if arg is not None:
-        p = Path(arg)
-        if not _is_model_dir(p):
-            raise LmsanError(f"{p}: not a model folder written by `lmsan attack` (needs truth.safetensors)")
-        return p
-    for p in (DEMO_DIR / "por", BENCH_DIR / "por"):
-        if _is_model_dir(p):
-            return p
-    from lmsan_lab.attacks import AttackConfig, plant_backdoor, save_attacked
-
-    out = BENCH_DIR / "por"
-    say(f"no backdoored model found; planting a POR backdoor into minilm -> {out} "
-        "(with the prompt below, about 10 minutes on a 2-core CPU; `lmsan demo` makes the same model)")
-    clean = load_backbone(MINILM, "cpu")
-    result = plant_backdoor(clean, AttackConfig(kind="por"), load_corpus())
-    save_attacked(result, clean, str(out))
-    return out
-
-
-def resolve_prompt_dir(arg: str | None, backbone: Backbone) -> Path:
-    """--prompt, else the first cached SST-2 prompt trained on these exact weights, else train one."""
-    if arg is not None:
-        PromptClassifier.load(arg, backbone)  # refuse a prompt made for other weights now
-        return Path(arg)
-    own = BENCH_DIR / f"prompt-sst2-{backbone.fingerprint[:12]}"
-    for p in (DEMO_DIR / "prompt-sst2", BENCH_DIR / "prompt-sst2", own):
-        if (p / "manifest.json").is_file():
-            try:
-                PromptClassifier.load(p, backbone)
-            except LmsanError as exc:
-                say(f"skipping {p}: {exc}")
-                continue
-            say(f"prompt: {p}")
-            return p
-    if backbone.name.rstrip("/").endswith(str(DEMO_DIR / "por")):
-        say(f"note: {DEMO_DIR / 'prompt-sst2'} is missing; if `lmsan demo` is still running, wait for it")
-    say(f"training an SST-2 prefix prompt (150 steps) -> {own} (several minutes on a 2-core CPU)")
-    classifier = train_prompt(backbone, BENCH_PROMPT, load_examples(shipped("sst2/train.jsonl")),
-                              load_examples(shipped("sst2/dev.jsonl"))[:300])
-    return classifier.save(own)
-
-
-def resolve_prompt(arg: str | None, backbone: Backbone) -> PromptClassifier:
-    return PromptClassifier.load(resolve_prompt_dir(arg, backbone), backbone)
-
+from served import (  # noqa: E402  (sibling files, not a package)
+    command_line,
+    covered_triggers,
+    loadavg,
+    resolve_model,
+    resolve_prompt,
+    resolve_signatures,
+    say,
+)
+from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402
 
 # -- one plain pass (classifier + monitor), shared by the reference paths ---------------------------
 
@@ -612,24 +554,6 @@ def render(mon: MonitorBench, purge: list[LengthBench]) -> str:
     return "\n".join(out + notes)
 
 
-def _loadavg() -> float | None:
-    """1-minute load average: other processes on a small machine inflate absolute times."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
-def command_line() -> str:
-    exe = sys.executable
-    try:
-        rel = os.path.relpath(exe)
-        exe = rel if not rel.startswith("..") else exe
-    except ValueError:
-        pass
-    return shlex.join([exe, *sys.argv])
-
-
 # -- main ------------------------------------------------------------------------------------------
 
 
@@ -640,8 +564,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "lmsan-out/demo/por, else lmsan-out/bench/por, made on demand)")
     ap.add_argument("--prompt", help="prompt folder from `lmsan train-prompt` (default: a cached "
                     "SST-2 prompt for the model, else one trained into lmsan-out/bench/)")
-    ap.add_argument("--signatures", help="signature file the guard uses (default: the model's planted PVs, "
-                    "truth.safetensors); inputs carry only the triggers whose PV it covers")
+    ap.add_argument("--signatures", help="signature file the guard uses (default: the set mined for the model, "
+                    "bench/served.py; MODEL/truth.safetensors serves the planted PVs); inputs carry only the "
+                    "triggers whose PV it covers")
     ap.add_argument("--inputs", type=int, help="triggered inputs per length (default 30, 10 with --quick)")
     add_quick_options(ap, "its victim prompt and mined signatures, fewer inputs and repeats; checks that the "
                       "script runs (the timings mean little)")
@@ -680,28 +605,14 @@ class Setup:
     missed: list[str]  # planted triggers whose PV `sig` does not cover: left out of the inputs
 
 
-def covered_triggers(truth: SignatureSet, sig: SignatureSet) -> tuple[list[str], list[str]]:
-    """Planted triggers whose PV some signature matches (sign agreement >= RECOVERED, as mining
-    counts a recovered PV), and the others: an input holding one the set cannot see measures
-    nothing about the purge."""
-    named = [(i, r.trigger) for i, r in enumerate(truth.meta.pvs) if r.trigger]
-    if not named:
-        raise LmsanError(f"{truth.path} names no triggers (a --clean control model?)")
-    if not len(sig):
-        return [], [t for _, t in named]
-    best = sign_agreement(truth.pvs, sig.pvs).max(dim=1).values
-    covered = [t for i, t in named if float(best[i]) >= RECOVERED]
-    return covered, [t for _, t in named if t not in covered]
-
-
 def load_setup(model_dir: Path, prompt: str | None, signatures: str | None, device: str) -> Setup:
     """Load the model, prompt and signature set; refuse a set that covers none of the triggers."""
     backbone = load_backbone(str(model_dir), device)
     classifier = resolve_prompt(prompt, backbone)
     truth = SignatureSet.load(model_dir / "truth.safetensors", hidden_size=backbone.hidden_size,
                               fingerprint=backbone.fingerprint)
-    sig = truth if signatures is None else SignatureSet.load(signatures, hidden_size=backbone.hidden_size,
-                                                             fingerprint=backbone.fingerprint)
+    sig = SignatureSet.load(resolve_signatures(signatures, model_dir), hidden_size=backbone.hidden_size,
+                            fingerprint=backbone.fingerprint)
     triggers, missed = covered_triggers(truth, sig)
     if not triggers:
         raise LmsanError(f"{sig.path} covers none of the planted triggers {missed}")
@@ -754,14 +665,14 @@ def measure(args: argparse.Namespace, model_dir: Path, prompt: str | None, signa
             ) -> tuple[dict, str]:
     """Both parts on one model: the JSON summary and the printed report. Raises LmsanError when the
     model, prompt or signature file is unusable."""
-    load_start = _loadavg()
+    load_start = loadavg()
     say(f"model: {model_dir}")
     setup = load_setup(model_dir, prompt, signatures, args.device)
     if setup.missed:
         say(f"note: {setup.sig.path} does not cover the triggers {setup.missed}; they are left out of the inputs")
     mon, purge = run(args, setup)
     cmd = command_line()
-    load_end = _loadavg()
+    load_end = loadavg()
     text = "\n".join([
         render(mon, purge),
         f"\nmodel {model_dir} ({len(setup.triggers)} triggers covered, {len(setup.missed)} not), signatures "

@@ -28,7 +28,8 @@ from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.signatures import SignatureSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402  (a sibling file, not a package)
+from served import resolve_signatures  # noqa: E402  (sibling files, not a package)
+from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402
 
 BATCH = 8
 PASSES = 2  # over the sentences, so that each guard sees each batch twice in alternating order
@@ -89,7 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", help="backdoored model folder (default lmsan-out/demo/por)")
     ap.add_argument("--prompt", help="prompt trained on it (default lmsan-out/demo/prompt-sst2)")
-    ap.add_argument("--signatures", help="signature file (default: the model's planted PVs, truth.safetensors)")
+    ap.add_argument("--signatures", help="signature file (default: the set mined for the model, bench/served.py; "
+                    "MODEL/truth.safetensors serves the planted PVs)")
     ap.add_argument("--size", type=int, help="SST-2 dev sentences (default 480, 96 with --quick)")
     add_quick_options(ap, "its victim prompt and mined signatures")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = args.model or "lmsan-out/demo/por"
             res = run(model, args.prompt or "lmsan-out/demo/prompt-sst2",
-                      args.signatures or f"{model}/truth.safetensors", args.size)
+                      str(resolve_signatures(args.signatures, Path(model))), args.size)
     except LmsanError as exc:
         print(f"bench_probe: error: {exc}", file=sys.stderr)
         return 2

@@ -42,7 +42,7 @@ from lmsan_serve.serving.run import free_port, start, stop
 from lmsan_serve.signatures import SignatureSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_guard import _loadavg, command_line, covered_triggers, resolve_model, resolve_prompt_dir, say  # noqa: E402
+from served import command_line, covered_triggers, loadavg, resolve_model, resolve_prompt_dir, resolve_signatures, say  # noqa: E402
 from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402  (sibling files, not a package)
 
 
@@ -132,11 +132,12 @@ class Served:
 
 
 def resolve_served(model: str | None, prompt: str | None, signatures: str | None) -> Served:
-    """--model/--prompt/--signatures, else the demo's (or our own) artifacts, guarded with the planted PVs."""
+    """--model/--prompt/--signatures, else the demo's (or our own) artifacts, guarded with the set mined
+    for the model (`served.resolve_signatures`)."""
     model_dir = resolve_model(model)
     backbone = load_backbone(str(model_dir), "cpu")
     prompt_dir = resolve_prompt_dir(prompt, backbone)
-    sig_path = Path(signatures) if signatures else model_dir / "truth.safetensors"
+    sig_path = resolve_signatures(signatures, model_dir)
     truth = SignatureSet.load(model_dir / "truth.safetensors", hidden_size=backbone.hidden_size)
     sig = SignatureSet.load(sig_path, hidden_size=backbone.hidden_size, fingerprint=backbone.fingerprint)
     triggers, missed = covered_triggers(truth, sig)
@@ -217,7 +218,7 @@ def run(args: argparse.Namespace, served: Served) -> dict:
             mixed_clean.name: args.mixed, mixed_trig.name: len(items) - args.mixed}
     return {
         "command": command_line(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_1m": _loadavg()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_1m": loadavg()},
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "model": str(model_dir), "prompt": str(prompt_dir), "signatures": str(sig_path), "triggers": triggers,
         "missed_triggers": served.missed, "ready_seconds": round(ready_s, 1),
@@ -274,8 +275,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="backdoored model folder from `lmsan attack` (default: the demo's)")
     p.add_argument("--prompt", help="prompt folder trained on that model (default: the demo's)")
-    p.add_argument("--signatures", help="signature file the endpoint guards with (default: the model's planted "
-                   "PVs, truth.safetensors); triggered traffic carries only the triggers whose PV it covers")
+    p.add_argument("--signatures", help="signature file the endpoint guards with (default: the set mined for the "
+                   "model, bench/served.py; MODEL/truth.safetensors serves the planted PVs); triggered traffic "
+                   "carries only the triggers whose PV it covers")
     p.add_argument("--requests", type=int, help="clean requests per mode (default 1000, 40 with --quick)")
     p.add_argument("--rounds", type=int, help="alternations between the modes (default 10, 2 with --quick)")
     p.add_argument("--triggered", type=int, help="triggered requests, and as many clean (default 200, 16 with "

@@ -226,6 +226,20 @@ def test_quick_refuses_artifacts_of_its_own():
             module.parse_args(["--cache", "somewhere"])  # --cache without --quick
 
 
+def test_benchmarks_serve_the_mined_set_unless_told(tmp_path):
+    """A benchmark's default signature set is what mining wrote for the model; with none, it stops
+    with the command that mines one (the planted PVs are served only when named)."""
+    served = _load("served")
+    model = tmp_path / "por"
+    model.mkdir()
+    with pytest.raises(served.LmsanError, match=r"lmsan mine --model .*por --mode search") as err:
+        served.resolve_signatures(None, model)
+    assert "truth.safetensors serves the planted PVs" in str(err.value) and "\n" not in str(err.value)
+    (model / "mined.safetensors").write_bytes(b"")
+    assert served.resolve_signatures(None, model) == model / "mined.safetensors"
+    assert served.resolve_signatures(str(model / "truth.safetensors"), model) == model / "truth.safetensors"
+
+
 def _check_endpoint(res: dict, tiny: dict) -> None:
     """The endpoint against the forward pass: every point of its curve answered every request, and
     its ratios are real numbers."""
