@@ -163,6 +163,8 @@ def run_serve(args: argparse.Namespace, art: Artifacts) -> dict:
 def run_mining(args: argparse.Namespace) -> dict:
     argv = ["--skip-search", "--no-progress", "--attacks", args.mine_attacks, "--reference-lrs", args.reference_lrs]
     argv += ["--quick", "--threads", "1"] if args.quick else ["--out", args.mine_out]
+    if args.reference_budget is not None:
+        argv += ["--reference-budget", str(args.reference_budget)]
     margs = bench_mine.parse_args(argv)
     if not args.quick:
         points = len(margs.attacks) * len(set(margs.reference_lrs) | {5e-5})
@@ -218,6 +220,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--reference-lrs", default=",".join(f"{x:g}" for x in bench_mine.REFERENCE_LRS),
                     help="mining: the reference's learning-rate sweep (the family's official lr always added)")
     ap.add_argument("--mine-out", default="runs/bench-mine", help="mining: cache of the planted copies")
+    ap.add_argument("--reference-budget", type=float, help="mining: seconds per reference sweep point, after "
+                    "which its speed-up is a lower bound (bench_mine.py --reference-budget; default: none)")
     add_quick_options(ap, "every piece at its quick size (mining on its own tiny models); checks the chain runs")
     ap.add_argument("--json", default=DEFAULT_JSON, help="where the whole report goes (default %(default)s)")
     args = ap.parse_args(argv)

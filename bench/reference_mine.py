@@ -162,13 +162,17 @@ def reference_corpus(corpus: Sequence[str]) -> tuple[list[str], str | None]:
 def reference_detect(backbone: Backbone, lines: list[str], *, position: str = "cls", rounds: int = 30,
                      lr: float | None = None, distance_th: float | None = None, epochs: int = 4,
                      batch_size: int = 32, prompt_len: int = 7, max_length: int = 128, max_words: int = 48,
-                     first_seed: int = 0, progress: bool = True) -> dict:
+                     first_seed: int = 0, budget: float | None = None, progress: bool = True) -> dict:
     """The reference detection mode: fuzz rounds (seeds `first_seed`, `first_seed + 1`, ...) until one
     yields a PV that passes the filters (verdict "backdoored") or `rounds` rounds fail ("clean").
+    With a `budget` (seconds), no round starts after it: a run cut short has verdict "undecided",
+    and its seconds are only a lower bound on its time to a verdict (`time_floor` says how far it
+    reaches).
 
     Returns {"verdict", "pv" (list or None), "rounds" (rounds run), "seconds" (to the verdict, data
-    preparation included), "lr", "distance_th", "records" (one per round: seed, distance, entropy,
-    epochs, seconds, converged, reasons; empty reasons = the PV found)}."""
+    preparation included), "prepare_seconds", "lr", "distance_th", "budget", "records" (one per
+    round: seed, distance, entropy, epochs, seconds, converged, reasons; empty reasons = the PV
+    found)}."""
     if epochs < 2:
         raise LmsanError("the reference needs at least 2 epochs (its abandon gate is at epoch 2)")
     if len(lines) < batch_size:
@@ -179,6 +183,7 @@ def reference_detect(backbone: Backbone, lines: list[str], *, position: str = "c
     th = default_th if distance_th is None else distance_th
     data = reference_prepare(backbone, lines, position=position, prompt_len=prompt_len, max_length=max_length,
                              max_words=max_words, batch_size=batch_size)
+    prepared = time.time() - started
     emb = backbone.model.get_input_embeddings().weight.detach()
     vocab = emb.shape[0]
     lo, hi = float(emb.min()), float(emb.max())
@@ -199,6 +204,8 @@ def reference_detect(backbone: Backbone, lines: list[str], *, position: str = "c
     pv: torch.Tensor | None = None
     bar = tqdm(range(first_seed, first_seed + rounds), desc="reference detect", disable=not progress, unit="round")
     for seed in bar:
+        if budget is not None and time.time() - started > budget:
+            break
         t0 = time.time()
         with torch.no_grad():  # new values, same tensor, same optimiser state
             trigger.copy_(emb[[(70 * seed + 10 * i) % vocab for i in range(prompt_len)]])
@@ -254,12 +261,30 @@ def reference_detect(backbone: Backbone, lines: list[str], *, position: str = "c
             pv = last_out.mean(dim=0)  # the mean triggered output of the final batch
             break
     bar.close()
+    verdict = "backdoored" if pv is not None else "clean" if len(records) == rounds else "undecided"
     return {
-        "verdict": "backdoored" if pv is not None else "clean",
+        "verdict": verdict,
         "pv": pv.cpu().tolist() if pv is not None else None,
         "rounds": len(records),
         "seconds": time.time() - started,
+        "prepare_seconds": prepared,
         "lr": base_lr,
         "distance_th": th,
+        "budget": budget,
         "records": records,
     }
+
+
+def time_floor(result: dict, rounds: int, truth: str) -> float:
+    """A lower bound on the seconds the reference needs for the right verdict (`truth`), from a run
+    of `reference_detect` (cut short by its budget or not). A finished run: its own seconds. An
+    undecided one on a backdoored model: the seconds it spent without finding the PV. On a clean
+    model it can only say clean after all `rounds` rounds, none shorter than the 2 epochs of its
+    abandon gate; rounds have the same batches, so none is taken to cost less than the cheapest
+    round measured: data preparation plus `rounds` times that round."""
+    if result["verdict"] != "undecided":
+        return result["seconds"]
+    if truth != "clean" or not result["records"]:
+        return result["seconds"]
+    cheapest = min(r["seconds"] for r in result["records"])
+    return max(result["seconds"], result["prepare_seconds"] + rounds * cheapest)

@@ -94,6 +94,22 @@ def test_rounds_without_effect_are_abandoned_at_epoch_two(tiny_backbone, corpus)
     assert ref.reference_defaults(tiny_backbone) == (5e-5, 0.2)
 
 
+def test_a_budget_leaves_the_run_undecided_with_a_lower_bound_on_its_time(tiny_backbone, corpus):
+    """Cut short by its budget, the reference says neither verdict, and its time to the right one
+    is bounded below: the seconds spent on a backdoored model; on a clean one, every round still
+    to run at the cost of the cheapest one measured."""
+    # a budget the data preparation alone exceeds: no round starts
+    none = ref.reference_detect(tiny_backbone, corpus[:32], rounds=30, batch_size=16, max_length=48,
+                                budget=1e-9, progress=False)
+    assert none["verdict"] == "undecided" and none["rounds"] == 0 and none["pv"] is None
+    assert ref.time_floor(none, 30, "clean") == none["seconds"] == ref.time_floor(none, 30, "backdoored")
+    run = {"verdict": "undecided", "seconds": 10.0, "prepare_seconds": 1.0, "rounds": 2,
+           "records": [{"seconds": 4.0}, {"seconds": 5.0}]}
+    assert ref.time_floor(run, 30, "clean") == 1.0 + 30 * 4.0
+    assert ref.time_floor(run, 30, "backdoored") == 10.0
+    assert ref.time_floor({**run, "verdict": "clean", "rounds": 30}, 30, "clean") == 10.0
+
+
 def test_a_ragged_batch_makes_the_entropy_filter_unreachable(tiny_backbone, corpus):
     # 40 lines in batches of 16: the last batch has 8, whose entropy is at most ln 8, so the
     # epoch mean stays below ln 16 - 0.01 whatever the trigger does (kept reference weakness)
