@@ -200,7 +200,9 @@ def bench_model(name: str, folder: Path, args: argparse.Namespace, sizes: Sizes,
     say(f"[{name}] ours: {row['ours']['verdict']} after {row['ours']['rounds']} rounds, "
         f"{row['ours']['seconds']:.1f} s")
     defaults = MiningConfig(mode="detect", max_rounds=args.rounds, **common)
-    if defaults.position == told.position:  # the same settings: the same run, not a second one
+    if args.skip_defaults:
+        row["ours_defaults"] = None
+    elif defaults.position == told.position:  # the same settings: the same run, not a second one
         row["ours_defaults"] = {**row["ours"], "same_run_as_ours": True}
     else:
         say(f"[{name}] ours, detect with `lmsan mine`'s default position ({defaults.position or 'every supported'})")
@@ -248,8 +250,8 @@ def speedups(rows: list[dict]) -> dict:
             "reference_floor": ref["floor"] if ref else None,
             "ours_right": r["ours_correct"], "reference_right": r["reference_correct"], "truth": r["truth"],
             "ours_verdict": r["ours"]["verdict"], "ours_seconds": r["ours"]["seconds"],
-            "ours_defaults_verdict": r["ours_defaults"]["verdict"],
-            "ours_defaults_seconds": r["ours_defaults"]["seconds"],
+            "ours_defaults_verdict": (r["ours_defaults"] or {}).get("verdict"),
+            "ours_defaults_seconds": (r["ours_defaults"] or {}).get("seconds"),
             "reference_verdict": ref["verdict"] if ref else None, "reference_seconds": ref["seconds"] if ref else None,
             "reference_lr": ref["lr"] if ref else None,
         }
@@ -299,7 +301,7 @@ def render(rows: list[dict], model: str) -> str:
         summary += f"\nreference sweep, {r['attack']} (best lr {r['reference']['lr']:g}): {points}"
     for r in rows:
         d = r["ours_defaults"]
-        if not d["same_run_as_ours"]:
+        if d and not d["same_run_as_ours"]:
             summary += (f"\nours with `lmsan mine`'s default position ({d['position']}), {r['attack']}: "
                         f"{d['verdict']}, {d['rounds']} rounds, {d['seconds']:.1f} s")
     return "\n".join(lines) + summary
@@ -337,6 +339,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "(reference_mine.time_floor); for a CPU, where one clean point takes hours (default: none)")
     ap.add_argument("--skip-reference", action="store_true", help="do not run the reference loop")
     ap.add_argument("--skip-search", action="store_true", help="do not run our search mode")
+    ap.add_argument("--skip-defaults", action="store_true", help="do not run our detect mode a second time with "
+                    "`lmsan mine`'s default position (every supported one): not compared, and long on a clean model")
     ap.add_argument("--search-rounds", type=int, help="search-mode rounds at most (default 24, 4 with --quick)")
     ap.add_argument("--search-budget", type=float, help="search-mode time budget in seconds (default 900, 30 "
                     "with --quick)")

@@ -95,11 +95,20 @@ def bench_table(d: dict) -> list[str]:
     return lines
 
 
+def _worst(adaptive: dict | None) -> str:
+    """The adaptive variant with the highest ASR with the guard on, or '-' where none was run."""
+    if not adaptive:
+        return "-"
+    name, v = max(adaptive.items(), key=lambda kv: kv[1]["asr_on"])
+    return f"**{v['asr_on']:.3f}** ({name}, of {len(adaptive)})"
+
+
 def matrix_table(d: dict) -> list[str]:
     """`bench/asr_matrix.py`: per attack and task, over HTTP with the mined set, guard off and on."""
     lines = ["| attack: mined PVs (planted recovered) | task | clean accuracy off / on | ASR off | ASR on | "
-             "false flags (inputs holding a trigger) | calibration: flagged after (a word fires alone) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "adaptive ASR on, worst variant | false flags (inputs holding a trigger) | "
+             "calibration: flagged after (a word fires alone) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, a in d["attacks"].items():
         m = a["mined"]
         found = f"{m['pvs']} ({m['recovered']} of {m['planted']})" if "planted" in m else str(m["pvs"])
@@ -107,8 +116,30 @@ def matrix_table(d: dict) -> list[str]:
             c = r.get("calibration") or {}
             cal = f"{c['flag_rate_after']:.3f} ({c.get('activations', '-')})" if c else "-"
             lines.append(f"| {name}: {found} | {r['title']} | {r['cacc_off']:.3f} / {r['cacc_on']:.3f} | "
-                         f"{r['asr_off']:.3f} | **{r['asr_on']:.3f}** | {r['false_flag_rate']:.3f} "
-                         f"({r['holding_trigger']}) | {cal} |")
+                         f"{r['asr_off']:.3f} | **{r['asr_on']:.3f}** | {_worst(r.get('adaptive'))} | "
+                         f"{r['false_flag_rate']:.3f} ({r['holding_trigger']}) | {cal} |")
+    return lines
+
+
+def _seconds(point: dict) -> str:
+    """A reference point's seconds, and the lower bound on its time to the right verdict where a
+    budget cut it short (bench_mine's `floor`)."""
+    if point["floor"] > point["seconds"] + 0.05:
+        return f"{point['seconds']:,.0f} s (right verdict: >= {point['floor']:,.0f} s)"
+    return f"{point['seconds']:,.0f} s"
+
+
+def mining_table(d: dict) -> list[str]:
+    """`bench/bench_mine.py`: ours (told the position) against the reference's sweep, per model."""
+    lines = ["| model | truth | ours: verdict, rounds, time | reference, each lr of its sweep: verdict, rounds, "
+             "time | speed-up to the right verdict |", "|---|---|---|---|---:|"]
+    for r in d["rows"]:
+        o = r["ours"]
+        sweep = "<br>".join(f"{p['lr']:g}: {p['verdict']}, {p['rounds']}, {_seconds(p)}" for p in r["reference_sweep"])
+        speed = "-" if r["time_ratio"] is None or not r["ours_correct"] else \
+            (">= " if r["ratio_is_lower_bound"] else "") + f"{r['time_ratio']:.1f}x"
+        lines.append(f"| {r['attack']} ({r['position']}) | {r['truth']} | {o['verdict']}, {o['rounds']}, "
+                     f"{o['seconds']:,.0f} s | {sweep or '-'} | **{speed}** |")
     return lines
 
 
@@ -118,6 +149,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "endpoint": ("endpoint-minilm.json", endpoint_table),
     "bench": ("bench-minilm.json", bench_table),
     "matrix": ("asr-matrix-minilm.json", matrix_table),
+    "mining": ("bench-mine-minilm.json", mining_table),
 }
 
 
