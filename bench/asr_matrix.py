@@ -47,7 +47,8 @@ def assemble(runs: dict[str, Path], runs_commit: str | None) -> dict:
         attacks[name] = {"command": res["command"], "model": res["model"], "signatures": res["signatures"],
                          "mined": mined_summary(res["model"], res["signatures"]), "triggers": res["triggers"],
                          "size": res["size"], "over_http": res["over_http"],
-                         "calibration_lines": res["calibration_lines"], "tasks": res["tasks"]}
+                         "calibration_lines": res["calibration_lines"], "variants": res.get("variants", []),
+                         "tasks": res["tasks"]}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"commit": commit, "runs_commit": runs_commit or commit,
             "command": "python bench/asr_matrix.py " + " ".join(sys.argv[1:]),

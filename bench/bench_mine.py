@@ -10,7 +10,7 @@ default; the reference on its own 2,000):
    like the reference, and again with `lmsan mine`'s default position (`MiningConfig`'s), the
    command a user would type first; where that default is the told position, one run is both;
 2. the reference, detection mode (`reference_detect`), at its best: the official settings of the
-   model's family, its 2,000-line corpus (`--reference-lines`), once per learning rate of
+   model's family, its 2,000-line corpus cut to whole batches (`--reference-lines`), once per learning rate of
    `--reference-lrs` (the official one always included); the best point (the right verdict in the
    least time) is the one compared, every point is reported: verdict, rounds, seconds, and how well
    its one PV matches a planted PV (best sign agreement);
@@ -60,6 +60,7 @@ from reference_mine import (  # noqa: E402  (sibling files, not a package)
     reference_defaults,
     reference_detect,
     time_floor,
+    whole_batches,
 )
 from served import loadavg  # noqa: E402
 
@@ -332,8 +333,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the reference's learning-rate sweep, comma-separated; the official lr of the model's "
                     "family is always added; the best point (right verdict, least time) is compared "
                     "(default %(default)s)")
-    ap.add_argument("--reference-lines", type=int, help=f"corpus lines the reference fuzzes on (default "
-                    f"{REFERENCE_LINES}, its official corpus size; {QUICK.lines} with --quick)")
+    whole = whole_batches(REFERENCE_LINES, FULL.batch_size)
+    ap.add_argument("--reference-lines", type=int, help=f"corpus lines the reference fuzzes on (default: its "
+                    f"official {REFERENCE_LINES} cut to whole batches, {whole}; "
+                    f"{QUICK.lines} with --quick). A count the batch size does not divide leaves it a ragged batch "
+                    "under which its entropy test never passes (reference_mine.py)")
     ap.add_argument("--reference-budget", type=float, help="seconds per sweep point after which the reference "
                     "starts no round: its verdict is then 'undecided' and the speed-up a lower bound "
                     "(reference_mine.time_floor); for a CPU, where one clean point takes hours (default: none)")
@@ -360,8 +364,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rounds = sizes.rounds if args.rounds is None else args.rounds
     args.search_rounds = (4 if args.quick else 24) if args.search_rounds is None else args.search_rounds
     args.search_budget = (30.0 if args.quick else 900.0) if args.search_budget is None else args.search_budget
-    args.reference_lines = (sizes.lines if args.quick else REFERENCE_LINES) if args.reference_lines is None \
-        else args.reference_lines
+    if args.reference_lines is None:  # its corpus, cut to whole batches: else its entropy test cannot pass
+        args.reference_lines = whole_batches(sizes.lines if args.quick else REFERENCE_LINES, sizes.batch_size)
     try:
         args.reference_lrs = [float(x) for x in args.reference_lrs.split(",") if x.strip()]
     except ValueError:

@@ -94,6 +94,15 @@ def test_rounds_without_effect_are_abandoned_at_epoch_two(tiny_backbone, corpus)
     assert ref.reference_defaults(tiny_backbone) == (5e-5, 0.2)
 
 
+def test_the_reference_at_its_best_fuzzes_whole_batches():
+    """Its 2,000 lines at batch 32 leave a ragged batch of 16 that caps the epoch-mean entropy under
+    its floor (the test below); cut to whole batches, the cap is ln 32 itself, over the floor."""
+    assert ref.whole_batches(2000, 32) == 1984 and ref.whole_batches(1984, 32) == 1984
+    assert ref.whole_batches(10, 16) == 16  # never under one batch
+    floor = math.log(32) - ref.ENTROPY_TOLERANCE
+    assert (62 * math.log(32) + math.log(16)) / 63 < floor < math.log(32)
+
+
 def test_a_budget_leaves_the_run_undecided_with_a_lower_bound_on_its_time(tiny_backbone, corpus):
     """Cut short by its budget, the reference says neither verdict, and its time to the right one
     is bounded below: the seconds spent on a backdoored model; on a clean one, every round still
