@@ -175,8 +175,9 @@ def _reference_sweep(name: str, folder: Path, backbone: Backbone, truth: str, pl
                        "floor": max(seconds, time_floor(ref, args.rounds, truth)),
                        "pv_best_agreement": agreement, "lr": ref["lr"], "distance_th": ref["distance_th"],
                        "official_lr": lr == official_lr, "lines": len(lines), "records": ref["records"]})
-        say(f"[{name}] reference at lr {lr:g}: {ref['verdict']} after {ref['rounds']} rounds, {seconds:.1f} s "
-            f"(to the right verdict: at least {points[-1]['floor']:.1f} s)")
+        cut = ref["verdict"] == "undecided"
+        bound = f" (to the right verdict: at least {points[-1]['floor']:.1f} s)" if cut else ""
+        say(f"[{name}] reference at lr {lr:g}: {ref['verdict']} after {ref['rounds']} rounds, {seconds:.1f} s{bound}")
     best = pick_best(points, truth)
     saved = (folder / f"reference-detect-lr{best['lr']:g}.json").read_text()
     (folder / "reference-detect.json").write_text(saved)
