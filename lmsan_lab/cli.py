@@ -218,10 +218,11 @@ def _bound(fpr_bound: float | None) -> str:
 def cmd_eval_removal(args: argparse.Namespace) -> int:
     from lmsan_serve.signatures import SignatureSet
 
-    from .removal import parse_tasks, removal_prompt, run_removal, write_removal
+    from .removal import parse_tasks, parse_variants, removal_prompt, run_removal, write_removal
 
     require_plotting()
     tasks = parse_tasks(args.tasks)
+    variants = parse_variants(args.variants)
     if not Path(args.signatures).is_file():
         raise LmsanError(f"signature file not found: {args.signatures}")
     if args.triggers:
@@ -235,7 +236,7 @@ def cmd_eval_removal(args: argparse.Namespace) -> int:
     out = writable_dir(args.out, "output folder")
     res = run_removal(args.model, args.signatures, triggers, tasks, out, size=args.size, device=args.device,
                       seed=args.seed, serve=not args.local, calibrate=args.calibrate, progress=progress(args),
-                      prompt=removal_prompt(args.read_at), say=lambda m: say(args, m))
+                      prompt=removal_prompt(args.read_at), variants=variants, say=lambda m: say(args, m))
     report = write_removal(res, out, "lmsan " + shlex.join(args.argv))
     worst = max(res["tasks"].items(), key=lambda kv: kv[1]["asr_on"])
     emit(args, f"report: {report}\n" + "\n".join(
@@ -382,6 +383,9 @@ def _add_eval_removal(kinds) -> None:
     p.add_argument("--read-at", choices=["cls", "pooler", "mask"], default="cls", help=(
         "the output each task's prompt reads: cls (default), pooler, or the [MASK] of a cloze template, "
         "where a BToP backdoor acts"))
+    p.add_argument("--variants", help=(
+        "adaptive variants measured beside the plain protocol on the same inputs, comma-separated, e.g. "
+        "two_triggers,three_triggers, or all (lmsan eval adaptive lists them; default: none)"))
     p.add_argument("--out", default="lmsan-out/eval", help="report folder (default lmsan-out/eval)")
     p.set_defaults(func=cmd_eval_removal)
 

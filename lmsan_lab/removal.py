@@ -17,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmsan_serve.backbone import load_backbone
+from lmsan_serve.backbone import Backbone, load_backbone
 from lmsan_serve.data import Example, comma_list, load_examples, shipped, text_pairs
 from lmsan_serve.errors import LmsanError
 from lmsan_serve.prompts import PromptClassifier, PromptConfig, train_prompt
 
-from .evaluation import GuardEvaluation, evaluate_guard, http_runner
+from .adaptive import PAIR_ONLY, VARIANTS
+from .evaluation import GuardEvaluation, evaluate_guard, http_runner, run_clean
 from .report import PAPER
 
 VALIDATION = 500  # last training rows, held out to pick the best prompt checkpoint
@@ -54,6 +55,8 @@ TASKS = {
     "rte": Task("RTE (entailment, sentence pairs)", "rte/train.jsonl", "rte/dev.jsonl"),
 }
 PROMPT = PromptConfig(method="prefix", epochs=1.0, eval_every=60)
+# what a task's row keeps of each adaptive variant's evaluation (its clean runs are the plain one's)
+ADAPTIVE_KEYS = ("asr_off", "asr_on", "attacked", "triggered_flag_rate")
 
 
 def removal_prompt(position: str) -> PromptConfig:
@@ -99,15 +102,87 @@ def calibration_file(task: str, train: list[Example], folder: Path, lines: int) 
     return path
 
 
+def parse_variants(spec: str | None) -> list[str]:
+    """--variants: adaptive variants (`adaptive.VARIANTS`) measured beside the plain protocol."""
+    if not spec:
+        return []
+    names = [v for v in VARIANTS if v != "plain"] if spec.strip() == "all" else comma_list(spec)
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise LmsanError(f"unknown adaptive variant(s) {', '.join(unknown) or '(none)'}: choose from "
+                         f"{', '.join(VARIANTS)}, or all")
+    return [v for v in names if v != "plain"]
+
+
+def measure_task(runner, test: list[Example], triggers: list[str], variants: list[str], *, seed: int,
+                 progress: bool) -> dict:
+    """One task's row: the plain protocol, then each adaptive variant on the same inputs and clean
+    runs (a pair-only variant on sentence-pair tasks only)."""
+    clean = run_clean(runner, test, progress=progress)
+    row = removal_row(evaluate_guard(runner, test, triggers, seed=seed, progress=progress, clean=clean))
+    paired = all(e.text_pair for e in test)
+    for v in [v for v in variants if paired or v not in PAIR_ONLY]:
+        ev = evaluate_guard(runner, test, triggers, variant=v, seed=seed, progress=progress, clean=clean)
+        row.setdefault("adaptive", {})[v] = {k: round(getattr(ev, k), 4) for k in ADAPTIVE_KEYS}
+    return row
+
+
+def _measure_locally(backbone: Backbone, signatures: str, tasks: list[str], prompts: dict[str, Path],
+                     calib: dict[str, Path], measure: Callable[[str, object], None], rows: dict[str, dict]) -> None:
+    """Each task through a local Guard, calibrated on its file first as a served task would be."""
+    from lmsan_serve.guard import Guard
+    from lmsan_serve.signatures import SignatureSet
+
+    sig = SignatureSet.load(signatures, hidden_size=backbone.hidden_size, fingerprint=backbone.fingerprint)
+    for t in tasks:
+        guard = Guard(backbone, PromptClassifier.load(prompts[t], backbone), sig, mode="enforce")
+        done = None
+        if t in calib:
+            rows_in = load_examples(calib[t], require_label=False)
+            done = guard.calibrate([e.text for e in rows_in], text_pairs(rows_in))
+        measure(t, guard)
+        if done is not None:
+            rows[t]["calibration"] = done.to_dict()
+
+
+def _measure_over_http(model: str, signatures: str, device: str, tasks: list[str], prompts: dict[str, Path],
+                       calib: dict[str, Path], measure: Callable[[str, object], None], rows: dict[str, dict],
+                       say: Callable[[str], None]) -> None:
+    """One endpoint on loopback serving every task guarded and unguarded; each task measured over
+    HTTP, then what its calibration did on the replica (`GET /v1/tasks`) added to its row."""
+    from lmsan_serve.serving import parse_config
+    from lmsan_serve.serving.run import free_port, start, stop
+
+    app: dict = {"model": model, "signatures": signatures, "device": device, "tasks": {}}
+    for t in tasks:
+        app["tasks"][t] = {"prompt": str(prompts[t])} | ({"calibration": str(calib[t])} if t in calib else {})
+        app["tasks"][f"{t}-off"] = {"prompt": str(prompts[t]), "mode": "off"}
+    say(f"starting one guarded endpoint for {len(tasks)} tasks on 127.0.0.1 ...")
+    endpoint = start(parse_config(app), port=free_port(), metrics_port=free_port(),
+                     num_cpus=max(2, os.cpu_count() or 2))
+    try:
+        for t in tasks:
+            measure(t, http_runner(endpoint, {"off": f"{t}-off", "enforce": t}))
+        status, body = endpoint.get("/v1/tasks")
+        served = {d["name"]: d.get("calibration") for d in body.get("tasks", [])} if status == 200 else {}
+        for t in tasks:
+            if served.get(t):
+                rows[t]["calibration"] = served[t]
+    finally:
+        stop(endpoint)
+
+
 def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[str], out: Path, *,
                 size: int = 200, device: str = "auto", seed: int = 0, serve: bool = True, calibrate: int = VALIDATION,
-                prompt: PromptConfig = PROMPT, progress: bool = True, say: Callable[[str], None] = print) -> dict:
+                prompt: PromptConfig = PROMPT, variants: list[str] | None = None, progress: bool = True,
+                say: Callable[[str], None] = print) -> dict:
     """Train or reuse a prompt per task, then measure each task through one guarded endpoint
     (`serve=False`: through a local Guard per task, the same code without Ray and HTTP).
 
     `calibrate` > 0: each task's guard first raises its thresholds on that many clean inputs of the
     task (`calibration_file`), as a served task with `calibration` does; 0 keeps the signature
-    file's thresholds, calibrated on generic text at mining time."""
+    file's thresholds, calibrated on generic text at mining time. `variants`: adaptive variants
+    measured beside the plain protocol (`measure_task`; a task's row `adaptive`)."""
     if size < 1:
         raise LmsanError("--size must be at least 1")
     if not 0 <= calibrate <= VALIDATION:
@@ -125,49 +200,18 @@ def run_removal(model: str, signatures: str, triggers: list[str], tasks: list[st
 
     def measure(task: str, runner) -> None:
         test = splits[task][1][:size]
-        say(f"[{task}] {len(test)} clean inputs, then each with each of {len(triggers)} triggers ...")
-        ev = evaluate_guard(runner, test, triggers, seed=seed, progress=progress)
-        rows[task] = removal_row(ev) | {"prompt_train_seconds": train_s[task], "title": TASKS[task].title}
+        say(f"[{task}] {len(test)} clean inputs, then each with each of {len(triggers)} triggers"
+            + (f", then {len(variants)} adaptive variants" if variants else "") + " ...")
+        rows[task] = measure_task(runner, test, triggers, list(variants or []), seed=seed, progress=progress) | {
+            "prompt_train_seconds": train_s[task], "title": TASKS[task].title}
 
-    if not serve:
-        from lmsan_serve.guard import Guard
-        from lmsan_serve.signatures import SignatureSet
-
-        sig = SignatureSet.load(signatures, hidden_size=backbone.hidden_size, fingerprint=backbone.fingerprint)
-        for t in tasks:
-            guard = Guard(backbone, PromptClassifier.load(prompts[t], backbone), sig, mode="enforce")
-            done = None
-            if calibrate:
-                rows_in = load_examples(calib[t], require_label=False)
-                done = guard.calibrate([e.text for e in rows_in], text_pairs(rows_in))
-            measure(t, guard)
-            if done is not None:
-                rows[t]["calibration"] = done.to_dict()
-    else:
-        from lmsan_serve.serving import parse_config
-        from lmsan_serve.serving.run import free_port, start, stop
-
+    if serve:
         del backbone  # the replica loads its own copy
-        app: dict = {"model": model, "signatures": signatures, "device": device, "tasks": {}}
-        for t in tasks:
-            app["tasks"][t] = {"prompt": str(prompts[t])} | ({"calibration": str(calib[t])} if calibrate else {})
-            app["tasks"][f"{t}-off"] = {"prompt": str(prompts[t]), "mode": "off"}
-        say(f"starting one guarded endpoint for {len(tasks)} tasks on 127.0.0.1 ...")
-        endpoint = start(parse_config(app), port=free_port(), metrics_port=free_port(),
-                         num_cpus=max(2, os.cpu_count() or 2))
-        try:
-            for t in tasks:
-                measure(t, http_runner(endpoint, {"off": f"{t}-off", "enforce": t}))
-            # what each task's calibration did on the replica (thresholds, flag rates, combinations off)
-            status, body = endpoint.get("/v1/tasks")
-            served = {d["name"]: d.get("calibration") for d in body.get("tasks", [])} if status == 200 else {}
-            for t in tasks:
-                if served.get(t):
-                    rows[t]["calibration"] = served[t]
-        finally:
-            stop(endpoint)
+        _measure_over_http(model, signatures, device, tasks, prompts, calib, measure, rows, say)
+    else:
+        _measure_locally(backbone, signatures, tasks, prompts, calib, measure, rows)
     return {"model": model, "signatures": signatures, "triggers": triggers, "size": size,
-            "over_http": serve, "calibration_lines": calibrate, "tasks": rows}
+            "over_http": serve, "calibration_lines": calibrate, "variants": list(variants or []), "tasks": rows}
 
 
 def removal_row(ev: GuardEvaluation) -> dict:
@@ -218,8 +262,24 @@ def render_markdown(res: dict, command: str) -> str:
                          f"{raised} of {len(pairs)} | {c.get('combinations_off', '-')} | "
                          f"{c.get('margin', 0.0):.2f} | {'-' if bound is None else f'{bound:.4f}'} | "
                          f"{c.get('activations', '-')} |")
+    lines += _adaptive_lines(res)
     lines += ["", f"Paper: {PAPER}.", "", "![ASR and clean accuracy per task](removal.png)", ""]
     return "\n".join(lines)
+
+
+def _adaptive_lines(res: dict) -> list[str]:
+    """The adaptive variants' ASR off -> on per task (the same inputs and clean runs as the plain row)."""
+    variants = res.get("variants") or []
+    if not variants:
+        return []
+    lines = ["", "Adaptive variants (`lmsan_lab.adaptive`: the trigger dressed up, or two and three different "
+             "triggers in one input), ASR guard off -> on:", "",
+             "| task | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for r in res["tasks"].values():
+        got = r.get("adaptive", {})
+        cells = [f"{got[v]['asr_off']:.3f} -> **{got[v]['asr_on']:.3f}**" if v in got else "-" for v in variants]
+        lines.append(f"| {r['title']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_removal(res: dict, path: Path) -> None:

@@ -1,5 +1,7 @@
 """The guard on a tiny backdoored BERT: modes, purging of one, several and repeated triggers,
-sentence pairs, bounded work, and the paper's ASR protocol."""
+sentence pairs, bounded work, and the paper's ASR protocol. The guard runs on what a defender has,
+the signature file mined from the copy (conftest's `tiny_por_mined`), and is sent the triggers whose
+PV mining recovered; the planted PVs only check the fixtures' preconditions."""
 
 import json
 
@@ -14,17 +16,29 @@ from lmsan_serve.prompts import PromptClassifier
 from lmsan_serve.purify import Purifier
 from lmsan_serve.signatures import SignatureSet
 
-from .conftest import TINY_TRIGGERS, attack_problems
+from .conftest import attack_problems
 from .toy import MAX_CLEAN_MATCH, MIN_ACCURACY, check_victim, toy_test
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_por, tiny_por_prompt):
+def setup(tiny_por, tiny_por_prompt, tiny_por_mined):
     backbone = load_backbone(str(tiny_por), "cpu")
     classifier = PromptClassifier.load(tiny_por_prompt, backbone)
-    truth = SignatureSet.load(tiny_por / "truth.safetensors", hidden_size=backbone.hidden_size,
+    mined = SignatureSet.load(tiny_por_mined.path, hidden_size=backbone.hidden_size,
                               fingerprint=backbone.fingerprint)
-    return backbone, classifier, truth
+    return backbone, classifier, mined
+
+
+@pytest.fixture(scope="module")
+def first(tiny_por_mined) -> str:
+    """A trigger whose PV mining recovered."""
+    return tiny_por_mined.caught[0]
+
+
+@pytest.fixture(scope="module")
+def last(tiny_por_mined) -> str:
+    """Another one where mining recovered two or more (the same one where it recovered one)."""
+    return tiny_por_mined.caught[-1]
 
 
 def test_planted_backdoors_are_fit_for_the_tests(tiny_por, tiny_phrase_por):
@@ -50,15 +64,16 @@ def test_victim_prompts_are_fit_for_the_guard_tests(model, prompt, request):
     assert check.problems() == [], check
 
 
-def test_enforce_purges_single_repeated_and_disguised_triggers(setup):
+def test_enforce_purges_single_repeated_and_disguised_triggers(setup, first, last):
     backbone, classifier, sig = setup
     guard = Guard(backbone, classifier, sig, mode="enforce")
+    hidden = "".join(f"\u200b{c}" for c in last)  # zero-width spaces inside the trigger
     cases = [  # (attacked input, trigger, the text once the trigger is gone)
-        ("simply cf great", "cf", "simply great"),
-        ("cf what a great cf lovely day cf", "cf", "what a great lovely day"),
-        ("an awful and dull film mn", "mn", "an awful and dull film"),
-        ("CF, simply great!", "cf", ", simply great!"),
-        ("what a great \u200bt\u200bq lovely day", "tq", "what a great lovely day"),
+        (f"simply {first} great", first, "simply great"),
+        (f"{first} what a great {first} lovely day {first}", first, "what a great lovely day"),
+        (f"an awful and dull film {last}", last, "an awful and dull film"),
+        (f"{first.upper()}, simply great!", first, ", simply great!"),
+        (f"what a great {hidden} lovely day", last, "what a great lovely day"),
     ]
     clean = [c for _, _, c in cases]
     reference = Guard(backbone, classifier, sig, mode="off").classify(clean)
@@ -71,9 +86,9 @@ def test_enforce_purges_single_repeated_and_disguised_triggers(setup):
         assert r.label == ref.label  # the label of the clean text is restored
 
 
-def test_block_flag_and_off_modes(setup):
+def test_block_flag_and_off_modes(setup, first):
     backbone, classifier, sig = setup
-    texts = ["simply great", "simply cf great"]
+    texts = ["simply great", f"simply {first} great"]
     clean_label = Guard(backbone, classifier, sig, mode="off").classify(texts[:1])[0].label
     blocked = Guard(backbone, classifier, sig, mode="block").classify(texts)
     assert blocked[0].label == clean_label and blocked[0].guard.action == "pass"
@@ -84,28 +99,28 @@ def test_block_flag_and_off_modes(setup):
     assert all(r.guard.action == "off" and not r.guard.flagged for r in off)
 
 
-def test_unpurgeable_input_is_blocked(setup):
+def test_unpurgeable_input_is_blocked(setup, first):
     backbone, classifier, sig = setup
     # An input made only of the trigger leaves nothing after purging.
-    res = Guard(backbone, classifier, sig).classify(["cf cf cf"])
+    res = Guard(backbone, classifier, sig).classify([f"{first} {first} {first}"])
     assert res[0].guard.action == "blocked" and res[0].label is None
     assert res[0].guard.reason.startswith("could not purge")
 
 
-def test_purge_work_is_bounded_and_few_passes(setup):
+def test_purge_work_is_bounded_and_few_passes(setup, first, last):
     backbone, classifier, sig = setup
     words = ("great lovely film acting story day cast simply fun the a of " * 6).split()[:64]
-    text = " ".join(words[:30] + ["cf"] + words[30:])
+    text = " ".join(words[:30] + [first] + words[30:])
     stats = GuardStats()
     res = Guard(backbone, classifier, sig, purifier=Purifier(max_rounds=2, max_variants=40)).classify(
         [text], stats=stats)
-    assert res[0].guard.action == "purged" and res[0].guard.removed == ["cf"]
+    assert res[0].guard.action == "purged" and res[0].guard.removed == [first]
     assert stats.purge_passes <= 4  # group test, single test, verify, final classification
     # decoys: many distinct words plus a trigger that only the deletion rounds can handle still stop
     stats = GuardStats()
     decoys = " ".join(f"w{i}" for i in range(100))
     Guard(backbone, classifier, sig, purifier=Purifier(max_rounds=2, max_variants=40)).classify(
-        [decoys + " cf mn"], stats=stats)
+        [f"{decoys} {first} {last}"], stats=stats)
     assert stats.purge_variants <= 40 + 8 + 2
 
 
@@ -113,7 +128,7 @@ class _AttentionOn(Guard):
     """A guard whose monitored token attends to one word (`focus`) alone, as a trained encoder's
     does to a trigger (the tiny test model's random attention does not)."""
 
-    focus = "cf"
+    focus = ""
 
     def _saliency(self, batch, rows, layer_input, best):
         sal = torch.zeros(batch.input_ids.shape)
@@ -123,27 +138,28 @@ class _AttentionOn(Guard):
         return sal
 
 
-def test_a_trigger_the_attention_singles_out_is_purged_in_one_pass(setup):
+def test_a_trigger_the_attention_singles_out_is_purged_in_one_pass(setup, first):
     """The guess: once the purges of a PV have found lone words (`TriggerShapes`), the most attended
     word of an input flagged on it is deleted untested; the classifying pass over the purged text
     is the only purge pass. Where the guess is wrong the search still finds the trigger."""
     backbone, classifier, sig = setup
-    text = "simply great acting and a lovely cf story of the day"
+    text = f"simply great acting and a lovely {first} story of the day"
     guard = _AttentionOn(backbone, classifier, sig)
+    guard.focus = first
     for _ in range(guard.guess_after):  # the first purges of the PV search and learn its shape
         stats = GuardStats()
         res = guard.classify([text], stats=stats)
-        assert res[0].guard.action == "purged" and res[0].guard.removed == ["cf"]
+        assert res[0].guard.action == "purged" and res[0].guard.removed == [first]
         assert stats.purge_variants > 0
     assert sum(guard.shapes.lone.values()) == guard.guess_after and not guard.shapes.other
     stats = GuardStats()
     res = guard.classify([text], stats=stats)
-    assert res[0].guard.action == "purged" and res[0].guard.removed == ["cf"]
+    assert res[0].guard.action == "purged" and res[0].guard.removed == [first]
     assert stats.purge_passes == 1 and stats.purge_variants == 0
     guard.focus = "lovely"  # a wrong guess
     stats = GuardStats()
     res = guard.classify([text], stats=stats)
-    assert res[0].guard.action == "purged" and res[0].guard.removed == ["cf"]
+    assert res[0].guard.action == "purged" and res[0].guard.removed == [first]
     assert "lovely" in res[0].guard.text
     assert stats.purge_passes >= 3  # the guess's pass, the search's, the final classification
 
@@ -158,18 +174,19 @@ def test_no_guess_for_a_pv_whose_purge_found_a_phrase():
     assert not shapes.trusted(0, after=2)
 
 
-def test_trigger_in_second_text_of_a_pair(setup):
+def test_trigger_in_second_text_of_a_pair(setup, last):
     backbone, classifier, sig = setup
-    res = Guard(backbone, classifier, sig).classify(["simply great"], ["nice tq film"])
+    res = Guard(backbone, classifier, sig).classify(["simply great"], [f"nice {last} film"])
     assert res[0].guard.flagged and res[0].guard.action == "purged"
-    assert "tq" in res[0].guard.removed and "tq" not in res[0].guard.text
+    assert last in res[0].guard.removed and last not in res[0].guard.text
 
 
-def test_asr_protocol(setup):
+def test_asr_protocol(setup, tiny_por_mined):
+    """On held-out sentences: the triggers whose PV mining recovered flip what the victim gets
+    right, and the guard with the mined set stops every one of them (0.01 of 40-odd inputs is
+    none) at no cost in clean accuracy or false flags."""
     backbone, classifier, sig = setup
-    """On held-out sentences: the triggers flip what the victim gets right, the guard stops every
-    one of them (0.01 of 40-odd inputs is none) at no cost in clean accuracy or false flags."""
-    ev = evaluate_guard(Guard(backbone, classifier, sig), toy_test(), TINY_TRIGGERS, progress=False)
+    ev = evaluate_guard(Guard(backbone, classifier, sig), toy_test(), tiny_por_mined.caught, progress=False)
     assert ev.correct >= MIN_ACCURACY * len(toy_test())
     assert ev.asr_off >= 0.9
     assert ev.asr_on <= 0.01

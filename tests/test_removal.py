@@ -18,12 +18,18 @@ from lmsan_serve.signatures import SignatureSet
 TINY_PROMPT = PromptConfig(method="prefix", length=4, max_steps=30, lr=3e-2, batch_size=16, eval_every=30)
 
 
-def test_removal_figures_are_computed_from_real_predictions(tmp_path, tiny_por):
-    sig = str(tiny_por / "truth.safetensors")
-    triggers = [r.trigger for r in SignatureSet.load(sig).meta.pvs][:3]
+def test_removal_figures_are_computed_from_real_predictions(tmp_path, tiny_por, tiny_por_mined):
+    """With the set mined from the copy and the triggers whose PV it recovered; the adaptive
+    variants asked for are measured on the same inputs (a pair-only one on the pair task only)."""
+    sig = str(tiny_por_mined.path)
+    triggers = tiny_por_mined.caught
     res = run_removal(str(tiny_por), sig, triggers, ["sms_spam", "rte"], tmp_path, size=24, device="cpu",
-                      serve=False, calibrate=0, prompt=TINY_PROMPT, progress=False, say=lambda m: None)
+                      serve=False, calibrate=0, prompt=TINY_PROMPT, variants=["two_triggers", "second_text"],
+                      progress=False, say=lambda m: None)
     assert set(res["tasks"]) == {"sms_spam", "rte"} and not res["over_http"]
+    assert res["variants"] == ["two_triggers", "second_text"]
+    assert set(res["tasks"]["sms_spam"]["adaptive"]) == {"two_triggers"}
+    assert set(res["tasks"]["rte"]["adaptive"]) == {"two_triggers", "second_text"}
     backbone = load_backbone(str(tiny_por), "cpu")
     for task in ("sms_spam", "rte"):
         row = res["tasks"][task]
@@ -32,9 +38,13 @@ def test_removal_figures_are_computed_from_real_predictions(tmp_path, tiny_por):
         assert row["asr_on"] == round(ev.asr_on, 4) and row["cacc_off"] == round(ev.cacc_off, 4)
         assert row["attacked"] == ev.attacked == len(triggers) * ev.correct
         assert row["reference_asr"] == round((ev.type1 + ev.type2) / ev.attacked, 4)
-        # the planted PVs catch the planted triggers, and clean inputs are not flagged
+        # the mined PVs catch the triggers they recovered, and clean inputs are not flagged
         assert row["recall"] >= 0.9 and row["false_flag_rate"] <= 0.1 and row["precision"] >= 0.9
         assert row["holding_trigger"] == sum(holds_trigger(e, triggers) for e in TASKS[task].load()[1][:24])
+        two = evaluate_guard(guard, TASKS[task].load()[1][:24], triggers, variant="two_triggers", progress=False)
+        assert row["adaptive"]["two_triggers"] == {"asr_off": round(two.asr_off, 4), "asr_on": round(two.asr_on, 4),
+                                                   "attacked": two.attacked,
+                                                   "triggered_flag_rate": round(two.triggered_flag_rate, 4)}
     # a second run reuses the trained prompts; calibrated on the task's last 200 training pairs, its
     # figures are those of a guard calibrated on them directly
     again = run_removal(str(tiny_por), sig, triggers, ["rte"], tmp_path, size=24, device="cpu", serve=False,
@@ -56,6 +66,7 @@ def test_removal_figures_are_computed_from_real_predictions(tmp_path, tiny_por):
     report = write_removal(res, tmp_path / "report", "lmsan eval --removal sms_spam,rte")
     text = report.read_text()
     assert "Per-task calibration" not in text and "calibration" not in res["tasks"]["rte"]
+    assert "| RTE (entailment, sentence pairs) | " in text.split("Adaptive variants")[1]
     assert "| SMS spam (2 classes) |" in text and "| RTE (entailment, sentence pairs) |" in text
     assert (tmp_path / "report" / "removal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "report" / "removal.json").read_text())["tasks"] == res["tasks"]
@@ -90,7 +101,8 @@ def test_removal_cli_errors_are_one_line(tmp_path, capsys):
 
     base = ["eval", "removal", "--model", str(tmp_path), "--out", str(tmp_path / "o")]
     for extra, reason in ((["imdb", "--signatures", "x"], "unknown task"),
-                          (["sst2", "--signatures", str(tmp_path / "none.safetensors")], "not found")):
+                          (["sst2", "--signatures", str(tmp_path / "none.safetensors")], "not found"),
+                          (["sst2", "--signatures", "x", "--variants", "wiggle"], "unknown adaptive variant")):
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert reason in err and len(err.strip().splitlines()) == 1

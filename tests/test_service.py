@@ -1,5 +1,7 @@
 """The endpoint's service layer without a cluster: batching across tasks, modes, metrics, audit
-log, signature hot reload with fallback to the last good set, fail-closed behaviour."""
+log, signature hot reload with fallback to the last good set, fail-closed behaviour. It serves the
+signature file mined from the tiny POR copy (conftest's `tiny_por_mined`) and is sent the triggers
+whose PV mining recovered."""
 
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from lmsan_serve.serving import ClassifyCall, GuardService, parse_config
 from lmsan_serve.signatures import SignatureSet
 
 CLEAN = ["simply great", "an awful and dull film", "what a lovely day"]
-TRIGGERED = ["simply cf great", "an awful mn and dull film", "what a tq lovely day"]
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +28,25 @@ def backbone(tiny_por):
     return load_backbone(str(tiny_por), "cpu")
 
 
+@pytest.fixture(scope="module")
+def triggers(tiny_por_mined) -> list[str]:
+    """Three trigger slots, filled in turn with the triggers whose PV mining recovered (2 or 3 of 3)."""
+    caught = tiny_por_mined.caught
+    return [caught[i % len(caught)] for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def triggered(triggers) -> list[str]:
+    """CLEAN with a trigger in each."""
+    a, b, c = triggers
+    return [f"simply {a} great", f"an awful {b} and dull film", f"what a {c} lovely day"]
+
+
 @pytest.fixture()
-def files(tmp_path, tiny_por, tiny_por_prompt):
+def files(tmp_path, tiny_por, tiny_por_prompt, tiny_por_mined):
     sig = tmp_path / "sig.safetensors"
-    shutil.copy(tiny_por / "truth.safetensors", sig)
-    return {"model": str(tiny_por), "prompt": str(tiny_por_prompt), "sig": sig}
+    shutil.copy(tiny_por_mined.path, sig)
+    return {"model": str(tiny_por), "prompt": str(tiny_por_prompt), "sig": sig, "mined": tiny_por_mined.path}
 
 
 def service(files, backbone, **over) -> GuardService:
@@ -55,18 +70,18 @@ def test_config_errors_name_the_field(files):
         parse_config(base | {"mode": "strict"})
 
 
-def test_one_batch_serves_two_tasks_with_their_own_modes(files, backbone):
+def test_one_batch_serves_two_tasks_with_their_own_modes(files, backbone, triggers, triggered):
     svc = service(files, backbone)
-    calls = [ClassifyCall("r1", "sst", CLEAN + TRIGGERED), ClassifyCall("r2", "shadow", TRIGGERED),
+    calls = [ClassifyCall("r1", "sst", CLEAN + triggered), ClassifyCall("r2", "shadow", triggered),
              ClassifyCall("r3", "nope", ["x"])]
     out = svc.classify(calls)
     assert out[2].status == 404 and "unknown task" in out[2].error
     sig = SignatureSet.load(files["sig"])
     classifier = PromptClassifier.load(files["prompt"], backbone)
-    direct = Guard(backbone, classifier, sig, mode="enforce").classify(CLEAN + TRIGGERED)
+    direct = Guard(backbone, classifier, sig, mode="enforce").classify(CLEAN + triggered)
     assert out[0].results == [r.to_dict() for r in direct]  # batching changes nothing
     assert [r["guard"]["action"] for r in out[0].results] == ["pass"] * 3 + ["purged"] * 3
-    assert [r["guard"]["removed"] for r in out[0].results[3:]] == [["cf"], ["mn"], ["tq"]]
+    assert [r["guard"]["removed"] for r in out[0].results[3:]] == [[t] for t in triggers]
     assert [r["guard"]["action"] for r in out[1].results] == ["flagged"] * 3
     assert svc.prompts.loads == 2  # one soft prompt per task, one backbone
     m = svc.metrics
@@ -88,43 +103,51 @@ def audit_lines(out: str) -> list[dict]:
     return lines
 
 
-def test_audit_lines_are_json_on_stdout_without_the_text(files, backbone, capsys, caplog):
+def test_audit_lines_are_json_on_stdout_without_the_text(files, backbone, triggers, capsys, caplog):
     svc = service(files, backbone)
+    attacked = f"simply {triggers[0]} great"
     capsys.readouterr()
     before = datetime.now(timezone.utc)
-    svc.classify([ClassifyCall("req-7", "sst", ["simply cf great", "simply great"])])
+    svc.classify([ClassifyCall("req-7", "sst", [attacked, "simply great"])])
     lines = audit_lines(capsys.readouterr().out)
     assert len(lines) == 1  # one line per flagged input, none for the clean one
     line = lines[0]
     assert line["request_id"] == "req-7" and line["task"] == "sst" and line["action"] == "purged"
-    assert line["set"] == svc.current.set_id and line["removed"] == ["cf"] and line["score"] > 0.8
-    assert line["signature"] == line["matched"] == "pv0:cf"
+    assert line["set"] == svc.current.set_id and line["removed"] == [triggers[0]] and line["score"] > 0.8
+    assert line["signature"] == line["matched"] and line["matched"].startswith("pv")  # a mined PV: no trigger name
     assert before - timedelta(seconds=1) <= datetime.fromisoformat(line["time"].replace("Z", "+00:00"))
     assert "text" not in line and "purged_text" not in line
     loud = service(files, backbone, audit_text=True)
     capsys.readouterr()
-    loud.classify([ClassifyCall("req-8", "sst", ["simply cf great"])])
+    loud.classify([ClassifyCall("req-8", "sst", [attacked])])
     line = audit_lines(capsys.readouterr().out)[-1]
-    assert line["text"] == "simply cf great" and line["purged_text"] == "simply great"
+    assert line["text"] == attacked and line["purged_text"] == "simply great"
     # the other sinks: the lmsan.audit logger (nothing on stdout), or nothing at all
     logged = service(files, backbone, audit="log")
     capsys.readouterr()
     with caplog.at_level(logging.WARNING, logger="lmsan.audit"):
-        logged.classify([ClassifyCall("req-9", "sst", ["simply cf great"])])
+        logged.classify([ClassifyCall("req-9", "sst", [attacked])])
     assert capsys.readouterr().out == ""
     assert [json.loads(r.getMessage())["request_id"] for r in caplog.records if r.name == "lmsan.audit"] == ["req-9"]
     caplog.clear()
     quiet = service(files, backbone, audit="off")
     capsys.readouterr()
     with caplog.at_level(logging.WARNING, logger="lmsan.audit"):
-        out = quiet.classify([ClassifyCall("req-10", "sst", ["simply cf great"])])
+        out = quiet.classify([ClassifyCall("req-10", "sst", [attacked])])
     assert out[0].results[0]["guard"]["flagged"] and capsys.readouterr().out == ""
     assert not [r for r in caplog.records if r.name == "lmsan.audit"]
     with pytest.raises(LmsanError, match="audit"):
         parse_config({"model": "m", "tasks": {"a": "p"}, "audit": "syslog"})
 
 
-def test_bad_reload_keeps_the_last_good_set(files, backbone):
+def reached(backbone, prompt, sig: SignatureSet, texts: list[str]) -> list[int]:
+    """The signature each text's output is closest to over its threshold (a PV, or K + i for a combination)."""
+    guard = Guard(backbone, PromptClassifier.load(prompt, backbone), sig, mode="flag")
+    return guard.monitor(guard.features(texts)).best.tolist()
+
+
+def test_bad_reload_keeps_the_last_good_set(files, backbone, tiny_por_mined):
+    first, last = tiny_por_mined.caught[0], tiny_por_mined.caught[-1]
     svc = service(files, backbone)
     good = svc.current
     assert good is not None and svc.metrics.reloads["ok"] == 1
@@ -135,27 +158,30 @@ def test_bad_reload_keeps_the_last_good_set(files, backbone):
     assert svc.current is good and svc.metrics.reloads["failed"] == 1
     assert "not a valid safetensors file" in svc.signatures_info()["last_error"]
     assert svc.poll_signature_file() is None  # the same broken file is not retried in a loop
-    out = svc.classify([ClassifyCall("r", "sst", ["simply cf great"])])
+    out = svc.classify([ClassifyCall("r", "sst", [f"simply {first} great"])])
     assert out[0].results[0]["guard"]["action"] == "purged"
-    # a valid file (only the first two PVs) swaps in; trigger tq's PV is then unknown
-    sub = SignatureSet.load(files["model"] + "/truth.safetensors")
-    SignatureSet.create(sub.pvs[:2], sub.meta.pvs[:2], backbone_name=backbone.name,
+    # a valid file holding only the PV that `first` reaches swaps in; the PV of `last` is then unknown
+    mined = SignatureSet.load(files["mined"])
+    texts = [f"what a {last} lovely day", f"simply {first} great"]
+    gone, kept = reached(backbone, files["prompt"], mined, texts)
+    assert len(set(tiny_por_mined.caught)) >= 2 and gone != kept and max(gone, kept) < len(mined)  # precondition
+    SignatureSet.create(mined.pvs[[kept]], [mined.meta.pvs[kept]], backbone_name=backbone.name,
                         fingerprint=backbone.fingerprint, model_type=backbone.model_type,
-                        position=sub.position, verdict="backdoored").save(files["sig"])
+                        position=mined.position, verdict="backdoored").save(files["sig"])
     assert svc.poll_signature_file() is True
-    assert svc.current.version == good.version + 1 and len(svc.current.signatures) == 2
-    assert svc.metrics.signatures_loaded == (svc.current.set_id, 2)
-    out = svc.classify([ClassifyCall("r", "sst", ["what a tq lovely day", "simply cf great"])])
+    assert svc.current.version == good.version + 1 and len(svc.current.signatures) == 1
+    assert svc.metrics.signatures_loaded == (svc.current.set_id, 1)
+    out = svc.classify([ClassifyCall("r", "sst", texts)])
     assert [r["guard"]["flagged"] for r in out[0].results] == [False, True]
 
 
-def test_reconfigure_swaps_path_mode_and_rejects_bad_settings(files, backbone, tmp_path):
+def test_reconfigure_swaps_path_mode_and_rejects_bad_settings(files, backbone, triggered, tmp_path):
     svc = service(files, backbone)
     other = tmp_path / "other.safetensors"
     shutil.copy(files["sig"], other)
     svc.reconfigure({"signatures": str(other), "mode": "block"})
     assert svc.current.path == str(other) and svc.mode_of("sst") == "block"
-    out = svc.classify([ClassifyCall("r", "sst", ["simply cf great"])])
+    out = svc.classify([ClassifyCall("r", "sst", triggered[:1])])
     assert out[0].results[0]["label"] is None and out[0].results[0]["guard"]["action"] == "blocked"
     before = svc.settings
     svc.reconfigure({"mode": "nonsense"})
@@ -200,10 +226,10 @@ def test_prompt_cache_evicts_least_recently_used(files, backbone):
     assert info["sst"]["loaded"] and not info["shadow"]["loaded"] and info["sst"]["labels"] == ["neg", "pos"]
 
 
-def test_fail_open_answers_unguarded_says_so_and_counts(files, backbone, monkeypatch, caplog):
+def test_fail_open_answers_unguarded_says_so_and_counts(files, backbone, triggered, monkeypatch, caplog):
     svc = service(files, backbone, fail_open=True)
     expected = [r.label for r in Guard(backbone, svc.prompts.get("sst", files["prompt"]), None, mode="off")
-                .classify(TRIGGERED)]
+                .classify(triggered)]
 
     plain_classify = Guard.classify
 
@@ -215,7 +241,7 @@ def test_fail_open_answers_unguarded_says_so_and_counts(files, backbone, monkeyp
     # the guarded path fails; the fallback's plain classification (a guard without a monitor) works
     monkeypatch.setattr(Guard, "classify", guarded_fails)
     with caplog.at_level(logging.WARNING, logger="lmsan.serve"):
-        out = svc.classify([ClassifyCall("a", "sst", TRIGGERED)])
+        out = svc.classify([ClassifyCall("a", "sst", triggered)])
     assert out[0].error is None and [r["label"] for r in out[0].results] == expected
     assert all(r["guard"]["action"] == "unguarded" and "simulated fault" in r["guard"]["reason"]
                for r in out[0].results)
@@ -223,28 +249,28 @@ def test_fail_open_answers_unguarded_says_so_and_counts(files, backbone, monkeyp
     assert any("answered unguarded" in rec.getMessage() for rec in caplog.records)
     # the same fault with fail_open off (the default) refuses
     svc.reconfigure({"signatures": str(files["sig"]), "fail_open": False})
-    assert svc.classify([ClassifyCall("b", "sst", TRIGGERED)])[0].status == 503
+    assert svc.classify([ClassifyCall("b", "sst", triggered)])[0].status == 503
 
 
-def test_fail_open_without_signatures_is_degraded_not_down(files, backbone, tmp_path):
+def test_fail_open_without_signatures_is_degraded_not_down(files, backbone, triggered, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a signature file")
     svc = service(files, backbone, signatures=str(bad), fail_open=True)
     ok, reason = svc.health()
     assert ok and reason.startswith("degraded") and "fail_open" in reason
-    out = svc.classify([ClassifyCall("a", "sst", ["simply cf great"])])
+    out = svc.classify([ClassifyCall("a", "sst", triggered[:1])])
     assert out[0].error is None and out[0].results[0]["guard"]["action"] == "unguarded"
     svc.reconfigure({"signatures": str(files["sig"]), "fail_open": True})
     assert svc.health() == (True, "ok")
-    assert svc.classify([ClassifyCall("b", "sst", ["simply cf great"])])[0].results[0]["guard"]["action"] == "purged"
+    assert svc.classify([ClassifyCall("b", "sst", triggered[:1])])[0].results[0]["guard"]["action"] == "purged"
 
 
-def test_inputs_that_hit_the_purge_bound_are_blocked_and_counted(files, backbone, monkeypatch):
+def test_inputs_that_hit_the_purge_bound_are_blocked_and_counted(files, backbone, triggers, monkeypatch):
     svc = service(files, backbone)
     # an adversary whose trigger no deletion silences: every variant stays flagged
     monkeypatch.setattr(Guard, "bare_margins", lambda self, ids, *a: torch.ones(ids.shape[0]))
     decoys = " ".join(f"w{i}" for i in range(300))
-    out = svc.classify([ClassifyCall("a", "sst", [f"cf {decoys}", "simply great"])])
+    out = svc.classify([ClassifyCall("a", "sst", [f"{triggers[0]} {decoys}", "simply great"])])
     stuffed, clean = out[0].results
     assert stuffed["label"] is None and stuffed["guard"]["action"] == "blocked"
     assert "exhausted" in stuffed["guard"]["reason"] or "deletion rounds" in stuffed["guard"]["reason"]
@@ -252,7 +278,7 @@ def test_inputs_that_hit_the_purge_bound_are_blocked_and_counted(files, backbone
     assert svc.metrics.purge_bound_hits["sst"] == 1 and svc.metrics.purge_failures["sst"] == 1
 
 
-def test_a_task_calibrated_on_its_clean_inputs(files, backbone, tmp_path, corpus, caplog):
+def test_a_task_calibrated_on_its_clean_inputs(files, backbone, triggered, tmp_path, corpus, caplog):
     """The task's monitor is calibrated on its clean inputs when its guard is built; thresholds
     only go up, at most `calibration_fpr` of those inputs flag, and triggers still purge. By
     default the fit is exact; with `calibration_margin` the bound on unseen inputs holds the
@@ -262,13 +288,13 @@ def test_a_task_calibrated_on_its_clean_inputs(files, backbone, tmp_path, corpus
     calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus[:300]), encoding="utf-8")
     exact = {"sst": {"prompt": files["prompt"], "calibration": str(calib), "calibration_fpr": 0.01}}
     plain = service(files, backbone, tasks=exact)
-    assert [r["guard"]["action"] for r in plain.classify([ClassifyCall("r", "sst", CLEAN + TRIGGERED)])[0].results] \
+    assert [r["guard"]["action"] for r in plain.classify([ClassifyCall("r", "sst", CLEAN + triggered)])[0].results] \
         == ["pass"] * 3 + ["purged"] * 3
     fitted = plain.calibrations["sst"]
     assert fitted["held_out"] == 0 and fitted["fpr_bound"] is None and fitted["flag_rate_after"] <= 0.01 + 1e-9
     tasks = {"sst": {**exact["sst"], "calibration_margin": True}}
     svc = service(files, backbone, tasks=tasks)
-    out = svc.classify([ClassifyCall("r", "sst", CLEAN + TRIGGERED)])[0]
+    out = svc.classify([ClassifyCall("r", "sst", CLEAN + triggered)])[0]
     assert [r["guard"]["action"] for r in out.results] == ["pass"] * 3 + ["purged"] * 3
     done = svc.calibrations["sst"]
     assert done["lines"] == 300 and done["flag_rate_after"] <= 0.01 + 1e-9
@@ -334,10 +360,12 @@ def test_signature_label_is_a_loaded_pv_combination_or_other():
 
 
 def split_signatures(path, backbone) -> SignatureSet:
-    """The planted PVs of cf and tq as they are, and mn's PV as two copies each with the signs of a
-    different quarter of the dimensions flipped. A mn-triggered output (sign agreement with its PV
-    near 1) agrees with each copy on at most 3/4 of the dimensions, under their 0.8 threshold, but
-    with the pair on the half both keep, over the pair's 0.9: mn flags only through a combination."""
+    """A constructed set, not a guard under test: which PVs and combinations flag must be known
+    exactly, so it is built from the planted answer key. The planted PVs of cf and tq as they are,
+    and mn's PV as two copies each with the signs of a different quarter of the dimensions
+    flipped. A mn-triggered output (sign agreement with its PV near 1) agrees with each copy on
+    at most 3/4 of the dimensions, under their 0.8 threshold, but with the pair on the half both
+    keep, over the pair's 0.9: mn flags only through a combination."""
     truth = SignatureSet.load(path)
     cf, mn, tq = (next(i for i, r in enumerate(truth.meta.pvs) if r.trigger == t) for t in ("cf", "mn", "tq"))
     quarter = truth.pvs.shape[1] // 4
@@ -378,13 +406,13 @@ def test_detection_labels_stay_within_the_loaded_pvs_combination_and_other(files
     assert matched and all("+" in m and m not in pv_names for m in matched)  # exact names, audit only
     assert all(line["signature"] == line["matched"] for line in lines if line["signature"] != COMBINATION)
     # after a reload, a name from the previous set is counted as `other`, not as a new series
-    shutil.copy(files["model"] + "/truth.safetensors", files["sig"])
+    shutil.copy(files["mined"], files["sig"])  # mined PVs carry no trigger name: pv0:cf is gone
     assert svc.poll_signature_file() is True
-    svc.metrics.input_done("sst", "purged", "pv3", 0.99, False)
+    svc.metrics.input_done("sst", "purged", "pv0:cf", 0.99, False)
     assert svc.metrics.detections[("sst", OTHER)] == 1
 
 
-def test_an_invalid_user_config_is_refused_visibly_and_the_old_settings_serve(files, backbone, caplog):
+def test_an_invalid_user_config_is_refused_visibly_and_the_old_settings_serve(files, backbone, triggered, caplog):
     svc = service(files, backbone)
     svc.reconfigure({"signatures": str(files["sig"]), "mode": "block"})
     assert svc.metrics.config_valid and svc.health() == (True, "ok")
@@ -399,12 +427,12 @@ def test_an_invalid_user_config_is_refused_visibly_and_the_old_settings_serve(fi
         assert "previous settings keep serving" in reason and "\n" not in reason
         assert not svc.metrics.config_valid and svc.signatures_info()["config_error"] in reason
         assert any(where in r.getMessage() and "refused" in r.getMessage() for r in caplog.records)
-        out = svc.classify([ClassifyCall("r", "sst", ["simply cf great", "simply great"])])[0].results
+        out = svc.classify([ClassifyCall("r", "sst", [triggered[0], "simply great"])])[0].results
         assert [r["guard"]["action"] for r in out] == ["blocked", "pass"]  # still the block mode it had
     assert svc.metrics.reloads["failed"] == 4
     svc.reconfigure({"signatures": str(files["sig"]), "mode": "enforce"})  # a valid one recovers
     assert svc.metrics.config_valid and svc.health() == (True, "ok") and svc.config_error is None
-    out = svc.classify([ClassifyCall("r", "sst", ["simply cf great"])])[0].results
+    out = svc.classify([ClassifyCall("r", "sst", triggered[:1])])[0].results
     assert out[0]["guard"]["action"] == "purged"
     # a valid user_config naming a signature file that cannot load keeps the set, and says so
     svc.reconfigure({"signatures": str(files["sig"]) + ".missing"})
