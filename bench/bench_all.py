@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +56,7 @@ import bench_mine  # noqa: E402
 import bench_probe  # noqa: E402
 import bench_serve  # noqa: E402
 import served  # noqa: E402
-from served import DEMO_MINED, command_line, say  # noqa: E402
+from served import DEMO_MINED, command_line, git_commit, say  # noqa: E402
 from tiny_artifacts import add_quick_options, check_quick_options, quick_artifacts  # noqa: E402
 
 from lmsan_serve.backbone import load_backbone  # noqa: E402
@@ -95,14 +94,6 @@ def sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def loadavg() -> list[float] | None:

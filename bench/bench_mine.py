@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,7 +61,7 @@ from reference_mine import (  # noqa: E402  (sibling files, not a package)
     time_floor,
     whole_batches,
 )
-from served import loadavg  # noqa: E402
+from served import git_commit, loadavg  # noqa: E402
 
 ATTACKS = ("por", "neuba", "btop", "clean")
 # The reference's learning-rate sweep: BERT's official 5e-5, the other families' 2e-4, and 4e-4,
@@ -309,15 +308,6 @@ def render(rows: list[dict], model: str) -> str:
     return "\n".join(lines) + summary
 
 
-def _commit() -> str | None:
-    """The checkout's commit (None outside a git work tree): the code the figures came from."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=MINILM, help="base encoder the attacks are planted into (folder, hub id "
@@ -408,7 +398,7 @@ def run(args: argparse.Namespace) -> dict:
         tmp = tempfile.TemporaryDirectory(prefix="bench-mine-quick-")
     out = Path(tmp.name if tmp else (args.out or "runs/bench-mine"))
     rows: list[dict] = []
-    commit = _commit()
+    commit = git_commit()
     corpus = load_corpus()
     _, corpus_note = reference_corpus(corpus)
     if corpus_note and not args.quick:
